@@ -1,0 +1,3 @@
+from fedinspect.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,291 @@
+"""PatchCore anomaly detection (Roth et al., CVPR 2022) as a scikit-learn style estimator.
+
+``fit`` embeds good images into locally aware patch features and keeps a greedy coreset of
+them as the memory bank; ``predict`` scores every patch of a test image by its distance to the
+nearest bank entry, giving an anomaly map at the image's own size and an image score (the
+maximum patch score, reweighted as in the paper). The detector knows nothing of federation:
+a federated server simply hands it a memory bank through :meth:`PatchCore.set_memory_bank`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+from tqdm.auto import tqdm
+
+from fedinspect import __version__
+from fedinspect.backbones import get_backbone
+from fedinspect.detectors.coreset import coreset_size, greedy_coreset
+from fedinspect.detectors.nearest_neighbours import NearestNeighbours
+from fedinspect.detectors.patch_features import PatchFeatures
+from fedinspect.detectors.preprocessing import Letterbox, gaussian_blur
+from fedinspect.errors import ModelFileError
+
+MODEL_FORMAT = "fedinspect.patchcore/1"
+CONFIG_FILE = "patchcore.json"
+BANK_FILE = "memory_bank.safetensors"
+
+
+class PatchCore:
+    """PatchCore detector.
+
+    Parameters
+    ----------
+    backbone, layers, weights:
+        Feature extractor from :mod:`fedinspect.backbones` (default: ImageNet EfficientNet-Lite0,
+        its stride-8 and stride-16 stages).
+    image_size:
+        Length in pixels of the image's short side after resizing; the aspect ratio is kept.
+    coreset_ratio:
+        Fraction of the training patches kept in the memory bank (greedy k-center coreset).
+    projection_dim, coreset_chunk_size:
+        Random-projection size used by the coreset, and the largest set it selects from exactly.
+    num_neighbors:
+        Size of the bank neighbourhood used by the image-score reweighting (1 disables it).
+    sigma:
+        Standard deviation, in resized-image pixels, of the Gaussian smoothing of anomaly maps.
+    batch_size, seed, progress:
+        Images per forward pass, seed of every random choice, and whether to show progress bars.
+    """
+
+    def __init__(
+        self,
+        backbone: str = "efficientnet_lite0",
+        layers: Sequence[str] | None = None,
+        weights: str | None = None,
+        image_size: int = 256,
+        coreset_ratio: float = 0.1,
+        projection_dim: int = 64,
+        coreset_chunk_size: int = 16384,
+        num_neighbors: int = 9,
+        sigma: float = 4.0,
+        batch_size: int = 8,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.backbone = backbone
+        self.layers = tuple(layers) if layers is not None else None
+        self.weights = weights
+        self.image_size = image_size
+        self.coreset_ratio = coreset_ratio
+        self.projection_dim = projection_dim
+        self.coreset_chunk_size = coreset_chunk_size
+        self.num_neighbors = num_neighbors
+        self.sigma = sigma
+        self.batch_size = batch_size
+        self.seed = seed
+        self.progress = progress
+        self._features: PatchFeatures | None = None
+        self._index: NearestNeighbours | None = None
+
+    # ------------------------------------------------------------------ parameters
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters (scikit-learn convention)."""
+        return {
+            "backbone": self.backbone,
+            "layers": list(self.layers) if self.layers is not None else None,
+            "weights": self.weights,
+            "image_size": self.image_size,
+            "coreset_ratio": self.coreset_ratio,
+            "projection_dim": self.projection_dim,
+            "coreset_chunk_size": self.coreset_chunk_size,
+            "num_neighbors": self.num_neighbors,
+            "sigma": self.sigma,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+        }
+
+    @property
+    def features(self) -> PatchFeatures:
+        """The torch feature model, built on first use."""
+        if self._features is None:
+            extractor = get_backbone(self.backbone, weights=self.weights, layers=self.layers)
+            self._features = PatchFeatures(extractor)
+        return self._features
+
+    @property
+    def letterbox(self) -> Letterbox:
+        coarsest = max(self.features.extractor.strides.values())
+        return Letterbox(short_side=self.image_size, multiple=coarsest)
+
+    # ------------------------------------------------------------------ embedding
+    def _batches(self, images: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:
+        """Consecutive images that share a resized shape, at most ``batch_size`` at a time."""
+        batch: list[np.ndarray] = []
+        shape = None
+        for image in images:
+            image_shape = self.letterbox.padded_shape(*image.shape[:2])
+            if batch and (image_shape != shape or len(batch) == self.batch_size):
+                yield batch
+                batch = []
+            batch.append(image)
+            shape = image_shape
+        if batch:
+            yield batch
+
+    def _valid_cells(self, image_shape: tuple[int, int]) -> tuple[int, int]:
+        """Embedding-grid cells covering the resized image, not its padding."""
+        resized_h, resized_w = self.letterbox.resized_shape(*image_shape)
+        stride = self.features.stride
+        return math.ceil(resized_h / stride), math.ceil(resized_w / stride)
+
+    def _embed_batches(
+        self, images: Iterable[np.ndarray], total: int | None, desc: str
+    ) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
+        letterbox = self.letterbox
+        with tqdm(total=total, desc=desc, unit="img", disable=not self.progress) as bar:
+            for batch in self._batches(images):
+                tensor = torch.stack([letterbox(image) for image in batch])
+                yield batch, self.features(tensor)
+                bar.update(len(batch))
+
+    def embed(self, images: Iterable[np.ndarray], total: int | None = None) -> np.ndarray:
+        """Patch embeddings (n_patches, D) of the given images, padding cells excluded."""
+        rows = []
+        for batch, embeddings in self._embed_batches(images, total, "embedding"):
+            for image, embedding in zip(batch, embeddings, strict=True):
+                cells_h, cells_w = self._valid_cells(image.shape[:2])
+                valid = embedding[:, :cells_h, :cells_w]
+                rows.append(valid.reshape(valid.shape[0], -1).T.numpy())
+        if not rows:
+            raise ValueError("no images given")
+        return np.concatenate(rows).astype(np.float32, copy=False)
+
+    # ------------------------------------------------------------------ fitting
+    def fit(self, images: Iterable[np.ndarray], total: int | None = None) -> PatchCore:
+        """Build the memory bank from good images (uint8 RGB arrays of any size)."""
+        patches = self.embed(images, total)
+        self.n_train_patches_ = int(patches.shape[0])
+        return self.set_memory_bank(self.select_coreset(patches), n_train_patches=self.n_train_patches_)
+
+    def select_coreset(self, patches: np.ndarray, ratio: float | None = None) -> np.ndarray:
+        """Greedy coreset of ``patches`` keeping ``ratio`` (default: ``coreset_ratio``) of them."""
+        n_select = coreset_size(len(patches), self.coreset_ratio if ratio is None else ratio)
+        selected = greedy_coreset(
+            patches, n_select, projection_dim=self.projection_dim, seed=self.seed,
+            chunk_size=self.coreset_chunk_size, progress=self.progress,
+        )
+        return patches[selected]
+
+    def set_memory_bank(self, bank: np.ndarray, n_train_patches: int | None = None) -> PatchCore:
+        """Use ``bank`` (n, D) as the memory bank, e.g. one aggregated by a federated server."""
+        bank = np.ascontiguousarray(bank, dtype=np.float32)
+        if bank.ndim != 2 or bank.shape[0] == 0:
+            raise ValueError(f"memory bank must be a non-empty (n, d) array, got shape {bank.shape}")
+        if not np.isfinite(bank).all():
+            raise ValueError("memory bank contains NaN or infinite values")
+        self.memory_bank_ = bank
+        self.n_train_patches_ = int(n_train_patches if n_train_patches is not None else bank.shape[0])
+        self._index = NearestNeighbours(bank)
+        return self
+
+    def _check_fitted(self) -> NearestNeighbours:
+        if self._index is None:
+            raise RuntimeError("this PatchCore has no memory bank yet: call fit() or load() first")
+        return self._index
+
+    # ------------------------------------------------------------------ inference
+    def predict(
+        self, images: Iterable[np.ndarray], total: int | None = None
+    ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Image anomaly scores (n,) and anomaly maps, each float32 at its image's original size."""
+        index = self._check_fitted()
+        if index.bank.shape[1] != self.features.dim:
+            raise ValueError(
+                f"memory bank has {index.bank.shape[1]}-d embeddings but backbone {self.backbone} "
+                f"gives {self.features.dim}-d"
+            )
+        scores: list[float] = []
+        maps: list[np.ndarray] = []
+        for batch, embeddings in self._embed_batches(images, total, "scoring"):
+            n, dim, grid_h, grid_w = embeddings.shape
+            flat = embeddings.permute(0, 2, 3, 1).reshape(-1, dim).numpy()
+            distances, nearest = index.search(flat, k=1)
+            patch_scores = distances[:, 0].reshape(n, grid_h, grid_w)
+            nearest = nearest[:, 0].reshape(n, grid_h, grid_w)
+            padded = self.letterbox.padded_shape(*batch[0].shape[:2])
+            upsampled = torch.nn.functional.interpolate(
+                torch.from_numpy(patch_scores)[:, None], size=padded, mode="bilinear", align_corners=False
+            )[:, 0]
+            smoothed = gaussian_blur(upsampled, self.sigma)
+            for i, image in enumerate(batch):
+                cells_h, cells_w = self._valid_cells(image.shape[:2])
+                valid_scores = patch_scores[i, :cells_h, :cells_w]
+                valid_features = flat.reshape(n, grid_h, grid_w, dim)[i, :cells_h, :cells_w]
+                scores.append(self._image_score(valid_scores, nearest[i, :cells_h, :cells_w], valid_features))
+                maps.append(self.letterbox.restore(smoothed[i], image.shape[:2]))
+        return np.asarray(scores, dtype=np.float64), maps
+
+    def score_samples(self, images: Iterable[np.ndarray], total: int | None = None) -> np.ndarray:
+        """Image anomaly scores only (higher = more anomalous)."""
+        return self.predict(images, total)[0]
+
+    def _image_score(self, patch_scores: np.ndarray, nearest: np.ndarray, features: np.ndarray) -> float:
+        """Maximum patch score, reweighted by how isolated its nearest bank entry is (PatchCore eq. 7)."""
+        flat = int(np.argmax(patch_scores))
+        top = float(patch_scores.reshape(-1)[flat])
+        if self.num_neighbors <= 1:
+            return top
+        index = self._check_fitted()
+        anchor = index.bank[int(nearest.reshape(-1)[flat])]
+        _, support = index.search(anchor[None], k=self.num_neighbors)
+        test_feature = features.reshape(-1, features.shape[-1])[flat]
+        distances = np.linalg.norm(index.bank[support[0]] - test_feature, axis=1)
+        # 1 - softmax(distances)[nearest entry]; shifted by the max for numerical stability.
+        weights = np.exp(distances - distances.max())
+        return float((1.0 - weights[0] / weights.sum()) * top)
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, directory: str | Path) -> Path:
+        """Write the memory bank (safetensors) and settings (JSON) to ``directory``; no pickle."""
+        index = self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file({"memory_bank": index.bank}, str(directory / BANK_FILE))
+        config = {
+            "format": MODEL_FORMAT,
+            "fedinspect_version": __version__,
+            "params": self.get_params(),
+            "memory_bank_shape": list(index.bank.shape),
+            "n_train_patches": self.n_train_patches_,
+        }
+        (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, progress: bool = False) -> PatchCore:
+        """Read a model written by :meth:`save`, checking every file for consistency."""
+        directory = Path(directory)
+        config_path, bank_path = directory / CONFIG_FILE, directory / BANK_FILE
+        for path in (config_path, bank_path):
+            if not path.is_file():
+                raise ModelFileError(f"{path}: missing (is {directory} a fedinspect PatchCore model folder?)")
+        try:
+            config = json.loads(config_path.read_text())
+        except (OSError, json.JSONDecodeError) as error:
+            raise ModelFileError(f"{config_path}: corrupt settings file ({error})") from error
+        if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
+            found = config.get("format") if isinstance(config, dict) else None
+            raise ModelFileError(f"{config_path}: format {found!r}, expected {MODEL_FORMAT!r}")
+        try:
+            bank = load_file(str(bank_path))["memory_bank"]
+        except (SafetensorError, KeyError, OSError) as error:
+            raise ModelFileError(f"{bank_path}: corrupt memory bank ({error})") from error
+        if list(bank.shape) != config.get("memory_bank_shape"):
+            raise ModelFileError(
+                f"{bank_path}: memory bank shape {list(bank.shape)} does not match "
+                f"{config.get('memory_bank_shape')} recorded in {config_path}"
+            )
+        try:
+            model = cls(**config["params"], progress=progress)
+        except TypeError as error:
+            raise ModelFileError(f"{config_path}: unknown settings ({error})") from error
+        return model.set_memory_bank(bank, n_train_patches=config.get("n_train_patches"))

@@ -1,0 +1,85 @@
+"""Aspect-preserving resizing of images for feature extraction, and the way back for anomaly maps.
+
+Inspection images are often far from square (a strip five times longer than wide is common).
+Squashing them into a square would distort small defects, so the short side is resized to
+``short_side`` and the long side follows the aspect ratio; the result is padded (edge pixels
+repeated) to a multiple of the backbone's coarsest stride. Maps are cropped back to the resized
+area and resized to the original image size.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Letterbox:
+    """Resize the short side to ``short_side`` keeping the aspect ratio, pad to ``multiple``."""
+
+    short_side: int = 256
+    multiple: int = 16
+
+    def resized_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) after resizing, before padding."""
+        if height <= 0 or width <= 0:
+            raise ValueError(f"image size must be positive, got {width}x{height}")
+        scale = self.short_side / min(height, width)
+        return max(1, round(height * scale)), max(1, round(width * scale))
+
+    def padded_shape(self, height: int, width: int) -> tuple[int, int]:
+        """(height, width) of the tensor given to the backbone."""
+        resized_h, resized_w = self.resized_shape(height, width)
+        return (
+            math.ceil(resized_h / self.multiple) * self.multiple,
+            math.ceil(resized_w / self.multiple) * self.multiple,
+        )
+
+    def __call__(self, image: np.ndarray) -> torch.Tensor:
+        """uint8 (H, W, 3) image -> float (3, H', W') tensor in [0, 1], resized and padded."""
+        if image.ndim != 3 or image.shape[2] != 3:
+            raise ValueError(f"expected an RGB image of shape (H, W, 3), got {image.shape}")
+        height, width = image.shape[:2]
+        resized_h, resized_w = self.resized_shape(height, width)
+        padded_h, padded_w = self.padded_shape(height, width)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
+        tensor = F.interpolate(
+            tensor[None], size=(resized_h, resized_w), mode="bilinear", align_corners=False, antialias=True
+        )
+        tensor = F.pad(tensor, (0, padded_w - resized_w, 0, padded_h - resized_h), mode="replicate")
+        return tensor[0].clamp_(0.0, 1.0)
+
+    def restore(self, score_map: torch.Tensor, original: tuple[int, int]) -> np.ndarray:
+        """A (H', W') map on the padded grid -> float32 (H, W) map at the original image size."""
+        resized_h, resized_w = self.resized_shape(*original)
+        cropped = score_map[:resized_h, :resized_w]
+        restored = F.interpolate(cropped[None, None], size=original, mode="bilinear", align_corners=False)
+        return restored[0, 0].numpy().astype(np.float32, copy=False)
+
+
+def _gaussian_kernel(sigma: float, radius: int, dtype: torch.dtype) -> torch.Tensor:
+    offsets = torch.arange(-radius, radius + 1, dtype=dtype)
+    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return kernel / kernel.sum()
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Separable Gaussian smoothing of (B, H, W) maps, kernel truncated at 4 sigma, reflect padding."""
+    if sigma <= 0:
+        return maps
+    radius = int(4.0 * sigma + 0.5)
+    x = maps[:, None]
+    # Reflect padding needs the pad to be smaller than the side: very small maps get a shorter kernel.
+    radius_w = min(radius, x.shape[-1] - 1)
+    radius_h = min(radius, x.shape[-2] - 1)
+    if radius_w > 0:
+        x = F.pad(x, (radius_w, radius_w, 0, 0), mode="reflect")
+        x = F.conv2d(x, _gaussian_kernel(sigma, radius_w, x.dtype).view(1, 1, 1, -1))
+    if radius_h > 0:
+        x = F.pad(x, (0, 0, radius_h, radius_h), mode="reflect")
+        x = F.conv2d(x, _gaussian_kernel(sigma, radius_h, x.dtype).view(1, 1, -1, 1))
+    return x[:, 0]

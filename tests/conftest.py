@@ -1,0 +1,87 @@
+"""Shared fixtures: small datasets written on the fly, and the location of the real images."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REAL_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
+
+
+def textured_image(rng: np.random.Generator, height: int, width: int) -> np.ndarray:
+    """A smooth random texture (uint8 RGB) that pretrained features find 'normal'."""
+    from scipy.ndimage import gaussian_filter
+
+    noise = gaussian_filter(rng.normal(size=(height, width)), 2.0)
+    noise = (noise - noise.min()) / (np.ptp(noise) + 1e-9)
+    gray = (80 + 100 * noise).astype(np.uint8)
+    return np.repeat(gray[..., None], 3, axis=2)
+
+
+def save_png(path: Path, array: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+    return path
+
+
+@pytest.fixture
+def mvtec_category(tmp_path: Path) -> Path:
+    """A minimal MVTec-layout category: 3 train, 1 good and 2 defective test images (one with two blobs)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "widget"
+    for i in range(3):
+        save_png(root / "train" / "good" / f"{i:03d}.png", textured_image(rng, 48, 64))
+    save_png(root / "test" / "good" / "000.png", textured_image(rng, 48, 64))
+    for stem in ("000", "001"):
+        image = textured_image(rng, 48, 64)
+        mask = np.zeros((48, 64), dtype=np.uint8)
+        mask[5:10, 5:12] = 255
+        if stem == "001":
+            mask[30:40, 40:44] = 255
+        image[mask > 0] = 250
+        save_png(root / "test" / "crack" / f"{stem}.png", image)
+        save_png(root / "ground_truth" / "crack" / f"{stem}_mask.png", mask)
+    return root
+
+
+@pytest.fixture
+def autovi_category(tmp_path: Path) -> Path:
+    """A minimal AutoVI-layout category with one absolute and one relative defect type."""
+    rng = np.random.default_rng(1)
+    root = tmp_path / "pipe_clip"
+    config = [
+        {"defect_name": "scratch", "pixel_value": 255, "saturation_threshold": 20, "relative_saturation": False},
+        {"defect_name": "missing", "pixel_value": 200, "saturation_threshold": 0.5, "relative_saturation": True},
+    ]
+    root.mkdir(parents=True)
+    (root / "defects_config.json").write_text(json.dumps(config))
+    for i in range(2):
+        save_png(root / "train" / "good" / f"{i:04d}.png", textured_image(rng, 40, 40))
+    save_png(root / "test" / "good" / "0000.png", textured_image(rng, 40, 40))
+    save_png(root / "test" / "scratch" / "0000.png", textured_image(rng, 40, 40))
+    region_a = np.zeros((40, 40, 3), dtype=np.uint8)
+    region_a[2:8, 2:8] = 255  # 36 px, absolute saturation 20
+    region_b = np.zeros((40, 40, 3), dtype=np.uint8)
+    region_b[20:30, 20:30] = 200  # 100 px, relative 0.5 -> 50
+    save_png(root / "ground_truth" / "scratch" / "0000" / "000.png", region_a)
+    save_png(root / "ground_truth" / "scratch" / "0000" / "001.png", region_b)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The synthetic 'tiny' dataset (all six categories), generated once per test session."""
+    from fedinspect.data.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("synthetic") / "tiny", seed=0, size="tiny", progress=False)
+
+
+@pytest.fixture(scope="session")
+def real_data() -> Path:
+    if not REAL_DATA.is_dir():
+        pytest.skip(f"real images not available at {REAL_DATA}")
+    return REAL_DATA

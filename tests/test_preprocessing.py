@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from fedinspect.detectors.preprocessing import Letterbox, gaussian_blur
+
+
+def test_strip_keeps_its_aspect_ratio() -> None:
+    letterbox = Letterbox(short_side=64, multiple=16)
+    image = np.full((100, 500, 3), 50, dtype=np.uint8)
+    image[40:60, 240:260] = 255  # a square defect
+    tensor = letterbox(image)
+    assert tuple(tensor.shape) == (3, 64, 320)
+    ys, xs = np.nonzero(tensor[0].numpy() > 0.6)
+    height, width = np.ptp(ys) + 1, np.ptp(xs) + 1
+    assert abs(height - width) <= 1, "a square defect must stay square"
+
+
+def test_padding_to_multiple_and_restore_to_original_size() -> None:
+    letterbox = Letterbox(short_side=50, multiple=16)
+    assert letterbox.resized_shape(75, 100) == (50, 67)
+    assert letterbox.padded_shape(75, 100) == (64, 80)
+    smooth = torch.linspace(0, 1, 80).repeat(64, 1)
+    restored = letterbox.restore(smooth, (75, 100))
+    assert restored.shape == (75, 100) and restored.dtype == np.float32
+    # the padded columns (67..79) are cropped away: the restored map ends where the image ended
+    assert restored[:, -1].max() < smooth[0, 67].item()
+
+
+def test_letterbox_rejects_non_rgb() -> None:
+    with pytest.raises(ValueError, match="RGB"):
+        Letterbox()(np.zeros((10, 10), np.uint8))
+
+
+@pytest.mark.parametrize("sigma", [1.0, 4.0])
+def test_gaussian_blur_matches_scipy(sigma: float) -> None:
+    maps = np.random.default_rng(0).normal(size=(2, 40, 50)).astype(np.float32)
+    ours = gaussian_blur(torch.from_numpy(maps), sigma).numpy()
+    for i in range(2):
+        # torch's 'reflect' padding is scipy's 'mirror' mode
+        reference = gaussian_filter(maps[i].astype(np.float64), sigma, mode="mirror", truncate=4.0)
+        np.testing.assert_allclose(ours[i], reference, atol=1e-5)
+
+
+def test_gaussian_blur_small_map_keeps_mass() -> None:
+    maps = torch.ones(1, 3, 4)
+    np.testing.assert_allclose(gaussian_blur(maps, 4.0).numpy(), 1.0, atol=1e-6)
