@@ -421,3 +421,38 @@ def test_wrn_state_checks(wrn_files):
     bad = {**state, "layer1.0.conv2.weight": torch.zeros(128, 128, 1, 1)}
     with pytest.raises(ModelFileError, match=r"layer1\.0\.conv2\.weight.*\(128, 128, 1, 1\)"):
         load_truncated_state(extractor, bad, Path("x"))
+
+
+def test_fused_batchnorm_gives_the_same_features() -> None:
+    from fedinspect.backbones import get_backbone
+
+    plain = get_backbone("efficientnet_lite0")
+    fused = get_backbone("efficientnet_lite0").fuse_batchnorm()
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fused.modules())
+    images = torch.rand(2, 3, 96, 160, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        a, b = plain(images), fused(images)
+    for layer in plain.layers:
+        torch.testing.assert_close(b[layer], a[layer], atol=1e-4, rtol=1e-4)
+
+
+def test_fusion_folds_only_conv_batchnorm_pairs() -> None:
+    from fedinspect.backbones.fusion import fuse_conv_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(), torch.nn.BatchNorm2d(4)
+    )
+    for bn in (net[1], net[3]):
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+        bn.weight.data.uniform_(0.5, 2)
+        bn.bias.data.uniform_(-1, 1)
+    net.eval()
+    x = torch.randn(2, 3, 8, 8)
+    expected = net(x)
+    assert fuse_conv_batchnorm(net) == 1
+    assert isinstance(net[1], torch.nn.Identity) and isinstance(net[3], torch.nn.BatchNorm2d)
+    torch.testing.assert_close(net(x), expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="eval mode"):
+        fuse_conv_batchnorm(torch.nn.Sequential(torch.nn.Conv2d(1, 1, 1), torch.nn.BatchNorm2d(1)))

@@ -105,7 +105,7 @@ def test_autovi_mask_value_absent_from_config(autovi_category: Path) -> None:
 
 def test_autovi_without_config_is_explained(autovi_category: Path) -> None:
     (autovi_category / "defects_config.json").unlink()
-    with pytest.raises(DataError, match="defects_config.json is missing"):
+    with pytest.raises(DataError, match=r"defects_config\.json is missing"):
         CategoryDataset(autovi_category)
 
 

@@ -78,7 +78,7 @@ def test_elongated_strip_defect_is_found(train_images: list[np.ndarray]) -> None
     bad = textured_image(rng, 40, 200)
     bad[15:23, 150:158] = 255
     _, maps = model.predict([bad])
-    y, x = np.unravel_index(np.argmax(maps[0]), maps[0].shape)
+    _, x = np.unravel_index(np.argmax(maps[0]), maps[0].shape)
     assert maps[0].shape == (40, 200) and 140 <= x <= 168
 
 

@@ -72,6 +72,18 @@ class FeatureExtractor(nn.Module):
         self.to(memory_format=torch.channels_last)
         super().train(False)
 
+    def fuse_batchnorm(self) -> FeatureExtractor:
+        """Fold BatchNorm layers into their convolutions (same outputs, ~30% faster); returns self.
+
+        Afterwards the module's tensors no longer equal the weight file's, so call this only on an
+        extractor used for inference, as PatchCore does.
+        """
+        from fedinspect.backbones.fusion import fuse_conv_batchnorm
+
+        fuse_conv_batchnorm(self)
+        self.to(memory_format=torch.channels_last)
+        return self
+
     def train(self, mode: bool = True) -> FeatureExtractor:
         """Stays in eval mode whatever ``mode`` says: a feature extractor's statistics are frozen."""
         return super().train(False)

@@ -108,7 +108,7 @@ class PatchCore:
         """The torch feature model, built on first use."""
         if self._features is None:
             extractor = get_backbone(self.backbone, weights=self.weights, layers=self.layers)
-            self._features = PatchFeatures(extractor)
+            self._features = PatchFeatures(extractor.fuse_batchnorm())
         return self._features
 
     @property

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from PIL import Image
 
 
 @dataclass(frozen=True)
@@ -46,12 +47,10 @@ class Letterbox:
         height, width = image.shape[:2]
         resized_h, resized_w = self.resized_shape(height, width)
         padded_h, padded_w = self.padded_shape(height, width)
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255.0)
-        tensor = F.interpolate(
-            tensor[None], size=(resized_h, resized_w), mode="bilinear", align_corners=False, antialias=True
-        )
-        tensor = F.pad(tensor, (0, padded_w - resized_w, 0, padded_h - resized_h), mode="replicate")
-        return tensor[0].clamp_(0.0, 1.0)
+        # PIL's bilinear filter widens its support when downscaling (antialiasing), and is fast.
+        resized = np.asarray(Image.fromarray(image).resize((resized_w, resized_h), Image.Resampling.BILINEAR))
+        padded = np.pad(resized, ((0, padded_h - resized_h), (0, padded_w - resized_w), (0, 0)), mode="edge")
+        return torch.from_numpy(padded).permute(2, 0, 1).float().div_(255.0)
 
     def restore(self, score_map: torch.Tensor, original: tuple[int, int]) -> np.ndarray:
         """A (H', W') map on the padded grid -> float32 (H, W) map at the original image size."""
