@@ -7,6 +7,8 @@ EfficientNet-Lite0's CPU time at 256 px).
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import torch
 from torch import nn
 
@@ -31,7 +33,7 @@ def fuse_conv_batchnorm(module: nn.Module) -> int:
     fused = 0
     for parent in module.modules():
         children = list(parent.named_children())
-        for (_, first), (second_name, second) in zip(children, children[1:], strict=False):
+        for (_, first), (second_name, second) in pairwise(children):
             if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d) \
                     and second.num_features == first.out_channels:
                 _fold(first, second)
