@@ -74,3 +74,15 @@ def test_coreset_size_and_errors() -> None:
         greedy_coreset(np.zeros((5, 2)), 6)
     with pytest.raises(ValueError, match="non-empty"):
         greedy_coreset(np.zeros((0, 2)), 1)
+
+
+def test_covered_points_steer_selection_away_from_them() -> None:
+    rng = np.random.default_rng(6)
+    left = rng.normal(loc=-10, size=(200, 3))
+    right = rng.normal(loc=10, size=(200, 3))
+    x = np.concatenate([left, right]).astype(np.float32)
+    # 'left' is already covered by its own points: the extension should pick from 'right' first
+    chosen = greedy_coreset(x, 5, projection_dim=0, covered=left[:50])
+    assert (chosen >= 200).all()
+    with pytest.raises(ValueError, match="covered"):
+        greedy_coreset(x, 5, covered=np.zeros((3, 7)))

@@ -255,7 +255,9 @@ def find_categories(dataset_dir: str | Path) -> list[Path]:
         raise DataError(dataset_dir, "dataset folder not found")
     if (dataset_dir / "train").is_dir():
         return [dataset_dir]
-    categories = sorted(p for p in dataset_dir.iterdir() if p.is_dir() and (p / "train").is_dir())
+    categories = sorted(
+        p for p in dataset_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "train").is_dir()
+    )
     if not categories:
         raise DataError(dataset_dir, "no category folder found (a category holds train/ and test/)")
     return categories

@@ -47,13 +47,31 @@ def _single_thread():
         torch.set_num_threads(previous)
 
 
-def _greedy(x: torch.Tensor, n_select: int, first: int, progress: bool) -> np.ndarray:
-    """Plain greedy k-center on the rows of ``x``; returns positions in selection order."""
+def _squared_distance_to_set(x: torch.Tensor, centres: torch.Tensor, block: int = 4096) -> torch.Tensor:
+    """For each row of ``x``, the squared distance to its nearest row of ``centres``."""
+    result = torch.empty(x.shape[0])
+    for start in range(0, x.shape[0], block):
+        result[start : start + block] = torch.cdist(x[start : start + block], centres).min(dim=1).values.square()
+    return result
+
+
+def _greedy(
+    x: torch.Tensor, n_select: int, first: int, progress: bool, covered: torch.Tensor | None = None
+) -> np.ndarray:
+    """Plain greedy k-center on the rows of ``x``; returns positions in selection order.
+
+    ``covered`` holds centres chosen earlier (already projected): distances start from them and
+    the first pick is then the point farthest from them instead of ``first``.
+    """
     n_points = x.shape[0]
     if n_select >= n_points:
         return np.arange(n_points)
     squared_norms = (x * x).sum(dim=1)
-    min_distance = torch.full((n_points,), float("inf"))
+    if covered is not None and len(covered):
+        min_distance = _squared_distance_to_set(x, covered)
+        first = int(torch.argmax(min_distance))
+    else:
+        min_distance = torch.full((n_points,), float("inf"))
     distance = torch.empty(n_points)
     selected = np.empty(n_select, dtype=np.int64)
     index = first
@@ -76,6 +94,7 @@ def greedy_coreset(
     seed: int = 0,
     chunk_size: int = 16384,
     progress: bool = False,
+    covered: np.ndarray | None = None,
 ) -> np.ndarray:
     """Sorted indices of ``n_select`` rows chosen by greedy k-center on randomly projected features.
 
@@ -84,6 +103,9 @@ def greedy_coreset(
     chunks of at most ``chunk_size`` points; each chunk keeps twice its share by greedy
     selection and the union is reduced again the same way until ``n_select`` remain (a
     hierarchical approximation of the global greedy rule, the same merge a federated server does).
+
+    ``covered`` (m, d): points already kept elsewhere; the selection then extends them, picking
+    the points they cover worst (used to top up a guaranteed set).
     """
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
     if x.ndim != 2 or x.shape[0] == 0:
@@ -95,30 +117,36 @@ def greedy_coreset(
         raise ValueError(f"chunk_size must be at least 2, got {chunk_size}")
     if n_select == n_points:
         return np.arange(n_points)
+    projected_covered = None
+    if covered is not None and len(covered):
+        covered = torch.as_tensor(np.asarray(covered, dtype=np.float32))
+        if covered.ndim != 2 or covered.shape[1] != x.shape[1]:
+            raise ValueError(f"covered must be (m, {x.shape[1]}), got shape {tuple(covered.shape)}")
+        projected_covered = random_projection(covered, projection_dim, seed).contiguous()
     x = random_projection(x, projection_dim, seed).contiguous()
     rng = np.random.default_rng(seed)
-    return _hierarchical(x, np.arange(n_points), n_select, chunk_size, rng, progress)
+    return _hierarchical(x, np.arange(n_points), n_select, chunk_size, rng, progress, projected_covered)
 
 
 def _hierarchical(
     x: torch.Tensor, index: np.ndarray, n_select: int, chunk_size: int, rng: np.random.Generator,
-    progress: bool,
+    progress: bool, covered: torch.Tensor | None = None,
 ) -> np.ndarray:
     n_points = len(index)
     if n_points <= chunk_size:
-        positions = _greedy(x[index], n_select, int(rng.integers(n_points)), progress)
+        positions = _greedy(x[index], n_select, int(rng.integers(n_points)), progress, covered)
         return np.sort(index[positions])
     oversample = 2 if 2 * n_select < n_points else 1
     chunks = np.array_split(rng.permutation(n_points), int(np.ceil(n_points / chunk_size)))
     kept = []
     for chunk in tqdm(chunks, desc="coreset chunks", disable=not progress, leave=False):
         share = min(len(chunk), int(np.ceil(oversample * n_select * len(chunk) / n_points)))
-        positions = _greedy(x[index[chunk]], share, int(rng.integers(len(chunk))), False)
+        positions = _greedy(x[index[chunk]], share, int(rng.integers(len(chunk))), False, covered)
         kept.append(index[chunk[positions]])
     union = np.sort(np.concatenate(kept))
     if len(union) == n_select:
         return union
     if len(union) >= n_points:  # cannot shrink by chunking: finish with exact greedy
-        positions = _greedy(x[index], n_select, int(rng.integers(n_points)), progress)
+        positions = _greedy(x[index], n_select, int(rng.integers(n_points)), progress, covered)
         return np.sort(index[positions])
-    return _hierarchical(x, union, n_select, chunk_size, rng, progress)
+    return _hierarchical(x, union, n_select, chunk_size, rng, progress, covered)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,14 @@ from fedinspect.errors import ModelFileError
 MODEL_FORMAT = "fedinspect.patchcore/1"
 CONFIG_FILE = "patchcore.json"
 BANK_FILE = "memory_bank.safetensors"
+
+
+@dataclass(frozen=True)
+class EmbeddedImage:
+    """A test image's patch embeddings on the padded grid (h, w, D) and its original (height, width)."""
+
+    grid: np.ndarray
+    image_shape: tuple[int, int]
 
 
 class PatchCore:
@@ -193,36 +202,74 @@ class PatchCore:
         return self._index
 
     # ------------------------------------------------------------------ inference
+    def embed_grids(self, images: Iterable[np.ndarray], total: int | None = None) -> list[EmbeddedImage]:
+        """Embedding grids of test images, to score them against one or several memory banks."""
+        embedded = []
+        for batch, embeddings in self._embed_batches(images, total, "embedding"):
+            for image, grid in zip(batch, embeddings, strict=True):
+                embedded.append(EmbeddedImage(grid.permute(1, 2, 0).contiguous().numpy(), image.shape[:2]))
+        return embedded
+
     def predict(
         self, images: Iterable[np.ndarray], total: int | None = None
     ) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image anomaly scores (n,) and anomaly maps, each float32 at its image's original size."""
-        index = self._check_fitted()
-        if index.bank.shape[1] != self.features.dim:
-            raise ValueError(
-                f"memory bank has {index.bank.shape[1]}-d embeddings but backbone {self.backbone} "
-                f"gives {self.features.dim}-d"
-            )
-        scores: list[float] = []
+        self._check_fitted()
+        scores: list[np.ndarray] = []
         maps: list[np.ndarray] = []
         for batch, embeddings in self._embed_batches(images, total, "scoring"):
-            n, dim, grid_h, grid_w = embeddings.shape
-            flat = embeddings.permute(0, 2, 3, 1).reshape(-1, dim).numpy()
-            distances, nearest = index.search(flat, k=1)
-            patch_scores = distances[:, 0].reshape(n, grid_h, grid_w)
-            nearest = nearest[:, 0].reshape(n, grid_h, grid_w)
-            padded = self.letterbox.padded_shape(*batch[0].shape[:2])
-            upsampled = torch.nn.functional.interpolate(
-                torch.from_numpy(patch_scores)[:, None], size=padded, mode="bilinear", align_corners=False
-            )[:, 0]
-            smoothed = gaussian_blur(upsampled, self.sigma)
-            for i, image in enumerate(batch):
-                cells_h, cells_w = self._valid_cells(image.shape[:2])
-                valid_scores = patch_scores[i, :cells_h, :cells_w]
-                valid_features = flat.reshape(n, grid_h, grid_w, dim)[i, :cells_h, :cells_w]
-                scores.append(self._image_score(valid_scores, nearest[i, :cells_h, :cells_w], valid_features))
-                maps.append(self.letterbox.restore(smoothed[i], image.shape[:2]))
+            grids = [EmbeddedImage(g.permute(1, 2, 0).contiguous().numpy(), i.shape[:2])
+                     for i, g in zip(batch, embeddings, strict=True)]
+            batch_scores, batch_maps = self.predict_embedded(grids)
+            scores.append(batch_scores)
+            maps.extend(batch_maps)
+        return np.concatenate(scores) if scores else np.zeros(0), maps
+
+    def predict_embedded(self, embedded: Sequence[EmbeddedImage]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Scores and maps of images already embedded by :meth:`embed_grids` (same backbone)."""
+        index = self._check_fitted()
+        scores: list[float] = []
+        maps: list[np.ndarray] = []
+        start = 0
+        while start < len(embedded):
+            stop = start + 1
+            while (stop < len(embedded) and stop - start < self.batch_size
+                   and embedded[stop].grid.shape == embedded[start].grid.shape
+                   and embedded[stop].image_shape == embedded[start].image_shape):
+                stop += 1
+            batch_scores, batch_maps = self._score_batch(index, embedded[start:stop])
+            scores.extend(batch_scores)
+            maps.extend(batch_maps)
+            start = stop
         return np.asarray(scores, dtype=np.float64), maps
+
+    def _score_batch(
+        self, index: NearestNeighbours, batch: Sequence[EmbeddedImage]
+    ) -> tuple[list[float], list[np.ndarray]]:
+        grid_h, grid_w, dim = batch[0].grid.shape
+        if index.bank.shape[1] != dim:
+            raise ValueError(
+                f"memory bank has {index.bank.shape[1]}-d embeddings but the images were embedded as {dim}-d "
+                f"(backbone {self.backbone})"
+            )
+        features = np.stack([e.grid for e in batch]).astype(np.float32, copy=False)
+        distances, nearest = index.search(features.reshape(-1, dim), k=1)
+        patch_scores = distances[:, 0].reshape(len(batch), grid_h, grid_w)
+        nearest = nearest[:, 0].reshape(len(batch), grid_h, grid_w)
+        image_shape = batch[0].image_shape
+        padded = self.letterbox.padded_shape(*image_shape)
+        upsampled = torch.nn.functional.interpolate(
+            torch.from_numpy(patch_scores)[:, None], size=padded, mode="bilinear", align_corners=False
+        )[:, 0]
+        smoothed = gaussian_blur(upsampled, self.sigma)
+        cells_h, cells_w = self._valid_cells(image_shape)
+        scores, maps = [], []
+        for i in range(len(batch)):
+            scores.append(self._image_score(
+                patch_scores[i, :cells_h, :cells_w], nearest[i, :cells_h, :cells_w], features[i, :cells_h, :cells_w]
+            ))
+            maps.append(self.letterbox.restore(smoothed[i], image_shape))
+        return scores, maps
 
     def score_samples(self, images: Iterable[np.ndarray], total: int | None = None) -> np.ndarray:
         """Image anomaly scores only (higher = more anomalous)."""
