@@ -1,0 +1,1 @@
+"""Federated PatchCore: partitions, client and server roles, aggregation strategies, runners."""
