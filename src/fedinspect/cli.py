@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fedinspect import __version__
 from fedinspect.errors import FedinspectError
+
+if TYPE_CHECKING:
+    from fedinspect.federation.runner import FederationConfig
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -19,7 +22,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                        help="feature extractor (efficientnet_lite0, efficientnet_lite2, wide_resnet50_2)")
     group.add_argument("--weights", default=None, help="local weights file for the backbone")
     group.add_argument("--image-size", type=int, default=256, help="short side after resizing (px)")
-    group.add_argument("--coreset-ratio", type=float, default=0.1, help="fraction of patches kept")
+    group.add_argument("--coreset-ratio", type=float, default=0.1,
+                       help="fraction of patches kept (the local coreset of each client when federating)")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
 
@@ -64,31 +68,82 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_demo(args: argparse.Namespace) -> int:
-    from fedinspect.data.dataset import find_categories
-    from fedinspect.data.synthetic import generate_dataset
+def _federation_config(args: argparse.Namespace) -> FederationConfig:
+    from fedinspect.federation.client import RoundSettings
+    from fedinspect.federation.runner import FederationConfig
+
+    settings = RoundSettings(
+        backbone=args.backbone, image_size=args.image_size, local_coreset_ratio=args.coreset_ratio,
+        precision=args.precision, seed=args.seed,
+    )
+    return FederationConfig(
+        clients=args.clients, partition=args.partition, alpha=args.alpha, strategy=args.strategy,
+        global_size=args.global_size, global_ratio=args.global_ratio, bank=args.bank,
+        min_per_client=args.min_per_client, min_clients=args.min_clients or 1,
+        centralized=not args.no_centralized, compare_shared=not args.no_shared_comparison, settings=settings,
+    )
+
+
+def _print_federation(results: dict, out: Path) -> None:
     from fedinspect.evaluation.summary import results_table
-    from fedinspect.pipeline import evaluate_category, fit_category
+
+    print("federated (global bank per category)" if results["config"]["bank"] == "per_category"
+          else "federated (one shared bank)")
+    print(results_table(results["categories"]))
+    for name, label in (("centralized", "centralized baseline (pooled data)"),
+                        ("shared_bank", "federated, one bank shared by all categories")):
+        if name in results:
+            print(f"\n{label}")
+            print(results_table(results[name]["categories"]))
+    sent = sum(c["bytes_sent"] for c in results["clients"])
+    stages = results["stages"]
+    print(f"\n{len(results['clients'])} clients sent {sent / 1e6:.2f} MB; patches {stages['raw_patches']:,} -> "
+          f"{stages['local_coreset']:,} -> {stages['global_bank']:,}; {results['timing']['total_s']:.0f} s")
+    if results["missing_clients"]:
+        print(f"missing clients: {[m['client'] for m in results['missing_clients']]}")
+    print(f"results.json, report.md, report.html and maps/ in {out}")
+
+
+def _cmd_federate(args: argparse.Namespace) -> int:
+    from fedinspect.federation.runner import run_federation
+
+    results = run_federation(args.data, args.out, _federation_config(args), progress=not args.quiet)
+    _print_federation(results, Path(args.out))
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fedinspect.data.synthetic import generate_dataset
+    from fedinspect.federation.runner import run_federation
 
     out = Path(args.out)
     data = generate_dataset(out / "data", seed=args.seed, size=args.size, progress=not args.quiet)
-    per_category = {}
-    start = time.perf_counter()
-    for category_dir in find_categories(data):
-        name = category_dir.name
-        print(f"== {name}", file=sys.stderr)
-        model = fit_category(category_dir, out / "models" / name, progress=not args.quiet, **_model_params(args))
-        per_category[name] = evaluate_category(model, category_dir, out / "results" / name,
-                                               progress=not args.quiet)
-        per_category[name]["timings"]["fit_s"] = model.fit_seconds_
-    table = results_table(per_category)
-    summary = {"categories": per_category, "total_seconds": time.perf_counter() - start}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    (out / "results.md").write_text(table + "\n")
-    print(table)
-    print(f"\nPatchCore on the synthetic '{args.size}' dataset, {summary['total_seconds']:.0f} s; "
-          f"details in {out}/summary.json, maps in {out}/results/<category>/maps")
+    results = run_federation(data, out / "run", _federation_config(args), progress=not args.quiet)
+    _print_federation(results, out / "run")
     return 0
+
+
+def _add_federation_options(parser: argparse.ArgumentParser) -> None:
+    from fedinspect.federation.partition import SCHEMES
+    from fedinspect.federation.server import BANK_MODES
+    from fedinspect.federation.strategies import STRATEGIES
+    from fedinspect.federation.update import PRECISIONS
+
+    group = parser.add_argument_group("federation")
+    group.add_argument("--clients", type=int, default=5, help="number of clients (factories)")
+    group.add_argument("--partition", choices=SCHEMES, default="iid", help="how training images are split")
+    group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (partition dirichlet)")
+    group.add_argument("--strategy", choices=sorted(STRATEGIES), default="federated_coreset")
+    group.add_argument("--global-size", type=int, default=10_000, help="patches in the global bank(s), total")
+    group.add_argument("--global-ratio", type=float, default=None,
+                       help="instead of --global-size: fraction of each bank's raw patches")
+    group.add_argument("--bank", choices=BANK_MODES, default="per_category")
+    group.add_argument("--min-per-client", type=int, default=100, help="guarantee of diversity_preserving")
+    group.add_argument("--min-clients", type=int, default=None, help="fewest answering clients to aggregate")
+    group.add_argument("--precision", choices=PRECISIONS, default="float16", help="embeddings on the wire")
+    group.add_argument("--no-centralized", action="store_true", help="skip the pooled-data baseline")
+    group.add_argument("--no-shared-comparison", action="store_true",
+                       help="skip the comparison with one bank shared by all categories")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,10 +170,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, help="results folder (results.json, maps/)")
     evaluate.set_defaults(run=_cmd_evaluate)
 
-    demo = commands.add_parser("demo", help="generate synthetic data, fit and evaluate every category")
+    federate = commands.add_parser("federate", help="federated PatchCore in one round, evaluated per category")
+    federate.add_argument("--data", required=True, help="dataset folder (one subfolder per category)")
+    federate.add_argument("--out", required=True, help="run folder to write")
+    _add_model_options(federate)
+    _add_federation_options(federate)
+    federate.set_defaults(run=_cmd_federate)
+
+    demo = commands.add_parser("demo", help="generate the synthetic dataset and federate it (the main job)")
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--size", choices=("tiny", "small", "full"), default="small")
     _add_model_options(demo)
+    _add_federation_options(demo)
     demo.set_defaults(run=_cmd_demo)
     return parser
 

@@ -24,8 +24,8 @@ from fedinspect.data.dataset import CategoryDataset, Sample
 from fedinspect.data.images import image_size
 from fedinspect.data.regions import Region
 from fedinspect.detectors.patchcore import PatchCore
-from fedinspect.evaluation import metrics
 from fedinspect.evaluation.anomaly_maps import score_range, write_map
+from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions
 
 RESULTS_FILE = "results.json"
 
@@ -99,20 +99,8 @@ def evaluate_category(
 
     start = time.perf_counter()
     labels = np.array([s.label for s in dataset.test])
-    results: dict[str, Any] = {
-        "category": dataset.name,
-        "layout": dataset.layout,
-        "image_auroc": None,
-        "pixel_auroc": None,
-        "auc_spro": None,
-    }
-    # A test split without defective images (or without annotated regions) leaves these undefined.
-    if 0 < labels.sum() < len(labels):
-        results["image_auroc"] = metrics.image_auroc(labels, scores)
-    if any(regions):
-        unions = [_union(r, shape) for r, shape in zip(regions, shapes, strict=True)]
-        results["pixel_auroc"] = metrics.pixel_auroc(maps, unions)
-        results["auc_spro"] = metrics.auc_spro(maps, regions)
+    results: dict[str, Any] = {"category": dataset.name, "layout": dataset.layout}
+    results.update(score_predictions(labels, scores, maps, regions))
     timings["metrics_s"] = time.perf_counter() - start
 
     low, high = score_range(maps)
@@ -135,7 +123,7 @@ def evaluate_category(
                 "regions": sum(len(r) for r in regions),
                 "memory_bank": int(model.memory_bank_.shape[0]),
             },
-            "per_defect_image_auroc": _per_defect_auroc(dataset, labels, scores),
+            "per_defect_image_auroc": per_defect_image_auroc(labels, scores, [s.defect for s in dataset.test]),
             "map_score_range": [low, high],
             "image_scores": {str(s.image_path.relative_to(dataset.root)): float(v)
                              for s, v in zip(dataset.test, scores, strict=True)},
@@ -150,24 +138,6 @@ def evaluate_category(
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     return results
-
-
-def _union(regions: list[Region], shape: tuple[int, int]) -> np.ndarray:
-    mask = np.zeros(shape, dtype=bool)
-    for region in regions:
-        mask |= region.mask
-    return mask
-
-
-def _per_defect_auroc(dataset: CategoryDataset, labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
-    good = labels == 0
-    result: dict[str, float] = {}
-    if not good.any():
-        return result
-    for defect in dataset.defect_types:
-        chosen = good | np.array([s.defect == defect for s in dataset.test])
-        result[defect] = metrics.image_auroc(labels[chosen], scores[chosen])
-    return result
 
 
 def _environment() -> dict[str, Any]:

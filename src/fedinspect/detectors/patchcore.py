@@ -156,17 +156,22 @@ class PatchCore:
                 yield batch, self.features(tensor)
                 bar.update(len(batch))
 
-    def embed(self, images: Iterable[np.ndarray], total: int | None = None) -> np.ndarray:
-        """Patch embeddings (n_patches, D) of the given images, padding cells excluded."""
+    def embed_per_image(self, images: Iterable[np.ndarray], total: int | None = None) -> list[np.ndarray]:
+        """Patch embeddings of each image, (n_patches_i, D) float32, padding cells excluded."""
         rows = []
         for batch, embeddings in self._embed_batches(images, total, "embedding"):
             for image, embedding in zip(batch, embeddings, strict=True):
                 cells_h, cells_w = self._valid_cells(image.shape[:2])
                 valid = embedding[:, :cells_h, :cells_w]
-                rows.append(valid.reshape(valid.shape[0], -1).T.numpy())
+                rows.append(np.ascontiguousarray(valid.reshape(valid.shape[0], -1).T.numpy(), dtype=np.float32))
+        return rows
+
+    def embed(self, images: Iterable[np.ndarray], total: int | None = None) -> np.ndarray:
+        """Patch embeddings (n_patches, D) of the given images, padding cells excluded."""
+        rows = self.embed_per_image(images, total)
         if not rows:
             raise ValueError("no images given")
-        return np.concatenate(rows).astype(np.float32, copy=False)
+        return np.concatenate(rows)
 
     # ------------------------------------------------------------------ fitting
     def fit(self, images: Iterable[np.ndarray], total: int | None = None) -> PatchCore:
@@ -175,11 +180,11 @@ class PatchCore:
         self.n_train_patches_ = int(patches.shape[0])
         return self.set_memory_bank(self.select_coreset(patches), n_train_patches=self.n_train_patches_)
 
-    def select_coreset(self, patches: np.ndarray, ratio: float | None = None) -> np.ndarray:
+    def select_coreset(self, patches: np.ndarray, ratio: float | None = None, seed: int | None = None) -> np.ndarray:
         """Greedy coreset of ``patches`` keeping ``ratio`` (default: ``coreset_ratio``) of them."""
         n_select = coreset_size(len(patches), self.coreset_ratio if ratio is None else ratio)
         selected = greedy_coreset(
-            patches, n_select, projection_dim=self.projection_dim, seed=self.seed,
+            patches, n_select, projection_dim=self.projection_dim, seed=self.seed if seed is None else seed,
             chunk_size=self.coreset_chunk_size, progress=self.progress,
         )
         return patches[selected]
@@ -195,6 +200,12 @@ class PatchCore:
         self.n_train_patches_ = int(n_train_patches if n_train_patches is not None else bank.shape[0])
         self._index = NearestNeighbours(bank)
         return self
+
+    def with_memory_bank(self, bank: np.ndarray) -> PatchCore:
+        """A detector with the same settings and loaded backbone, scoring against ``bank``."""
+        other = PatchCore(**self.get_params(), progress=self.progress)
+        other._features = self._features
+        return other.set_memory_bank(bank)
 
     def _check_fitted(self) -> NearestNeighbours:
         if self._index is None:

@@ -1,0 +1,63 @@
+"""The AutoVI protocol applied to one category's predictions: which metrics, and when they exist."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from sklearn.metrics import roc_curve
+
+from fedinspect.data.regions import Region
+from fedinspect.evaluation import metrics
+from fedinspect.evaluation.report import Curves
+
+
+def union_mask(regions: Sequence[Region], shape: tuple[int, int]) -> np.ndarray:
+    """All defect pixels of one image (False everywhere for a good image)."""
+    mask = np.zeros(shape, dtype=bool)
+    for region in regions:
+        mask |= region.mask
+    return mask
+
+
+def score_predictions(
+    labels: np.ndarray, scores: np.ndarray, maps: Sequence[np.ndarray], regions: Sequence[Sequence[Region]]
+) -> dict[str, Any]:
+    """Image AUROC, pixel AUROC and AUC-sPRO of a test split; None where the split cannot define them.
+
+    Image AUROC needs good and defective images; the pixel metrics need at least one annotated region.
+    """
+    return score_with_curves(labels, scores, maps, regions)[0]
+
+
+def score_with_curves(
+    labels: np.ndarray, scores: np.ndarray, maps: Sequence[np.ndarray], regions: Sequence[Sequence[Region]]
+) -> tuple[dict[str, Any], Curves]:
+    """:func:`score_predictions` plus the FPR-sPRO and ROC curves behind it (each computed once)."""
+    labels = np.asarray(labels)
+    result: dict[str, Any] = {"image_auroc": None, "pixel_auroc": None, "auc_spro": None}
+    curves = Curves()
+    if 0 < labels.sum() < len(labels):
+        result["image_auroc"] = metrics.image_auroc(labels, scores)
+        curves.roc_fpr, curves.roc_tpr, _ = roc_curve(labels, scores)
+    if any(regions):
+        unions = [union_mask(r, m.shape) for r, m in zip(regions, maps, strict=True)]
+        result["pixel_auroc"] = metrics.pixel_auroc(maps, unions)
+        curves.spro_fpr, curves.spro, _ = metrics.spro_curve(maps, regions)
+        result["auc_spro"] = {
+            str(limit): metrics.area_under_curve(curves.spro_fpr, curves.spro, limit) for limit in metrics.FPR_LIMITS
+        }
+    return result, curves
+
+
+def per_defect_image_auroc(labels: np.ndarray, scores: np.ndarray, defects: Sequence[str]) -> dict[str, float]:
+    """Image AUROC of each defect type against all good images."""
+    labels, scores, defects = np.asarray(labels), np.asarray(scores), np.asarray(defects)
+    good = labels == 0
+    if not good.any():
+        return {}
+    return {
+        defect: metrics.image_auroc(labels[good | (defects == defect)], scores[good | (defects == defect)])
+        for defect in sorted(set(defects[labels == 1].tolist()))
+    }

@@ -1,0 +1,245 @@
+"""In-process federated PatchCore: partition, clients, server, evaluation, report, in one call.
+
+Every role runs in this process, but through the same objects and the same serialized bytes a
+Flower deployment would use: each client's update is turned into bytes and parsed back before
+the server sees it, and the bytes are counted. A centralized baseline (all training images
+pooled, same settings) and a single shared bank are evaluated beside the federated model.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fedinspect import __version__
+from fedinspect.data.dataset import CategoryDataset, find_categories
+from fedinspect.data.images import read_image
+from fedinspect.detectors.patchcore import PatchCore
+from fedinspect.errors import FedinspectError
+from fedinspect.evaluation.anomaly_maps import score_range, write_map
+from fedinspect.evaluation.metrics import FPR_LIMITS
+from fedinspect.evaluation.protocol import score_with_curves, union_mask
+from fedinspect.evaluation.report import Curves, Example, write_report
+from fedinspect.evaluation.summary import mean_row, metric_row
+from fedinspect.federation.client import EmbeddingCache, FederatedClient, RoundSettings
+from fedinspect.federation.partition import partition
+from fedinspect.federation.server import SHARED, FederatedServer
+from fedinspect.federation.strategies import CoresetSettings
+from fedinspect.federation.update import ClientUpdate
+from fedinspect.pipeline import load_ground_truth, peak_memory_mb
+
+RESULTS_FILE = "results.json"
+PARTITION_FILE = "partition.json"
+
+
+@dataclass
+class FederationConfig:
+    """Everything that defines one federated run (written to results.json as ``config``)."""
+
+    clients: int = 5
+    partition: str = "iid"
+    alpha: float = 0.5
+    strategy: str = "federated_coreset"
+    global_size: int = 10_000
+    global_ratio: float | None = None
+    bank: str = "per_category"
+    min_per_client: int = 100
+    min_clients: int = 1
+    centralized: bool = True
+    compare_shared: bool = True
+    write_maps: bool = True
+    examples_per_category: int = 3
+    settings: RoundSettings = field(default_factory=RoundSettings)
+
+    def server(self, bank: str | None = None) -> FederatedServer:
+        options = {"min_per_client": self.min_per_client} if self.strategy == "diversity_preserving" else {}
+        return FederatedServer(
+            strategy=self.strategy, global_size=self.global_size, global_ratio=self.global_ratio,
+            bank=bank or self.bank, strategy_options=options,
+            coreset=CoresetSettings(self.settings.projection_dim, self.settings.coreset_chunk_size, self.settings.seed),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["settings"] = self.settings.to_dict()
+        data["seed"] = self.settings.seed
+        return data
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(message, file=sys.stderr)
+
+
+def run_federation(data_dir: str | Path, out_dir: str | Path, config: FederationConfig | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Run one federated round on a dataset folder and write results.json, maps and the report."""
+    config = config or FederationConfig()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    timing: dict[str, float] = {}
+
+    datasets = {path.name: CategoryDataset(path) for path in find_categories(data_dir)}
+    items = [(name, sample.image_path) for name, dataset in datasets.items() for sample in dataset.train]
+    split = partition([name for name, _ in items], config.clients, config.partition, seed=config.settings.seed,
+                      alpha=config.alpha)
+    (out_dir / PARTITION_FILE).write_text(json.dumps({
+        "partition": split.to_json(),
+        "items": [{"category": name, "image": str(path)} for name, path in items],
+    }, indent=1))
+
+    detector = config.settings.detector(progress=False)
+    cache: EmbeddingCache = {}
+    updates, client_rows, missing = _run_clients(config, split.assignments, items, detector, cache, timing, progress)
+    if len(updates) < config.min_clients:
+        raise FedinspectError(
+            f"only {len(updates)} of {config.clients} clients answered (minimum {config.min_clients}); "
+            f"missing: {missing}"
+        )
+
+    start = time.perf_counter()
+    banks = config.server().aggregate(updates)
+    shared = config.server("shared").aggregate(updates) if config.compare_shared and config.bank != "shared" else None
+    timing["aggregation_s"] = time.perf_counter() - start
+
+    results: dict[str, Any] = {
+        "fedinspect_version": __version__,
+        "config": config.to_dict(),
+        "partition": {"sizes": split.sizes(), "file": PARTITION_FILE},
+        "clients": client_rows,
+        "missing_clients": missing,
+        "stages": {
+            "raw_patches": sum(row["patches"] for row in client_rows),
+            "local_coreset": sum(row["coreset"] for row in client_rows),
+            "global_bank": int(sum(len(b) for b in banks.values())),
+        },
+    }
+    evaluation = _evaluate(datasets, banks, shared, config, detector, cache, out_dir, timing, progress)
+    results.update(evaluation["summary"])
+    timing["total_s"] = time.perf_counter() - started
+    results["timing"] = timing
+    results["peak_memory_mb"] = peak_memory_mb()
+    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+    write_report(out_dir, results, evaluation["curves"], evaluation["examples"],
+                 title=f"Federated PatchCore: {config.clients} clients, {config.partition}, {config.strategy}")
+    return results
+
+
+def _run_clients(config: FederationConfig, assignments, items, detector: PatchCore, cache: EmbeddingCache,
+                 timing: dict[str, float], progress: bool):
+    updates: list[ClientUpdate] = []
+    rows: list[dict[str, Any]] = []
+    missing: list[dict[str, str]] = []
+    timing.update(feature_extraction_s=0.0, local_coreset_s=0.0, serialization_s=0.0)
+    for index, members in enumerate(tqdm(assignments, desc="clients", unit="client", disable=not progress)):
+        client_id = f"client_{index}"
+        images: dict[str, list[Path]] = {}
+        for item in members:
+            name, path = items[item]
+            images.setdefault(name, []).append(path)
+        try:
+            update, stats = FederatedClient(client_id, images, read_image).fit(config.settings, detector, cache)
+        except FedinspectError as error:  # a client with bad data drops out; the round goes on without it
+            print(f"warning: {client_id} dropped out: {error}", file=sys.stderr)
+            missing.append({"client": client_id, "reason": str(error)})
+            continue
+        start = time.perf_counter()
+        payload = update.to_bytes(config.settings.precision)
+        received = ClientUpdate.from_bytes(payload, source=client_id)
+        timing["serialization_s"] += time.perf_counter() - start
+        timing["feature_extraction_s"] += stats.feature_extraction_s
+        timing["local_coreset_s"] += stats.local_coreset_s
+        updates.append(received)
+        rows.append({
+            "client": client_id, "samples": update.n_samples, "patches": update.n_patches,
+            "coreset": update.n_coreset, "bytes_sent": len(payload), "categories": {
+                name: part["samples"] for name, part in stats.per_category.items()},
+        })
+    total = sum(row["samples"] for row in rows)
+    for row in rows:
+        row["weight"] = row["samples"] / total
+    return updates, rows, missing
+
+
+def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray], shared: dict[str, np.ndarray] | None,
+              config: FederationConfig, detector: PatchCore, cache: EmbeddingCache, out_dir: Path,
+              timing: dict[str, float], progress: bool) -> dict[str, Any]:
+    per_model: dict[str, dict[str, Any]] = {"federated": {}, "centralized": {}, "shared_bank": {}}
+    curves: dict[str, dict[str, Curves]] = {"federated": {}, "centralized": {}}
+    examples: list[Example] = []
+    timing.update(evaluation_s=0.0, centralized_fit_s=0.0)
+    for name, dataset in datasets.items():
+        _log(f"== evaluating {name}", progress)
+        start = time.perf_counter()
+        shapes, regions = load_ground_truth(dataset, progress=False)
+        labels = np.array([s.label for s in dataset.test])
+        grids = detector.embed_grids((read_image(s.image_path) for s in dataset.test), total=len(dataset.test))
+        models = {"federated": banks.get(name, banks.get(SHARED))}
+        if shared is not None:
+            models["shared_bank"] = shared[SHARED]
+        timing["evaluation_s"] += time.perf_counter() - start
+        if config.centralized:
+            start = time.perf_counter()
+            pooled = np.concatenate([cache[s.image_path] for s in dataset.train])
+            models["centralized"] = detector.select_coreset(pooled, config.settings.local_coreset_ratio)
+            timing["centralized_fit_s"] += time.perf_counter() - start
+        for model_name, bank in models.items():
+            start = time.perf_counter()
+            scores, maps = detector.with_memory_bank(bank).predict_embedded(grids)
+            entry, category_curves = score_with_curves(labels, scores, maps, regions)
+            entry["counts"] = {"test": len(labels), "test_good": int((labels == 0).sum()),
+                               "test_defective": int(labels.sum()), "bank": len(bank)}
+            per_model[model_name][name] = entry
+            if model_name in curves:
+                curves[model_name][name] = category_curves
+            if model_name == "federated":
+                if config.write_maps:
+                    low, high = score_range(maps)
+                    for sample, anomaly_map in zip(dataset.test, maps, strict=True):
+                        path = out_dir / "maps" / name / sample.defect / f"{sample.stem}.png"
+                        write_map(path, anomaly_map, low, high)
+                    entry["map_score_range"] = [low, high]
+                examples.extend(_examples(dataset, labels, scores, maps, regions, shapes,
+                                          config.examples_per_category))
+            if model_name == "centralized":
+                timing["centralized_fit_s"] += time.perf_counter() - start
+            else:
+                timing["evaluation_s"] += time.perf_counter() - start
+    summary: dict[str, Any] = {"categories": per_model["federated"], "mean": _mean(per_model["federated"])}
+    if per_model["centralized"]:
+        summary["centralized"] = {"categories": per_model["centralized"], "mean": _mean(per_model["centralized"])}
+    if per_model["shared_bank"]:
+        summary["shared_bank"] = {"categories": per_model["shared_bank"], "mean": _mean(per_model["shared_bank"])}
+    return {"summary": summary, "curves": curves, "examples": examples}
+
+
+def _mean(categories: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    row = mean_row({name: metric_row(entry) for name, entry in categories.items()})
+    return {
+        "image_auroc": row["image_auroc"],
+        "pixel_auroc": row["pixel_auroc"],
+        "auc_spro": {str(limit): row[f"spro@{limit:g}"] for limit in FPR_LIMITS},
+    }
+
+
+def _examples(dataset: CategoryDataset, labels, scores, maps, regions, shapes, count: int) -> list[Example]:
+    """The highest-scoring defective images and the highest-scoring good one (the hardest case)."""
+    order = np.argsort(-np.asarray(scores), kind="stable")
+    defective = [i for i in order if labels[i] == 1][: max(count - 1, 0)]
+    good = [i for i in order if labels[i] == 0][:1]
+    chosen = []
+    for i in [*defective, *good]:
+        sample = dataset.test[i]
+        chosen.append(Example(
+            category=dataset.name, defect=sample.defect, name=sample.stem, image=read_image(sample.image_path),
+            anomaly_map=maps[i], ground_truth=union_mask(regions[i], shapes[i]), score=float(scores[i]),
+        ))
+    return chosen

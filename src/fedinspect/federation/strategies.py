@@ -1,0 +1,105 @@
+"""Server-side aggregation of client memory banks into one global bank (one round).
+
+A strategy sees only embeddings and counts: it knows nothing of images or backbones.
+
+- ``federated_coreset``: each client is weighted by its sample count; from each client's bank
+  the server keeps ``oversample`` times its share of the target by greedy coreset (the most
+  diverse part), then a global greedy coreset reduces the union to the target size.
+- ``concatenate``: the union of the client banks, nothing dropped.
+- ``diversity_preserving``: every client is guaranteed ``min_per_client`` patches (its most
+  diverse ones); the rest of the target is filled by the weighted draw and a global greedy
+  coreset that extends the guaranteed set, so small clients keep a voice.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from fedinspect.detectors.coreset import greedy_coreset
+from fedinspect.federation.update import CategoryUpdate
+
+
+@dataclass(frozen=True)
+class CoresetSettings:
+    """How the server runs greedy coresets (the same algorithm the clients use)."""
+
+    projection_dim: int = 64
+    chunk_size: int = 16384
+    seed: int = 0
+
+
+def client_weights(updates: Sequence[CategoryUpdate]) -> np.ndarray:
+    """Each client's share of the training images (sample counts normalized to sum to 1)."""
+    samples = np.array([u.n_samples for u in updates], dtype=np.float64)
+    if (samples < 0).any() or samples.sum() <= 0:
+        raise ValueError(f"sample counts must be non-negative with a positive total, got {samples.tolist()}")
+    return samples / samples.sum()
+
+
+def _most_diverse(embeddings: np.ndarray, count: int, settings: CoresetSettings, salt: int) -> np.ndarray:
+    """The ``count`` rows of ``embeddings`` a greedy coreset keeps (all of them if there are fewer)."""
+    if count >= len(embeddings):
+        return embeddings
+    if count <= 0:
+        return embeddings[:0]
+    chosen = greedy_coreset(embeddings, count, settings.projection_dim, settings.seed + salt, settings.chunk_size)
+    return embeddings[chosen]
+
+
+def _weighted_draw(updates: Sequence[CategoryUpdate], target: int, oversample: float,
+                   settings: CoresetSettings) -> list[np.ndarray]:
+    weights = client_weights(updates)
+    return [
+        _most_diverse(u.embeddings, math.ceil(oversample * w * target), settings, salt=i)
+        for i, (u, w) in enumerate(zip(updates, weights, strict=True))
+    ]
+
+
+def federated_coreset(updates: Sequence[CategoryUpdate], target: int, settings: CoresetSettings = CoresetSettings(),
+                      oversample: float = 2.0) -> np.ndarray:
+    """Weighted 2x oversampling from each client, then a global greedy coreset down to ``target``."""
+    pool = np.concatenate(_weighted_draw(updates, target, oversample, settings))
+    return _most_diverse(pool, target, settings, salt=10_007)
+
+
+def concatenate(updates: Sequence[CategoryUpdate], target: int | None = None,
+                settings: CoresetSettings = CoresetSettings()) -> np.ndarray:
+    """The union of all client banks (``target`` is ignored)."""
+    return np.concatenate([u.embeddings for u in updates])
+
+
+def diversity_preserving(updates: Sequence[CategoryUpdate], target: int,
+                         settings: CoresetSettings = CoresetSettings(), min_per_client: int = 100,
+                         oversample: float = 2.0) -> np.ndarray:
+    """A guaranteed ``min_per_client`` patches from every client, the rest by weight and global coreset."""
+    guaranteed = [_most_diverse(u.embeddings, min_per_client, settings, salt=i) for i, u in enumerate(updates)]
+    pinned = np.concatenate(guaranteed)
+    remaining = target - len(pinned)
+    if remaining <= 0:
+        return pinned
+    candidates = np.concatenate(_weighted_draw(updates, remaining, oversample, settings))
+    if remaining >= len(candidates):
+        return np.concatenate([pinned, candidates])
+    chosen = greedy_coreset(candidates, remaining, settings.projection_dim, settings.seed + 10_009,
+                            settings.chunk_size, covered=pinned)
+    return np.concatenate([pinned, candidates[chosen]])
+
+
+Strategy = Callable[..., np.ndarray]
+STRATEGIES: dict[str, Strategy] = {
+    "federated_coreset": federated_coreset,
+    "concatenate": concatenate,
+    "diversity_preserving": diversity_preserving,
+}
+
+
+def get_strategy(name: str) -> Strategy:
+    """The aggregation function called ``name``."""
+    try:
+        return STRATEGIES[name]
+    except KeyError:
+        raise ValueError(f"unknown strategy {name!r}; available: {sorted(STRATEGIES)}") from None
