@@ -128,6 +128,18 @@ def greedy_coreset(
     return _hierarchical(x, np.arange(n_points), n_select, chunk_size, rng, progress, projected_covered)
 
 
+def _split(total: int, sizes: list[int]) -> list[int]:
+    """``total`` split over chunks in proportion to their sizes (largest remainder), each at most its size."""
+    exact = np.asarray(sizes, dtype=np.float64) * total / sum(sizes)
+    shares = np.minimum(np.floor(exact).astype(int), sizes)
+    for i in np.argsort(-(exact - shares), kind="stable"):
+        if shares.sum() >= total:
+            break
+        if shares[i] < sizes[i]:
+            shares[i] += 1
+    return shares.tolist()
+
+
 def _hierarchical(
     x: torch.Tensor, index: np.ndarray, n_select: int, chunk_size: int, rng: np.random.Generator,
     progress: bool, covered: torch.Tensor | None = None,
@@ -138,9 +150,10 @@ def _hierarchical(
         return np.sort(index[positions])
     oversample = 2 if 2 * n_select < n_points else 1
     chunks = np.array_split(rng.permutation(n_points), int(np.ceil(n_points / chunk_size)))
+    shares = _split(oversample * n_select, [len(chunk) for chunk in chunks])
     kept = []
-    for chunk in tqdm(chunks, desc="coreset chunks", disable=not progress, leave=False):
-        share = min(len(chunk), int(np.ceil(oversample * n_select * len(chunk) / n_points)))
+    for chunk, share in tqdm(list(zip(chunks, shares, strict=True)), desc="coreset chunks", disable=not progress,
+                             leave=False):
         positions = _greedy(x[index[chunk]], share, int(rng.integers(len(chunk))), False, covered)
         kept.append(index[chunk[positions]])
     union = np.sort(np.concatenate(kept))
