@@ -195,3 +195,44 @@ def test_same_seed_same_global_bank(tiny_dataset: Path, tmp_path: Path) -> None:
     first = run_federation(tiny_dataset, tmp_path / "a", config, progress=False)
     second = run_federation(tiny_dataset, tmp_path / "b", config, progress=False)
     assert first["categories"] == second["categories"]
+
+
+@pytest.fixture
+def two_category_dataset(tmp_path: Path) -> Path:
+    from .conftest import save_png, textured_image
+
+    rng = np.random.default_rng(11)
+    root = tmp_path / "factory_data"
+    for name in ("bolt", "nut"):
+        for i in range(4):
+            save_png(root / name / "train" / "good" / f"{i:03d}.png", textured_image(rng, 48, 64))
+        save_png(root / name / "test" / "good" / "000.png", textured_image(rng, 48, 64))
+        image = textured_image(rng, 48, 64)
+        mask = np.zeros((48, 64), np.uint8)
+        mask[10:20, 10:20] = 255
+        image[mask > 0] = 255
+        save_png(root / name / "test" / "dent" / "000.png", image)
+        save_png(root / name / "ground_truth" / "dent" / "000_mask.png", mask)
+    return root
+
+
+def test_a_client_with_a_corrupt_image_drops_out_and_is_recorded(two_category_dataset: Path, tmp_path: Path,
+                                                                  capsys) -> None:
+    from fedinspect.errors import FedinspectError
+    from fedinspect.federation.runner import FederationConfig, run_federation
+
+    corrupt = two_category_dataset / "bolt" / "train" / "good" / "002.png"
+    corrupt.write_bytes(corrupt.read_bytes()[:40])
+    config = FederationConfig(clients=2, global_size=200, settings=RoundSettings(image_size=48))
+    results = run_federation(two_category_dataset, tmp_path / "run", config, progress=False)
+    assert len(results["missing_clients"]) == 1
+    missing = results["missing_clients"][0]
+    assert "002.png" in missing["reason"] and missing["client"].startswith("client_")
+    assert len(results["clients"]) == 1
+    assert "dropped out" in capsys.readouterr().err
+    assert results["centralized"]["skipped_images"] == [str(corrupt)]
+    assert set(results["categories"]) == {"bolt", "nut"}
+    with pytest.raises(FedinspectError, match="only 1 of 2 clients answered"):
+        run_federation(two_category_dataset, tmp_path / "run2",
+                       FederationConfig(clients=2, min_clients=2, settings=RoundSettings(image_size=48)),
+                       progress=False)

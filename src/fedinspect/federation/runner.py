@@ -176,6 +176,7 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
     curves: dict[str, dict[str, Curves]] = {"federated": {}, "centralized": {}}
     examples: list[Example] = []
     timing.update(evaluation_s=0.0, centralized_fit_s=0.0)
+    skipped: list[str] = []
     for name, dataset in datasets.items():
         _log(f"== evaluating {name}", progress)
         start = time.perf_counter()
@@ -188,7 +189,7 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
         timing["evaluation_s"] += time.perf_counter() - start
         if config.centralized:
             start = time.perf_counter()
-            pooled = np.concatenate([cache[s.image_path] for s in dataset.train])
+            pooled = _pooled_embeddings(dataset, detector, cache, skipped)
             models["centralized"] = detector.select_coreset(pooled, config.settings.local_coreset_ratio)
             timing["centralized_fit_s"] += time.perf_counter() - start
         for model_name, bank in models.items():
@@ -215,10 +216,32 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
                 timing["evaluation_s"] += time.perf_counter() - start
     summary: dict[str, Any] = {"categories": per_model["federated"], "mean": _mean(per_model["federated"])}
     if per_model["centralized"]:
-        summary["centralized"] = {"categories": per_model["centralized"], "mean": _mean(per_model["centralized"])}
+        summary["centralized"] = {"categories": per_model["centralized"], "mean": _mean(per_model["centralized"]),
+                                  "skipped_images": skipped}
     if per_model["shared_bank"]:
         summary["shared_bank"] = {"categories": per_model["shared_bank"], "mean": _mean(per_model["shared_bank"])}
     return {"summary": summary, "curves": curves, "examples": examples}
+
+
+def _pooled_embeddings(dataset: CategoryDataset, detector: PatchCore, cache: EmbeddingCache,
+                       skipped: list[str]) -> np.ndarray:
+    """The category's training embeddings for the centralized baseline (reused from the clients' pass).
+
+    Images of clients that dropped out are embedded here; an unreadable one is left out with a warning.
+    """
+    rows = []
+    for sample in dataset.train:
+        if sample.image_path not in cache:
+            try:
+                cache[sample.image_path] = detector.embed([read_image(sample.image_path)])
+            except FedinspectError as error:
+                print(f"warning: centralized baseline skips {error}", file=sys.stderr)
+                skipped.append(str(sample.image_path))
+                continue
+        rows.append(cache[sample.image_path])
+    if not rows:
+        raise FedinspectError(f"{dataset.root}: no readable training image for the centralized baseline")
+    return np.concatenate(rows)
 
 
 def _mean(categories: dict[str, dict[str, Any]]) -> dict[str, Any]:
