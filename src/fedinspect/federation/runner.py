@@ -29,7 +29,7 @@ from fedinspect.evaluation.protocol import score_with_curves, union_mask
 from fedinspect.evaluation.report import Curves, Example, write_report
 from fedinspect.evaluation.summary import mean_row, metric_row
 from fedinspect.federation.client import EmbeddingCache, FederatedClient, RoundSettings
-from fedinspect.federation.partition import partition
+from fedinspect.federation.partition import Partition, partition
 from fedinspect.federation.server import SHARED, FederatedServer
 from fedinspect.federation.strategies import CoresetSettings
 from fedinspect.federation.update import ClientUpdate
@@ -78,32 +78,118 @@ def _log(message: str, progress: bool) -> None:
         print(message, file=sys.stderr)
 
 
-def run_federation(data_dir: str | Path, out_dir: str | Path, config: FederationConfig | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Run one federated round on a dataset folder and write results.json, maps and the report."""
-    config = config or FederationConfig()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
-    timing: dict[str, float] = {}
+@dataclass
+class RoundPlan:
+    """The data side of a round: categories, training items, and which client holds which image."""
 
+    datasets: dict[str, CategoryDataset]
+    items: list[tuple[str, Path]]
+    split: Partition
+
+    def client_images(self, index: int) -> dict[str, list[Path]]:
+        """Category -> image paths of client ``index``."""
+        images: dict[str, list[Path]] = {}
+        for item in self.split.assignments[index]:
+            name, path = self.items[item]
+            images.setdefault(name, []).append(path)
+        return images
+
+
+@dataclass
+class ClientReply:
+    """What reaches the server from one client, whatever the transport: its update bytes and timings."""
+
+    client_id: str
+    payload: bytes
+    timing: dict[str, float] = field(default_factory=dict)
+
+
+def client_id(index: int) -> str:
+    return f"client_{index}"
+
+
+def plan_round(data_dir: str | Path, config: FederationConfig, out_dir: Path | None = None) -> RoundPlan:
+    """Read the dataset's layout and partition its training images; save the partition to ``out_dir``."""
     datasets = {path.name: CategoryDataset(path) for path in find_categories(data_dir)}
     items = [(name, sample.image_path) for name, dataset in datasets.items() for sample in dataset.train]
     split = partition([name for name, _ in items], config.clients, config.partition, seed=config.settings.seed,
                       alpha=config.alpha)
-    (out_dir / PARTITION_FILE).write_text(json.dumps({
-        "partition": split.to_json(),
-        "items": [{"category": name, "image": str(path)} for name, path in items],
-    }, indent=1))
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / PARTITION_FILE).write_text(json.dumps({
+            "partition": split.to_json(),
+            "items": [{"category": name, "image": str(path)} for name, path in items],
+        }, indent=1))
+    return RoundPlan(datasets, items, split)
 
+
+def run_federation(data_dir: str | Path, out_dir: str | Path, config: FederationConfig | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """Run one federated round in this process and write results.json, maps and the report."""
+    config = config or FederationConfig()
+    out_dir = Path(out_dir)
+    started = time.perf_counter()
+    plan = plan_round(data_dir, config, out_dir)
     detector = config.settings.detector(progress=False)
     cache: EmbeddingCache = {}
-    updates, client_rows, missing = _run_clients(config, split.assignments, items, detector, cache, timing, progress)
-    if len(updates) < config.min_clients:
+    replies, missing = collect_in_process(plan, config, detector, cache, progress)
+    return conclude_round(plan, replies, missing, config, out_dir, detector, cache, started, progress)
+
+
+def collect_in_process(plan: RoundPlan, config: FederationConfig, detector: PatchCore, cache: EmbeddingCache,
+                       progress: bool = True) -> tuple[list[ClientReply], list[dict[str, str]]]:
+    """Run every client here; a client whose data fails drops out with its reason recorded."""
+    replies: list[ClientReply] = []
+    missing: list[dict[str, str]] = []
+    for index in tqdm(range(config.clients), desc="clients", unit="client", disable=not progress):
+        name = client_id(index)
+        try:
+            update, stats = FederatedClient(name, plan.client_images(index), read_image).fit(
+                config.settings, detector, cache)
+        except FedinspectError as error:  # a client with bad data drops out; the round goes on without it
+            print(f"warning: {name} dropped out: {error}", file=sys.stderr)
+            missing.append({"client": name, "reason": str(error)})
+            continue
+        start = time.perf_counter()
+        payload = update.to_bytes(config.settings.precision)
+        replies.append(ClientReply(name, payload, {
+            "feature_extraction_s": stats.feature_extraction_s, "local_coreset_s": stats.local_coreset_s,
+            "serialization_s": time.perf_counter() - start,
+        }))
+    return replies, missing
+
+
+def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[dict[str, str]],
+                   config: FederationConfig, out_dir: Path, detector: PatchCore | None = None,
+                   cache: EmbeddingCache | None = None, started: float | None = None,
+                   progress: bool = True) -> dict[str, Any]:
+    """The server's side: parse the replies, aggregate, evaluate every category, write results and report."""
+    started = time.perf_counter() if started is None else started
+    detector = detector or config.settings.detector(progress=False)
+    cache = {} if cache is None else cache
+    if len(replies) < config.min_clients:
         raise FedinspectError(
-            f"only {len(updates)} of {config.clients} clients answered (minimum {config.min_clients}); "
+            f"only {len(replies)} of {config.clients} clients answered (minimum {config.min_clients}); "
             f"missing: {missing}"
         )
+    timing: dict[str, float] = {"feature_extraction_s": 0.0, "local_coreset_s": 0.0, "serialization_s": 0.0}
+    updates: list[ClientUpdate] = []
+    rows: list[dict[str, Any]] = []
+    for reply in replies:
+        start = time.perf_counter()
+        update = ClientUpdate.from_bytes(reply.payload, source=reply.client_id)
+        timing["serialization_s"] += time.perf_counter() - start
+        for key in timing:
+            timing[key] += reply.timing.get(key, 0.0)
+        updates.append(update)
+        rows.append({
+            "client": reply.client_id, "samples": update.n_samples, "patches": update.n_patches,
+            "coreset": update.n_coreset, "bytes_sent": len(reply.payload),
+            "categories": {name: part.n_samples for name, part in update.categories.items()},
+        })
+    total = sum(row["samples"] for row in rows)
+    for row in rows:
+        row["weight"] = row["samples"] / total
 
     start = time.perf_counter()
     banks = config.server().aggregate(updates)
@@ -113,60 +199,25 @@ def run_federation(data_dir: str | Path, out_dir: str | Path, config: Federation
     results: dict[str, Any] = {
         "fedinspect_version": __version__,
         "config": config.to_dict(),
-        "partition": {"sizes": split.sizes(), "file": PARTITION_FILE},
-        "clients": client_rows,
+        "partition": {"sizes": plan.split.sizes(), "file": PARTITION_FILE},
+        "clients": rows,
         "missing_clients": missing,
         "stages": {
-            "raw_patches": sum(row["patches"] for row in client_rows),
-            "local_coreset": sum(row["coreset"] for row in client_rows),
+            "raw_patches": sum(row["patches"] for row in rows),
+            "local_coreset": sum(row["coreset"] for row in rows),
             "global_bank": int(sum(len(b) for b in banks.values())),
         },
     }
-    evaluation = _evaluate(datasets, banks, shared, config, detector, cache, out_dir, timing, progress)
+    evaluation = _evaluate(plan.datasets, banks, shared, config, detector, cache, out_dir, timing, progress)
     results.update(evaluation["summary"])
     timing["total_s"] = time.perf_counter() - started
     results["timing"] = timing
     results["peak_memory_mb"] = peak_memory_mb()
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     write_report(out_dir, results, evaluation["curves"], evaluation["examples"],
                  title=f"Federated PatchCore: {config.clients} clients, {config.partition}, {config.strategy}")
     return results
-
-
-def _run_clients(config: FederationConfig, assignments, items, detector: PatchCore, cache: EmbeddingCache,
-                 timing: dict[str, float], progress: bool):
-    updates: list[ClientUpdate] = []
-    rows: list[dict[str, Any]] = []
-    missing: list[dict[str, str]] = []
-    timing.update(feature_extraction_s=0.0, local_coreset_s=0.0, serialization_s=0.0)
-    for index, members in enumerate(tqdm(assignments, desc="clients", unit="client", disable=not progress)):
-        client_id = f"client_{index}"
-        images: dict[str, list[Path]] = {}
-        for item in members:
-            name, path = items[item]
-            images.setdefault(name, []).append(path)
-        try:
-            update, stats = FederatedClient(client_id, images, read_image).fit(config.settings, detector, cache)
-        except FedinspectError as error:  # a client with bad data drops out; the round goes on without it
-            print(f"warning: {client_id} dropped out: {error}", file=sys.stderr)
-            missing.append({"client": client_id, "reason": str(error)})
-            continue
-        start = time.perf_counter()
-        payload = update.to_bytes(config.settings.precision)
-        received = ClientUpdate.from_bytes(payload, source=client_id)
-        timing["serialization_s"] += time.perf_counter() - start
-        timing["feature_extraction_s"] += stats.feature_extraction_s
-        timing["local_coreset_s"] += stats.local_coreset_s
-        updates.append(received)
-        rows.append({
-            "client": client_id, "samples": update.n_samples, "patches": update.n_patches,
-            "coreset": update.n_coreset, "bytes_sent": len(payload), "categories": {
-                name: part["samples"] for name, part in stats.per_category.items()},
-        })
-    total = sum(row["samples"] for row in rows)
-    for row in rows:
-        row["weight"] = row["samples"] / total
-    return updates, rows, missing
 
 
 def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray], shared: dict[str, np.ndarray] | None,
