@@ -24,7 +24,7 @@ from fedinspect.data.dataset import CategoryDataset, Sample
 from fedinspect.data.images import image_size
 from fedinspect.data.regions import Region
 from fedinspect.detectors.patchcore import PatchCore
-from fedinspect.evaluation.anomaly_maps import score_range, write_map
+from fedinspect.evaluation.anomaly_maps import score_range
 from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions
 
 RESULTS_FILE = "results.json"
@@ -103,14 +103,12 @@ def evaluate_category(
     results.update(score_predictions(labels, scores, maps, regions))
     timings["metrics_s"] = time.perf_counter() - start
 
-    low, high = score_range(maps)
+    low, high = anomaly_maps.score_range(maps)
     if out_dir is not None and write_maps:
         start = time.perf_counter()
         out_dir = Path(out_dir)
-        for sample, anomaly_map in tqdm(
-            list(zip(dataset.test, maps, strict=True)), desc="writing maps", unit="map", disable=not progress
-        ):
-            write_map(out_dir / "maps" / sample.defect / f"{sample.stem}.png", anomaly_map, low, high)
+        anomaly_maps.write_maps([(out_dir / "maps" / sample.defect / f"{sample.stem}.png", anomaly_map)
+                                 for sample, anomaly_map in zip(dataset.test, maps, strict=True)], low, high)
         timings["write_maps_s"] = time.perf_counter() - start
 
     results.update(

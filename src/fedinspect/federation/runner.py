@@ -23,7 +23,7 @@ from fedinspect.data.dataset import CategoryDataset, find_categories
 from fedinspect.data.images import read_image
 from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.errors import FedinspectError
-from fedinspect.evaluation.anomaly_maps import score_range, write_map
+from fedinspect.evaluation.anomaly_maps import score_range, write_maps
 from fedinspect.evaluation.metrics import FPR_LIMITS
 from fedinspect.evaluation.protocol import score_with_curves, union_mask
 from fedinspect.evaluation.report import Curves, Example, write_report
@@ -255,9 +255,8 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
             if model_name == "federated":
                 if config.write_maps:
                     low, high = score_range(maps)
-                    for sample, anomaly_map in zip(dataset.test, maps, strict=True):
-                        path = out_dir / "maps" / name / sample.defect / f"{sample.stem}.png"
-                        write_map(path, anomaly_map, low, high)
+                    write_maps([(out_dir / "maps" / name / sample.defect / f"{sample.stem}.png", anomaly_map)
+                                for sample, anomaly_map in zip(dataset.test, maps, strict=True)], low, high)
                     entry["map_score_range"] = [low, high]
                 examples.extend(_examples(dataset, labels, scores, maps, regions, shapes,
                                           config.examples_per_category))

@@ -1,0 +1,376 @@
+#!/usr/bin/env python
+"""Federated PatchCore on Flower's Deployment Engine, every role on this machine (127.0.0.1 only).
+
+What a real federation runs, in separate processes, with Flower's own components:
+
+- a ``flower-superlink`` (the server's machine) with TLS (a CA and a server certificate made here)
+  and SuperNode authentication (``--enable-supernode-auth``; each factory's public key is
+  registered with ``flwr supernode register``);
+- one ``flower-supernode`` per client (a factory), with its own auth key, the CA certificate and
+  its OWN data folder (node config ``data-dir``), split from ``--data`` by the round's partition as
+  the factories would hold it;
+- ``flwr run`` of this project's app (``[tool.flwr.app]`` in pyproject.toml) against that SuperLink;
+  the ServerApp evaluates on ``--data`` (the server's test data) and writes results.json, the
+  report and the maps to ``--out``.
+
+The script waits for the run to finish (bounded by ``--timeout``), prints the results and always
+stops every process it started (and their children). ``--kill-client client_1 --kill-after 20``
+kills that SuperNode mid-round, to see the server record it as missing and go on.
+
+Work folder (``--work``, default ``OUT/deployment``)::
+
+    certs/ca.crt, ca.key          the CA; ca.crt goes to every SuperNode and to the operator's flwr CLI
+    certs/server.crt, server.key  the SuperLink's certificate (SAN 127.0.0.1, localhost) and key
+    keys/client_<i>, .pub         SuperNode auth keys (private key stays on the factory; .pub is registered)
+    nodes/client_<i>/             each factory's own data: <category>/train/good/*.png
+    flwr-home/config.toml         the operator's SuperLink connection ``fedinspect-local``
+    run-config.toml               the run config given to ``flwr run``
+    logs/                         superlink.log, supernode-client_<i>.log, serverapp.log
+
+Example::
+
+    python scripts/flower_deploy.py --data runs/demo/data --out runs/flower-deploy --clients 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONNECTION = "fedinspect-local"
+HOST = "127.0.0.1"
+
+
+# ---------------------------------------------------------------- certificates and keys
+def make_certificates(folder: Path) -> dict[str, Path]:
+    """A CA and a server certificate for 127.0.0.1 / localhost signed by it (EC P-256, 1 day)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    folder.mkdir(parents=True, exist_ok=True)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    valid = {"not_valid_before": now - datetime.timedelta(minutes=5), "not_valid_after": now + datetime.timedelta(days=1)}
+
+    def pem_key(key) -> bytes:
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                 serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "fedinspect local CA")])
+    ca = (x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+          .serial_number(x509.random_serial_number()).not_valid_before(valid["not_valid_before"])
+          .not_valid_after(valid["not_valid_after"])
+          .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                       content_commitment=False, key_encipherment=False, data_encipherment=False,
+                                       key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+          .sign(ca_key, hashes.SHA256()))
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])).issuer_name(ca_name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(valid["not_valid_before"]).not_valid_after(valid["not_valid_after"])
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST)),
+                                                        x509.DNSName("localhost")]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    paths = {"ca": folder / "ca.crt", "ca_key": folder / "ca.key", "cert": folder / "server.crt",
+             "key": folder / "server.key"}
+    paths["ca"].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths["ca_key"].write_bytes(pem_key(ca_key))
+    paths["cert"].write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    paths["key"].write_bytes(pem_key(key))
+    for name in ("ca_key", "key"):
+        paths[name].chmod(0o600)
+    return paths
+
+
+def make_node_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A SuperNode authentication key pair (EC P-384, OpenSSH format, as Flower reads them)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    folder.mkdir(parents=True, exist_ok=True)
+    key = ec.generate_private_key(ec.SECP384R1())
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    private.chmod(0o600)
+    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                      serialization.PublicFormat.OpenSSH) + b"\n")
+    return private, public
+
+
+# ---------------------------------------------------------------- processes
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((HOST, 0))
+        return sock.getsockname()[1]
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            tree.setdefault(ppid, []).append(int(entry.name))
+    return tree
+
+
+class Processes:
+    """The processes this script starts; each in its own session, stopped with all its descendants."""
+
+    def __init__(self, logs: Path) -> None:
+        self.logs = logs
+        self.started: dict[str, subprocess.Popen] = {}
+        self.known: set[int] = set()
+
+    def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        log = (self.logs / f"{name}.log").open("wb")
+        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True, cwd=ROOT)
+        self.started[name] = process
+        return process
+
+    def descendants(self, pid: int) -> list[int]:
+        """``pid``'s descendants now (the SuperExec and app processes Flower spawns), remembered for stop()."""
+        tree, found, todo = _children(), [], [pid]
+        while todo:
+            for child in tree.get(todo.pop(), []):
+                found.append(child)
+                todo.append(child)
+        self.known.update(found)
+        return found
+
+    def refresh(self) -> None:
+        for process in self.started.values():
+            self.descendants(process.pid)
+
+    def kill(self, name: str) -> None:
+        process = self.started[name]
+        for pid in [*self.descendants(process.pid), process.pid]:
+            _signal(pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+    def stop(self, grace: float = 5.0) -> None:
+        self.refresh()
+        for process in self.started.values():
+            if process.poll() is None:
+                _signal(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for process in self.started.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        for pid in [*self.known, *(p.pid for p in self.started.values())]:
+            _signal(pid, signal.SIGKILL)
+        for process in self.started.values():
+            try:
+                process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                print(f"warning: process {process.pid} did not stop", file=sys.stderr)
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_port(port: int, process: subprocess.Popen, timeout: float, what: str, log: Path) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with code {process.returncode}; see {log}")
+        try:
+            with socket.create_connection((HOST, port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise RuntimeError(f"{what} did not open port {port} within {timeout:g} s; see {log}")
+
+
+def _flwr(env: dict[str, str], *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    command = [str(Path(sys.executable).parent / "flwr"), *args]
+    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+
+
+def _json_out(result: subprocess.CompletedProcess, what: str) -> dict:
+    for line in reversed(result.stdout.strip().splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                break
+    try:
+        return json.loads(result.stdout[result.stdout.index("{"):])
+    except (ValueError, json.JSONDecodeError):
+        raise RuntimeError(f"{what} failed (code {result.returncode}):\n{result.stdout}\n{result.stderr}") from None
+
+
+# ---------------------------------------------------------------- the deployment
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))
+
+
+def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, round_timeout: float | None = None,
+           kill_client: str | None = None, kill_after: float = 5.0, progress: bool = True) -> dict:
+    """Run one round on a local Flower deployment; returns the results (also in ``out/results.json``)."""
+    from fedinspect.federation.flower_app import run_config_from_config, write_client_folders
+    from fedinspect.federation.runner import RESULTS_FILE, client_id, plan_round
+
+    started = time.monotonic()
+    deadline = started + timeout
+
+    def say(message: str) -> None:
+        if progress:
+            print(f"[deploy {time.monotonic() - started:6.1f} s] {message}", file=sys.stderr)
+
+    data, out, work = data.resolve(), out.resolve(), work.resolve()
+    (out / RESULTS_FILE).unlink(missing_ok=True)
+    names = [client_id(i) for i in range(config.clients)]
+    plan = plan_round(data, config)
+    folders = write_client_folders(plan, work / "nodes", config.clients)
+    say(f"each factory's data: {len(folders)} folders under {work / 'nodes'}")
+    certs = make_certificates(work / "certs")
+    keys = {name: make_node_key(work / "keys", name) for name in names}
+    say(f"CA and SuperLink certificate in {work / 'certs'}; SuperNode keys in {work / 'keys'}")
+
+    bin_dir = Path(sys.executable).parent
+    base_env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
+                "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1",
+                "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONUNBUFFERED": "1"}
+    cli_env = {**base_env, "FLWR_HOME": str(work / "flwr-home")}
+    port = free_port()
+    (work / "flwr-home").mkdir(parents=True, exist_ok=True)
+    (work / "flwr-home" / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{HOST}:{port}"\n'
+        f'root-certificates = {json.dumps(str(certs["ca"]))}\n')
+    run_config = run_config_from_config(
+        config, data_dir=data, out_dir=out, progress=progress, connect_timeout=min(300.0, timeout),
+        round_timeout=round_timeout if round_timeout is not None else max(60.0, timeout - 120.0))
+    (work / "run-config.toml").write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
+
+    processes = Processes(work / "logs")
+    try:
+        superlink = processes.start("superlink", [
+            str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(certs["ca"]),
+            "--ssl-certfile", str(certs["cert"]), "--ssl-keyfile", str(certs["key"]), "--enable-supernode-auth",
+            "--host", HOST, "--port", str(port), "--isolation", "subprocess",
+            "--disable-runtime-dependency-installation",
+        ], {**base_env, "FLWR_HOME": str(work / "superlink-home")})
+        _wait_port(port, superlink, 60, "flower-superlink", work / "logs" / "superlink.log")
+        say(f"SuperLink on https://{HOST}:{port} (TLS, SuperNode authentication on)")
+        for name in names:
+            for attempt in range(10):
+                result = _flwr(cli_env, "supernode", "register", str(keys[name][1]), CONNECTION, "--name", name,
+                               "--format", "json")
+                if result.returncode == 0:
+                    break
+                time.sleep(1.0 + attempt)
+            else:
+                raise RuntimeError(f"flwr supernode register {name} failed:\n{result.stdout}\n{result.stderr}")
+        say(f"registered {len(names)} SuperNode public keys")
+        for name, folder in zip(names, folders, strict=True):
+            processes.start(f"supernode-{name}", [
+                str(bin_dir / "flower-supernode"), "--superlink", f"{HOST}:{port}",
+                "--root-certificates", str(certs["ca"]), "--auth-supernode-private-key", str(keys[name][0]),
+                "--node-config", f'client-id="{name}" data-dir="{folder}"',
+                "--host", HOST, "--port", str(free_port()), "--isolation", "subprocess",
+            ], {**base_env, "FLWR_HOME": str(work / "supernode-home" / name)})
+        say(f"started {len(names)} SuperNodes, each with its own data folder")
+        result = _flwr(cli_env, "run", str(ROOT), CONNECTION, "--run-config", str(work / "run-config.toml"),
+                       "--format", "json")
+        run_id = _json_out(result, "flwr run").get("run-id")
+        if not run_id:
+            raise RuntimeError(f"flwr run did not start a run:\n{result.stdout}\n{result.stderr}")
+        say(f"flwr run: run {run_id} started")
+        status, killed = "", False
+        while time.monotonic() < deadline:
+            processes.refresh()
+            if kill_client and not killed and time.monotonic() - started > kill_after:
+                processes.kill(f"supernode-{kill_client}")
+                killed = True
+                say(f"killed the SuperNode of {kill_client} (fault drill)")
+            if superlink.poll() is not None:
+                raise RuntimeError(f"flower-superlink exited with code {superlink.returncode}")
+            listed = _flwr(cli_env, "list", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
+            runs = _json_out(listed, "flwr list").get("runs", []) if listed.returncode == 0 else []
+            status = str(runs[0].get("status", "")) if runs else status
+            if status.startswith("finished"):
+                break
+            time.sleep(3.0)
+        else:
+            _flwr(cli_env, "stop", str(run_id), CONNECTION, timeout=60)
+            raise RuntimeError(f"run {run_id} did not finish within {timeout:g} s (status {status!r}); "
+                               f"logs in {work / 'logs'}")
+        logs = _flwr(cli_env, "log", str(run_id), CONNECTION, "--show", timeout=60)
+        (work / "logs" / "serverapp.log").write_text(logs.stdout + logs.stderr)
+        say(f"run {run_id} {status}")
+        if not (out / RESULTS_FILE).is_file() or status != "finished:completed":
+            tail = "\n".join((logs.stdout + logs.stderr).strip().splitlines()[-30:])
+            raise RuntimeError(f"run {run_id} {status or 'ended'} without results; ServerApp log:\n{tail}")
+        return json.loads((out / RESULTS_FILE).read_text())
+    finally:
+        processes.stop()
+        say("stopped the SuperLink, the SuperNodes and their children")
+
+
+def main(argv: list[str] | None = None) -> int:
+    sys.path.insert(0, str(ROOT / "src"))
+    from fedinspect.cli import _add_federation_options, _add_model_options, _federation_config, _print_federation
+    from fedinspect.errors import FedinspectError
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", required=True, help="dataset folder (the server's; split into the factories')")
+    parser.add_argument("--out", required=True, help="run folder (results.json, report, maps)")
+    parser.add_argument("--work", default=None, help="certificates, keys, node data, logs (default OUT/deployment)")
+    parser.add_argument("--timeout", type=float, default=1800.0, help="bound on the whole run (s)")
+    parser.add_argument("--round-timeout", type=float, default=None, help="the server's wait for updates (s)")
+    parser.add_argument("--kill-client", default=None, help="fault drill: kill this client's SuperNode mid-round")
+    parser.add_argument("--kill-after", type=float, default=5.0, help="seconds after start for --kill-client")
+    parser.add_argument("--no-maps", action="store_true", help="do not write the anomaly maps")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    _add_model_options(parser)
+    _add_federation_options(parser)
+    args = parser.parse_args(argv)
+    config = _federation_config(args)
+    config.write_maps = not args.no_maps
+    out = Path(args.out)
+    work = Path(args.work) if args.work else out / "deployment"
+    try:
+        results = deploy(Path(args.data), out, config, work, args.timeout, args.round_timeout, args.kill_client,
+                         args.kill_after, progress=not args.quiet)
+    except (FedinspectError, RuntimeError, subprocess.TimeoutExpired) as error:
+        print(f"flower_deploy: error: {error}", file=sys.stderr)
+        return 2
+    _print_federation(results, out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,438 @@
+"""Federated PatchCore on Flower: a ``ServerApp`` and a ``ClientApp`` over the existing roles.
+
+No second copy of the logic: the ServerApp plans the round with :func:`runner.plan_round`, tells
+every SuperNode the :class:`RoundSettings` and which data to use, and ends with
+:func:`runner.conclude_round`; the ClientApp runs :class:`FederatedClient` on its own images and
+replies with the update bytes of :meth:`ClientUpdate.to_bytes`. Flower only carries messages.
+
+One round, two message exchanges (Flower's message API, ``Grid.send_and_receive``):
+
+1. ``query.identify``: each SuperNode says who it is (``client_<partition-id>`` in simulation;
+   node config ``client-id``, ``partition-id`` or its ``data-dir`` name in deployment) and whether
+   it holds its own data. A node that does not answer is recorded as missing.
+2. ``train.fit``: the round settings (``RoundSettings.to_dict()`` as JSON) and, for a simulated
+   node, its image paths from the plan; a deployed SuperNode uses the dataset under its node config
+   ``data-dir`` (one subfolder per category with ``train/good/*.png``). The reply holds the update
+   bytes (one ``ArrayRecord`` with one uint8 array, which Flower streams in chunks) and the
+   client's timings (``MetricRecord``).
+
+Faults: the server waits up to ``round-timeout`` seconds; a client whose ClientApp raised (or whose
+data is bad) or that did not answer in time is listed in results.json ``missing_clients`` with the
+reason, and the round goes on if at least ``min-clients`` answered (else a clear
+:class:`FedinspectError`).
+
+Entry points: :data:`server_app` / :data:`client_app` (read by ``flwr run`` and the SuperNodes,
+see ``[tool.flwr.app]`` in pyproject.toml), and :func:`run_flower_simulation` (Flower's Simulation
+Engine in this process, used by ``fedinspect federate --engine flower-sim``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import re
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedinspect.data.dataset import find_categories
+from fedinspect.data.images import list_images, read_image
+from fedinspect.detectors.patchcore import PatchCore
+from fedinspect.errors import DataError, FedinspectError
+from fedinspect.federation.client import FederatedClient, RoundSettings
+from fedinspect.federation.runner import (
+    ClientReply,
+    FederationConfig,
+    RoundPlan,
+    client_id,
+    conclude_round,
+    plan_round,
+)
+
+PROTOCOL = "fedinspect.flower/1"
+IDENTIFY = "query.identify"
+FIT = "train.fit"
+GROUP = "round-1"
+CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+
+# Run-config keys (``[tool.flwr.app.config]``) that are not FederationConfig / RoundSettings fields.
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "data-dir": "",  # the server's dataset: the plan, the test split and the centralized baseline
+    "out-dir": "runs/flower",
+    "round-timeout": 3600.0,  # seconds the server waits for the clients' updates
+    "connect-timeout": 300.0,  # seconds the server waits for the SuperNodes to connect and identify
+    "progress": False,
+    # torch threads a ClientApp computes with; 0 leaves the node's default. The embeddings depend on it at
+    # float rounding level (oneDNN splits the convolutions by thread), so results match the in-process
+    # runner bit for bit only with the same count; the simulation passes this process's count.
+    "client-threads": 0,
+}
+# Optional values have no TOML "None": these stand for it.
+_NONE = {"global_ratio": 0.0, "layers": ""}
+
+
+# ---------------------------------------------------------------- configuration
+def _key(name: str) -> str:
+    return name.replace("_", "-")
+
+
+def run_config_from_config(config: FederationConfig, **options: Any) -> dict[str, Any]:
+    """The ``[tool.flwr.app.config]`` values for ``config`` (plus ``data-dir``, ``out-dir``, ...)."""
+    values: dict[str, Any] = {}
+    for source in (config, config.settings):
+        for item in fields(source):
+            if item.name == "settings":
+                continue
+            value = getattr(source, item.name)
+            if value is None:
+                value = _NONE[item.name]
+            elif item.name == "layers":
+                value = ",".join(value)
+            values[_key(item.name)] = value
+    merged = {**DEFAULT_OPTIONS, **{_key(k): v for k, v in options.items()}}
+    values.update({k: (str(v) if isinstance(v, Path) else v) for k, v in merged.items()})
+    return values
+
+
+def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[FederationConfig, dict[str, Any]]:
+    """FederationConfig and the server options from a Flower run config (missing keys: defaults)."""
+    def read(source_type: type, defaults: Any) -> dict[str, Any]:
+        values = {}
+        for item in fields(source_type):
+            key = _key(item.name)
+            if item.name == "settings" or key not in run_config:
+                continue
+            value, default = run_config[key], getattr(defaults, item.name)
+            if item.name in _NONE and value == _NONE[item.name]:
+                value = None
+            elif item.name == "layers":
+                value = tuple(part.strip() for part in str(value).split(",") if part.strip())
+            elif isinstance(default, bool):
+                value = bool(value)
+            elif isinstance(default, float):
+                value = float(value)
+            values[item.name] = value
+        return values
+
+    settings = RoundSettings(**read(RoundSettings, RoundSettings()))
+    config = FederationConfig(**read(FederationConfig, FederationConfig()), settings=settings)
+    options = {key: run_config.get(key, default) for key, default in DEFAULT_OPTIONS.items()}
+    return config, options
+
+
+# ---------------------------------------------------------------- client side
+@functools.lru_cache(maxsize=2)
+def _detector(settings: RoundSettings) -> PatchCore:
+    """One loaded backbone per process and settings (a simulated actor serves many clients)."""
+    return settings.detector(progress=False)
+
+
+def own_images(data_dir: str | Path) -> dict[str, list[Path]]:
+    """A factory's training images: ``{category: sorted train/good images}`` of its own dataset folder.
+
+    The folder has the dataset layout (one subfolder per category, or a single category folder);
+    only ``train/good`` is needed on a client.
+    """
+    images: dict[str, list[Path]] = {}
+    for root in find_categories(data_dir):
+        folder = root / "train" / "good"
+        paths = list_images(folder) if folder.is_dir() else []
+        if paths:
+            images[root.name] = paths
+    if not images:
+        raise DataError(data_dir, "no training image in any category's train/good")
+    return images
+
+
+def identity(context: Context) -> dict[str, Any]:
+    """Who this SuperNode is, from its node config."""
+    node = context.node_config
+    partition = int(node["partition-id"]) if "partition-id" in node else -1
+    if "client-id" in node:
+        name = str(node["client-id"])
+    elif partition >= 0:
+        name = client_id(partition)
+    elif "data-dir" in node:
+        name = Path(str(node["data-dir"])).resolve().name
+    else:
+        name = f"node_{context.node_id}"
+    return {"client": name, "partition-id": partition, "own-data": "data-dir" in node}
+
+
+def handle_identify(message: Message, context: Context) -> Message:
+    """``query.identify``: reply with this node's client name and whether it holds its own data."""
+    return Message(RecordDict({"identity": ConfigRecord({**identity(context), "protocol": PROTOCOL})}),
+                   reply_to=message)
+
+
+def handle_fit(message: Message, context: Context) -> Message:
+    """``train.fit``: load this client's images, run :class:`FederatedClient`, reply with the update bytes.
+
+    A data problem (an unreadable image, an empty folder) is answered with an error reply carrying
+    the reason, as the in-process runner records it; any other exception is left to Flower, which
+    answers with an error reply too.
+    """
+    request = message.content["fit"]
+    me = identity(context)
+    name = str(request["client"])
+    if name != me["client"]:
+        raise RuntimeError(f"message for {name} reached {me['client']}")
+    settings = RoundSettings.from_dict(json.loads(str(request["settings"])))
+    threads = int(request.get("threads", 0))
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    try:
+        if me["own-data"]:
+            images = own_images(str(context.node_config["data-dir"]))
+        else:
+            listed = json.loads(str(request["images"]))
+            if not listed:
+                raise FedinspectError(f"{name}: the server sent no images and the node has no data-dir")
+            images = {category: [Path(p) for p in paths] for category, paths in listed.items()}
+        update, stats = FederatedClient(name, images, read_image).fit(settings, _detector(settings))
+    except FedinspectError as error:
+        return Message(Error(code=CLIENT_ERROR, reason=str(error)), reply_to=message)
+    start = time.perf_counter()
+    payload = update.to_bytes(settings.precision)
+    timing = {"feature_extraction_s": stats.feature_extraction_s, "local_coreset_s": stats.local_coreset_s,
+              "serialization_s": time.perf_counter() - start}
+    content = RecordDict({
+        "update": ArrayRecord({"update": Array(np.frombuffer(payload, dtype=np.uint8))}),
+        "timing": MetricRecord(timing),
+        "info": ConfigRecord({"client": name}),
+    })
+    return Message(content, reply_to=message)
+
+
+def make_client_app() -> ClientApp:
+    app = ClientApp()
+    app.query("identify")(handle_identify)
+    app.train("fit")(handle_fit)
+    return app
+
+
+client_app = make_client_app()
+
+
+# ---------------------------------------------------------------- server side
+def _reason(message: Message) -> str:
+    reason = message.error.reason or f"error code {message.error.code}"
+    # Flower's wrapping of a raised exception: "<class 'X'>:<'text'>"
+    match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason, flags=re.DOTALL)
+    return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}" if match else reason
+
+
+def _order(name: str) -> tuple[int, str]:
+    match = re.fullmatch(r"client_(\d+)", name)
+    return (int(match.group(1)) if match else sys.maxsize, name)
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float, progress: bool) -> list[int]:
+    deadline = time.monotonic() + timeout
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < expected and time.monotonic() < deadline:
+        time.sleep(1.0)
+        nodes = sorted(grid.get_node_ids())
+    _log(f"{len(nodes)} SuperNode(s) connected (expected {expected})", progress)
+    return nodes
+
+
+def _log(message: str, progress: bool) -> None:
+    if progress:
+        print(f"[flower server] {message}", file=sys.stderr)
+
+
+def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, options: Mapping[str, Any]
+                        ) -> tuple[list[ClientReply], list[dict[str, str]]]:
+    """The Flower transport: identify the SuperNodes, send the round, gather the updates and who is missing."""
+    progress = bool(options["progress"])
+    connect_timeout = float(options["connect-timeout"])
+    round_timeout = float(options["round-timeout"])
+    expected = [client_id(i) for i in range(config.clients)]
+    missing: list[dict[str, str]] = []
+
+    nodes = _wait_for_nodes(grid, config.clients, connect_timeout, progress)
+    content = RecordDict({"identify": ConfigRecord({"protocol": PROTOCOL})})
+    asks = [Message(content, node, IDENTIFY, group_id=GROUP, ttl=connect_timeout + 60) for node in nodes]
+    members: dict[int, dict[str, Any]] = {}
+    for reply in grid.send_and_receive(asks, timeout=connect_timeout):
+        node = reply.metadata.src_node_id
+        if reply.has_error():
+            missing.append({"client": f"node_{node}", "reason": _reason(reply)})
+            continue
+        info = dict(reply.content["identity"])
+        if not info["own-data"] and not 0 <= int(info["partition-id"]) < config.clients:
+            _log(f"node {node} ({info['client']}) holds no partition of a {config.clients}-client plan; "
+                 "left out", progress)
+            continue
+        members[node] = info
+    names = [info["client"] for info in members.values()]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise FedinspectError(f"several SuperNodes claim the same client id: {duplicates}")
+    missing.extend({"client": name, "reason": f"not connected or no answer within {connect_timeout:g} s"}
+                   for name in expected if name not in names)
+
+    asks, sent = [], {}
+    for node, info in sorted(members.items(), key=lambda item: _order(item[1]["client"])):
+        images = {} if info["own-data"] else plan.client_images(int(info["partition-id"]))
+        request = ConfigRecord({
+            "client": info["client"],
+            "settings": json.dumps(config.settings.to_dict()),
+            "images": json.dumps({category: [str(p) for p in paths] for category, paths in images.items()}),
+            "threads": int(options["client-threads"]),
+        })
+        message = Message(RecordDict({"fit": request}), node, FIT, group_id=GROUP, ttl=round_timeout + 60)
+        asks.append(message)
+        sent[node] = info["client"]
+    _log(f"round sent to {len(asks)} client(s); waiting up to {round_timeout:g} s", progress)
+    replies: list[ClientReply] = []
+    answered: set[int] = set()
+    for reply in grid.send_and_receive(asks, timeout=round_timeout):
+        node = reply.metadata.src_node_id
+        if node not in sent or node in answered:
+            continue
+        answered.add(node)
+        name = sent[node]
+        if reply.has_error():
+            reason = _reason(reply)
+            print(f"warning: {name} dropped out: {reason}", file=sys.stderr)
+            missing.append({"client": name, "reason": reason})
+            continue
+        payload = reply.content["update"]["update"].numpy().tobytes()
+        timing = {key: float(value) for key, value in reply.content["timing"].items()}
+        replies.append(ClientReply(name, payload, timing))
+    for node, name in sent.items():
+        if node not in answered:
+            print(f"warning: {name} dropped out: no reply within {round_timeout:g} s", file=sys.stderr)
+            missing.append({"client": name, "reason": f"no reply within {round_timeout:g} s"})
+    replies.sort(key=lambda r: _order(r.client_id))  # the in-process order: the strategies see the same pool
+    missing.sort(key=lambda m: _order(m["client"]))
+    _log(f"{len(replies)} update(s) received, {len(missing)} client(s) missing", progress)
+    return replies, missing
+
+
+def serve_round(grid: Grid, data_dir: str | Path, out_dir: str | Path, config: FederationConfig,
+                options: Mapping[str, Any]) -> dict[str, Any]:
+    """The whole server side over Flower: plan, collect, then :func:`conclude_round` (results.json, report)."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    plan = plan_round(data_dir, config, out_dir)
+    replies, missing = collect_over_flower(grid, plan, config, options)
+    return conclude_round(plan, replies, missing, config, out_dir, started=started,
+                          progress=bool(options["progress"]))
+
+
+def make_server_app(config: FederationConfig | None = None, options: Mapping[str, Any] | None = None,
+                    sink: dict[str, Any] | None = None) -> ServerApp:
+    """A ServerApp; without ``config`` it reads everything from the run config (``flwr run``).
+
+    ``sink`` (a dict) receives ``results`` or the ``error`` raised, for a caller in the same process.
+    """
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            if config is None:
+                run_config, run_options = config_from_run_config(context.run_config)
+                run_options.update(options or {})
+            else:
+                run_config, run_options = config, {**DEFAULT_OPTIONS, **(options or {})}
+            if not run_options["data-dir"]:
+                raise FedinspectError("the ServerApp needs run config data-dir (the dataset it evaluates on)")
+            results = serve_round(grid, run_options["data-dir"], run_options["out-dir"], run_config, run_options)
+            if sink is not None:
+                sink["results"] = results
+        except BaseException as error:
+            if sink is not None:
+                sink["error"] = error
+            raise
+
+    return app
+
+
+server_app = make_server_app()
+
+
+# ---------------------------------------------------------------- Simulation Engine
+def simulation_backend(num_supernodes: int) -> dict[str, Any]:
+    """Ray settings for this machine: 1 CPU per ClientApp, as many actors as cores, a small object store."""
+    cpus = max(1, min(num_supernodes, os.cpu_count() or 1))
+    return {
+        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "init_args": {
+            "num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
+            "object_store_memory": 256 * 1024 * 1024, "logging_level": "ERROR", "log_to_driver": False,
+        },
+    }
+
+
+def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: FederationConfig | None = None,
+                          progress: bool = True, *, client_app: ClientApp | None = None,
+                          num_supernodes: int | None = None, round_timeout: float = 3600.0,
+                          backend_config: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One federated round on Flower's Simulation Engine (Ray): one virtual SuperNode per client.
+
+    Same results as :func:`runner.run_federation` for the same config and seed; returns the
+    results dict written to ``out_dir/results.json``.
+    """
+    from flwr.simulation import run_simulation
+
+    config = config or FederationConfig()
+    num_supernodes = num_supernodes or config.clients
+    sink: dict[str, Any] = {}
+    options = {"data-dir": str(data_dir), "out-dir": str(out_dir), "round-timeout": round_timeout,
+               "connect-timeout": 60.0, "progress": progress, "client-threads": torch.get_num_threads()}
+    server = make_server_app(config, options, sink)
+    flwr_logger = logging.getLogger("flwr")
+    level = flwr_logger.level
+    if not progress:
+        flwr_logger.setLevel(logging.WARNING)
+    try:
+        run_simulation(server_app=server, client_app=client_app or make_client_app(),
+                       num_supernodes=num_supernodes,
+                       backend_config=backend_config or simulation_backend(num_supernodes))
+    except Exception:
+        if "error" not in sink:
+            raise
+    finally:
+        flwr_logger.setLevel(level)
+    if "error" in sink:
+        raise sink["error"]
+    if "results" not in sink:
+        raise FedinspectError("the Flower simulation ended without results (see the log above)")
+    return sink["results"]
+
+
+# ---------------------------------------------------------------- deployment helpers
+def write_client_folders(plan: RoundPlan, root: str | Path, n_clients: int) -> list[Path]:
+    """Give each client its own data folder (``root/client_<i>/<category>/train/good``), as a factory holds it.
+
+    The images are copied under their own names, so a client sees them in the plan's order.
+    """
+    root = Path(root)
+    folders = []
+    for index in range(n_clients):
+        folder = root / client_id(index)
+        if folder.exists():
+            shutil.rmtree(folder)
+        for category, paths in plan.client_images(index).items():
+            target = folder / category / "train" / "good"
+            target.mkdir(parents=True, exist_ok=True)
+            for path in paths:
+                shutil.copy2(path, target / path.name)
+        folders.append(folder)
+    return folders
