@@ -24,7 +24,7 @@ from fedinspect.data.dataset import CategoryDataset, Sample
 from fedinspect.data.images import image_size
 from fedinspect.data.regions import Region
 from fedinspect.detectors.patchcore import PatchCore
-from fedinspect.evaluation.anomaly_maps import score_range
+from fedinspect.evaluation import anomaly_maps
 from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions
 
 RESULTS_FILE = "results.json"
