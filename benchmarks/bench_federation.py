@@ -17,12 +17,15 @@ Each run is a subprocess, so peak memory (max resident set size) is measured per
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+print = functools.partial(print, flush=True)  # noqa: A001 - progress must show when piped
 
 SEED_001_TRAFFIC_MB = 450.0  # seed 001: about 450 MB in total for AutoVI
 TARGETS = {"end_to_end_s": 600.0, "traffic_mb": 0.05 * SEED_001_TRAFFIC_MB, "auroc_loss_points": 0.5}
@@ -103,7 +106,8 @@ def main() -> int:
     if not args.skip_tradeoff:
         data = args.tradeoff_data or synthetic("small", args.workdir)
         rows = []
-        variants = [("float32", 0.1), ("float16", 0.1), ("int8", 0.1), ("float16", 0.05), ("float16", 0.02)]
+        variants = [("float32", 0.1), ("float16", 0.1), ("int8", 0.1), ("float16", 0.05), ("float16", 0.03),
+                    ("int8", 0.03), ("float16", 0.02)]
         for precision, ratio in variants:
             options = {"clients": args.clients, "centralized": False, "compare_shared": False, "write_maps": False,
                        "settings": {"precision": precision, "local_coreset_ratio": ratio}}

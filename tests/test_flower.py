@@ -12,13 +12,13 @@ import pytest
 
 pytest.importorskip("flwr", reason="Flower is not installed (pip install 'flwr[simulation]')")
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
-from flwr.clientapp import ClientApp  # noqa: E402
+from flwr.app import Context, Message, RecordDict
+from flwr.clientapp import ClientApp
 
-from fedinspect.errors import FedinspectError  # noqa: E402
-from fedinspect.federation import flower_app  # noqa: E402
-from fedinspect.federation.client import RoundSettings  # noqa: E402
-from fedinspect.federation.runner import FederationConfig, plan_round, run_federation  # noqa: E402
+from fedinspect.errors import FedinspectError
+from fedinspect.federation import flower_app
+from fedinspect.federation.client import RoundSettings
+from fedinspect.federation.runner import FederationConfig, plan_round, run_federation
 
 try:
     import tomllib

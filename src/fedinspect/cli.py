@@ -23,7 +23,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weights", default=None, help="local weights file for the backbone")
     group.add_argument("--image-size", type=int, default=256, help="short side after resizing (px)")
     group.add_argument("--coreset-ratio", type=float, default=0.1,
-                       help="fraction of patches kept (the local coreset of each client when federating)")
+                       help="fraction of patches kept (the centralized baseline's when federating)")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
 
@@ -73,14 +73,15 @@ def _federation_config(args: argparse.Namespace) -> FederationConfig:
     from fedinspect.federation.runner import FederationConfig
 
     settings = RoundSettings(
-        backbone=args.backbone, image_size=args.image_size, local_coreset_ratio=args.coreset_ratio,
+        backbone=args.backbone, image_size=args.image_size, local_coreset_ratio=args.local_coreset_ratio,
         precision=args.precision, seed=args.seed,
     )
     return FederationConfig(
         clients=args.clients, partition=args.partition, alpha=args.alpha, strategy=args.strategy,
         global_size=args.global_size, global_ratio=args.global_ratio, bank=args.bank,
         min_per_client=args.min_per_client, min_clients=args.min_clients or 1,
-        centralized=not args.no_centralized, compare_shared=not args.no_shared_comparison, settings=settings,
+        centralized=not args.no_centralized, centralized_coreset_ratio=args.coreset_ratio,
+        compare_shared=not args.no_shared_comparison, settings=settings,
     )
 
 
@@ -141,6 +142,8 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-per-client", type=int, default=100, help="guarantee of diversity_preserving")
     group.add_argument("--min-clients", type=int, default=None, help="fewest answering clients to aggregate")
     group.add_argument("--precision", choices=PRECISIONS, default="float16", help="embeddings on the wire")
+    group.add_argument("--local-coreset-ratio", type=float, default=0.03,
+                       help="fraction of its patches each client sends (default 0.03, see README 'Traffic')")
     group.add_argument("--no-centralized", action="store_true", help="skip the pooled-data baseline")
     group.add_argument("--no-shared-comparison", action="store_true",
                        help="skip the comparison with one bank shared by all categories")

@@ -267,10 +267,12 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
     content = RecordDict({"identify": ConfigRecord({"protocol": PROTOCOL})})
     asks = [Message(content, node, IDENTIFY, group_id=GROUP, ttl=connect_timeout + 60) for node in nodes]
     members: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}  # nodes whose ClientApp could not even say who they are
     for reply in grid.send_and_receive(asks, timeout=connect_timeout):
         node = reply.metadata.src_node_id
         if reply.has_error():
-            missing.append({"client": f"node_{node}", "reason": _reason(reply)})
+            failed[node] = _reason(reply)
+            _log(f"node {node} failed to identify: {failed[node]}", progress)
             continue
         info = dict(reply.content["identity"])
         if not info["own-data"] and not 0 <= int(info["partition-id"]) < config.clients:
@@ -282,8 +284,14 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise FedinspectError(f"several SuperNodes claim the same client id: {duplicates}")
-    missing.extend({"client": name, "reason": f"not connected or no answer within {connect_timeout:g} s"}
-                   for name in expected if name not in names)
+    absent = f"not connected or no answer within {connect_timeout:g} s"
+    if failed:
+        absent = f"{absent} (SuperNode errors: {'; '.join(sorted(set(failed.values())))})"
+    if set(names) <= set(expected):
+        missing.extend({"client": name, "reason": absent} for name in expected if name not in names)
+    else:  # SuperNodes named by their operators: only the shortfall is known
+        missing.extend({"client": f"unidentified_{k}", "reason": absent}
+                       for k in range(max(0, config.clients - len(members))))
 
     asks, sent = [], {}
     for node, info in sorted(members.items(), key=lambda item: _order(item[1]["client"])):
@@ -368,11 +376,12 @@ server_app = make_server_app()
 
 
 # ---------------------------------------------------------------- Simulation Engine
-def simulation_backend(num_supernodes: int) -> dict[str, Any]:
-    """Ray settings for this machine: 1 CPU per ClientApp, as many actors as cores, a small object store."""
-    cpus = max(1, min(num_supernodes, os.cpu_count() or 1))
+def simulation_backend(num_supernodes: int, cpus_per_client: float = 1.0) -> dict[str, Any]:
+    """Ray settings for this machine: ``cpus_per_client`` per ClientApp (Ray runs cores / cpus_per_client
+    of them at a time), no dashboard, a small object store."""
+    cpus = max(1, min(int(num_supernodes * cpus_per_client + 0.999), os.cpu_count() or 1))
     return {
-        "client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+        "client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
         "init_args": {
             "num_cpus": cpus, "num_gpus": 0, "include_dashboard": False,
             "object_store_memory": 256 * 1024 * 1024, "logging_level": "ERROR", "log_to_driver": False,
@@ -383,6 +392,7 @@ def simulation_backend(num_supernodes: int) -> dict[str, Any]:
 def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: FederationConfig | None = None,
                           progress: bool = True, *, client_app: ClientApp | None = None,
                           num_supernodes: int | None = None, round_timeout: float = 3600.0,
+                          client_threads: int | None = None, cpus_per_client: float | None = None,
                           backend_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """One federated round on Flower's Simulation Engine (Ray): one virtual SuperNode per client.
 
@@ -393,9 +403,12 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Fed
 
     config = config or FederationConfig()
     num_supernodes = num_supernodes or config.clients
+    client_threads = torch.get_num_threads() if client_threads is None else client_threads
+    cpus_per_client = cpus_per_client or max(1, client_threads)
     sink: dict[str, Any] = {}
     options = {"data-dir": str(data_dir), "out-dir": str(out_dir), "round-timeout": round_timeout,
-               "connect-timeout": 60.0, "progress": progress, "client-threads": torch.get_num_threads()}
+               "connect-timeout": 60.0, "progress": progress,
+               "client-threads": client_threads}
     server = make_server_app(config, options, sink)
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
@@ -404,7 +417,7 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Fed
     try:
         run_simulation(server_app=server, client_app=client_app or make_client_app(),
                        num_supernodes=num_supernodes,
-                       backend_config=backend_config or simulation_backend(num_supernodes))
+                       backend_config=backend_config or simulation_backend(num_supernodes, cpus_per_client))
     except Exception:
         if "error" not in sink:
             raise

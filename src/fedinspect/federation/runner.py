@@ -53,6 +53,7 @@ class FederationConfig:
     min_per_client: int = 100
     min_clients: int = 1
     centralized: bool = True
+    centralized_coreset_ratio: float = 0.1
     compare_shared: bool = True
     write_maps: bool = True
     examples_per_category: int = 3
@@ -241,7 +242,7 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
         if config.centralized:
             start = time.perf_counter()
             pooled = _pooled_embeddings(dataset, detector, cache, skipped)
-            models["centralized"] = detector.select_coreset(pooled, config.settings.local_coreset_ratio)
+            models["centralized"] = detector.select_coreset(pooled, config.centralized_coreset_ratio)
             timing["centralized_fit_s"] += time.perf_counter() - start
         for model_name, bank in models.items():
             start = time.perf_counter()
