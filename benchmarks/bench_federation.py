@@ -25,7 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-print = functools.partial(print, flush=True)  # noqa: A001 - progress must show when piped
+print = functools.partial(print, flush=True)
 
 SEED_001_TRAFFIC_MB = 450.0  # seed 001: about 450 MB in total for AutoVI
 TARGETS = {"end_to_end_s": 600.0, "traffic_mb": 0.05 * SEED_001_TRAFFIC_MB, "auroc_loss_points": 0.5}
