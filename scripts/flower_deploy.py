@@ -30,6 +30,19 @@ Work folder (``--work``, default ``OUT/deployment``)::
 Example::
 
     python scripts/flower_deploy.py --data runs/demo/data --out runs/flower-deploy --clients 3
+
+The same on real machines (what this script runs, by role; Flower 1.41 flags)::
+
+    # server: the SuperLink (one HTTPS port serves the Fleet, Control and Runtime APIs)
+    flower-superlink --ssl-ca-certfile ca.crt --ssl-certfile server.crt --ssl-keyfile server.key \\
+        --enable-supernode-auth --host 0.0.0.0 --port 9093 --disable-runtime-dependency-installation
+    # operator (flwr CLI; $FLWR_HOME/config.toml: [superlink.fedinspect] address = "server:9093",
+    # root-certificates = "ca.crt"): register each factory's public key, then start the round
+    flwr supernode register client_0.pub fedinspect
+    flwr run . fedinspect --run-config 'data-dir="/srv/test-data" out-dir="/srv/runs/r1" clients=3'
+    # each factory: its SuperNode with its private key, the CA certificate and its own data
+    flower-supernode --superlink server:9093 --root-certificates ca.crt \\
+        --auth-supernode-private-key client_0 --node-config 'client-id="client_0" data-dir="/data/images"'
 """
 
 from __future__ import annotations
