@@ -14,8 +14,9 @@ What a real federation runs, in separate processes, with Flower's own components
   report and the maps to ``--out``.
 
 The script waits for the run to finish (bounded by ``--timeout``), prints the results and always
-stops every process it started (and their children). ``--kill-client client_1 --kill-after 20``
-kills that SuperNode mid-round, to see the server record it as missing and go on.
+stops every process it started (and their children). ``--kill-client client_1`` kills that SuperNode
+(and its ClientApp) 2 s (``--kill-after``) after it received the round's ``train`` message, to see the
+server wait up to ``--round-timeout``, record it as missing and aggregate the others.
 
 Work folder (``--work``, default ``OUT/deployment``)::
 
@@ -250,7 +251,7 @@ def toml_value(value) -> str:
 
 
 def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, round_timeout: float | None = None,
-           kill_client: str | None = None, kill_after: float = 5.0, progress: bool = True) -> dict:
+           kill_client: str | None = None, kill_after: float = 2.0, progress: bool = True) -> dict:
     """Run one round on a local Flower deployment; returns the results (also in ``out/results.json``)."""
     from fedinspect.federation.flower_app import run_config_from_config, write_client_folders
     from fedinspect.federation.runner import RESULTS_FILE, client_id, plan_round
@@ -265,6 +266,8 @@ def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, r
     data, out, work = data.resolve(), out.resolve(), work.resolve()
     (out / RESULTS_FILE).unlink(missing_ok=True)
     names = [client_id(i) for i in range(config.clients)]
+    if kill_client is not None and kill_client not in names:
+        raise RuntimeError(f"--kill-client {kill_client}: not one of {names}")
     plan = plan_round(data, config)
     folders = write_client_folders(plan, work / "nodes", config.clients)
     say(f"each factory's data: {len(folders)} folders under {work / 'nodes'}")
@@ -321,13 +324,17 @@ def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, r
         if not run_id:
             raise RuntimeError(f"flwr run did not start a run:\n{result.stdout}\n{result.stderr}")
         say(f"flwr run: run {run_id} started")
-        status, killed = "", False
+        status, killed, fit_seen = "", False, None
+        victim_log = work / "logs" / f"supernode-{kill_client}.log"
         while time.monotonic() < deadline:
             processes.refresh()
-            if kill_client and not killed and time.monotonic() - started > kill_after:
-                processes.kill(f"supernode-{kill_client}")
-                killed = True
-                say(f"killed the SuperNode of {kill_client} (fault drill)")
+            if kill_client and not killed:
+                if fit_seen is None and victim_log.is_file() and "Receiving: train" in victim_log.read_text():
+                    fit_seen = time.monotonic()
+                if fit_seen is not None and time.monotonic() - fit_seen >= kill_after:
+                    processes.kill(f"supernode-{kill_client}")
+                    killed = True
+                    say(f"killed the SuperNode of {kill_client} {kill_after:g} s into its round (fault drill)")
             if superlink.poll() is not None:
                 raise RuntimeError(f"flower-superlink exited with code {superlink.returncode}")
             listed = _flwr(cli_env, "list", CONNECTION, "--run-id", str(run_id), "--format", "json", timeout=60)
@@ -335,7 +342,7 @@ def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, r
             status = str(runs[0].get("status", "")) if runs else status
             if status.startswith("finished"):
                 break
-            time.sleep(3.0)
+            time.sleep(1.0 if kill_client and not killed else 3.0)
         else:
             _flwr(cli_env, "stop", str(run_id), CONNECTION, timeout=60)
             raise RuntimeError(f"run {run_id} did not finish within {timeout:g} s (status {status!r}); "
@@ -364,7 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=1800.0, help="bound on the whole run (s)")
     parser.add_argument("--round-timeout", type=float, default=None, help="the server's wait for updates (s)")
     parser.add_argument("--kill-client", default=None, help="fault drill: kill this client's SuperNode mid-round")
-    parser.add_argument("--kill-after", type=float, default=5.0, help="seconds after start for --kill-client")
+    parser.add_argument("--kill-after", type=float, default=2.0,
+                        help="--kill-client: seconds after that SuperNode received the round's message")
     parser.add_argument("--no-maps", action="store_true", help="do not write the anomaly maps")
     parser.add_argument("-q", "--quiet", action="store_true")
     _add_model_options(parser)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,17 @@ def test_identity_from_node_config() -> None:
     assert flower_app.identity(context({"data-dir": "/srv/plant_7"}))["client"] == "plant_7"
 
 
+def test_error_reasons_name_the_exception_not_the_wrapping() -> None:
+    ray = ("<class 'ray.exceptions.RayTaskError(ClientAppException)'>:<'\x1b[36mray::ClientAppActor.run()\x1b[39m"
+           " (pid=1)\n  File \"fit.py\", line 3, in fit\nRuntimeError: disk on fire\n\nThe above exception was the"
+           " direct cause of the following exception:\nflwr.clientapp.client_app.ClientAppException: \n"
+           "Exception ClientAppException occurred. Message: disk on fire'>")
+    assert flower_app.error_reason(ray) == "RuntimeError: disk on fire"
+    deployed = "<class 'fedinspect.errors.DataError'>:<'/data/a.png: cannot read image'>"
+    assert flower_app.error_reason(deployed) == "DataError: /data/a.png: cannot read image"
+    assert flower_app.error_reason("/data/a.png: cannot read image") == "/data/a.png: cannot read image"
+
+
 # ---------------------------------------------------------------- Simulation Engine
 @pytest.mark.slow
 def test_simulation_gives_the_in_process_results(tiny_dataset: Path, tmp_path: Path, in_process) -> None:
@@ -121,14 +133,22 @@ failing_client_app.train("fit")(_fit_or_fail)
 
 
 @pytest.mark.slow
-def test_a_failing_client_is_recorded_and_the_round_goes_on(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
-    results = flower_app.run_flower_simulation(tiny_dataset, tmp_path / "run", small_config(3, min_clients=2),
-                                               progress=False, client_app=failing_client_app)
-    assert [c["client"] for c in results["clients"]] == ["client_0", "client_2"]
-    assert len(results["missing_clients"]) == 1
-    missing = results["missing_clients"][0]
-    assert missing["client"] == "client_1" and "injected fault" in missing["reason"]
-    assert "client_1 dropped out" in capsys.readouterr().err
+def test_failing_clients_are_recorded_and_the_round_goes_on(tiny_dataset: Path, tmp_path: Path, capsys) -> None:
+    """client_1's ClientApp raises; client_2 holds a corrupt image (a data error, answered as such)."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_dataset, data)
+    config = small_config(3, min_clients=1)
+    corrupt = plan_round(data, config).client_images(2)["pipe_clip"][0]
+    corrupt.write_bytes(corrupt.read_bytes()[:40])
+    results = flower_app.run_flower_simulation(data, tmp_path / "run", config, progress=False,
+                                               client_app=failing_client_app)
+    assert [c["client"] for c in results["clients"]] == ["client_0"]
+    assert [m["client"] for m in results["missing_clients"]] == ["client_1", "client_2"]
+    crashed, bad_data = results["missing_clients"]
+    assert crashed["reason"] == "RuntimeError: injected fault: this factory's ClientApp crashed"
+    assert bad_data["reason"].startswith(str(corrupt))  # the in-process runner's wording (DataError)
+    err = capsys.readouterr().err
+    assert "client_1 dropped out" in err and "client_2 dropped out" in err
     assert set(results["categories"]) == {"engine_wiring", "pipe_clip", "pipe_staple", "tank_screw",
                                           "underbody_pipes", "underbody_screw"}
     with pytest.raises(FedinspectError, match=r"only 1 of 2 clients answered \(minimum 2\).*injected fault"):
@@ -137,9 +157,8 @@ def test_a_failing_client_is_recorded_and_the_round_goes_on(tiny_dataset: Path, 
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FEDINSPECT_FLOWER_50") != "1",
-                    reason="50 simulated clients take several minutes; set FEDINSPECT_FLOWER_50=1")
 def test_fifty_simulated_clients(tmp_path: Path) -> None:
+    """50 virtual SuperNodes on the 'small' synthetic set (96 training images): about 1 min on 2 cores."""
     from fedinspect.data.synthetic import generate_dataset
 
     data = generate_dataset(tmp_path / "small", seed=0, size="small", progress=False)
@@ -180,3 +199,38 @@ def test_local_deployment_with_tls_and_node_auth(tiny_dataset: Path, tmp_path: P
         node = work / "nodes" / f"client_{index}"
         assert sum(1 for _ in node.rglob("*.png")) == results["clients"][index]["samples"]
     assert _processes_mentioning(str(work)) == []
+
+
+@pytest.mark.slow
+def test_superlink_refuses_an_unregistered_supernode(tmp_path: Path) -> None:
+    import importlib.util
+    import time
+
+    spec = importlib.util.spec_from_file_location("flower_deploy", ROOT / "scripts" / "flower_deploy.py")
+    deploy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(deploy)
+    certs = deploy.make_certificates(tmp_path / "certs")
+    key, _ = deploy.make_node_key(tmp_path / "keys", "intruder")  # never registered
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FLWR_HOME": str(tmp_path / "home"),
+           "FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    port = deploy.free_port()
+    processes = deploy.Processes(tmp_path / "logs")
+    try:
+        superlink = processes.start("superlink", [
+            str(bin_dir / "flower-superlink"), "--ssl-ca-certfile", str(certs["ca"]), "--ssl-certfile",
+            str(certs["cert"]), "--ssl-keyfile", str(certs["key"]), "--enable-supernode-auth", "--host", "127.0.0.1",
+            "--port", str(port), "--disable-runtime-dependency-installation"], env)
+        deploy._wait_port(port, superlink, 60, "flower-superlink", tmp_path / "logs" / "superlink.log")
+        intruder = processes.start("intruder", [
+            str(bin_dir / "flower-supernode"), "--superlink", f"127.0.0.1:{port}", "--root-certificates",
+            str(certs["ca"]), "--auth-supernode-private-key", str(key), "--port", str(deploy.free_port()),
+            "--max-retries", "1"], env)
+        deadline = time.monotonic() + 90
+        while intruder.poll() is None and time.monotonic() < deadline:
+            time.sleep(1)
+        assert intruder.returncode not in (None, 0)
+        assert "Failed to activate SuperNode" in (tmp_path / "logs" / "intruder.log").read_text()
+    finally:
+        processes.stop()
+    assert _processes_mentioning(str(tmp_path)) == []

@@ -106,9 +106,12 @@ def _print_federation(results: dict, out: Path) -> None:
 
 
 def _cmd_federate(args: argparse.Namespace) -> int:
-    from fedinspect.federation.runner import run_federation
+    if args.engine == "flower-sim":
+        from fedinspect.federation.flower_app import run_flower_simulation as run
+    else:
+        from fedinspect.federation.runner import run_federation as run
 
-    results = run_federation(args.data, args.out, _federation_config(args), progress=not args.quiet)
+    results = run(args.data, args.out, _federation_config(args), progress=not args.quiet)
     _print_federation(results, Path(args.out))
     return 0
 
@@ -176,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
     federate = commands.add_parser("federate", help="federated PatchCore in one round, evaluated per category")
     federate.add_argument("--data", required=True, help="dataset folder (one subfolder per category)")
     federate.add_argument("--out", required=True, help="run folder to write")
+    federate.add_argument("--engine", choices=("in-process", "flower-sim"), default="in-process",
+                          help="run the clients here, or as Flower SuperNodes in the Simulation Engine")
     _add_model_options(federate)
     _add_federation_options(federate)
     federate.set_defaults(run=_cmd_federate)

@@ -39,27 +39,22 @@ import time
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
-from fedinspect.data.dataset import find_categories
-from fedinspect.data.images import list_images, read_image
-from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.errors import DataError, FedinspectError
-from fedinspect.federation.client import FederatedClient, RoundSettings
-from fedinspect.federation.runner import (
-    ClientReply,
-    FederationConfig,
-    RoundPlan,
-    client_id,
-    conclude_round,
-    plan_round,
-)
+
+if TYPE_CHECKING:
+    from fedinspect.detectors.patchcore import PatchCore
+    from fedinspect.federation.client import RoundSettings
+    from fedinspect.federation.runner import ClientReply, FederationConfig, RoundPlan
+
+# fedinspect's roles (and torch) are imported where used: a SuperNode starts a fresh ClientApp process
+# per message, and the ``query.identify`` one needs none of them.
 
 PROTOCOL = "fedinspect.flower/1"
 IDENTIFY = "query.identify"
@@ -108,6 +103,9 @@ def run_config_from_config(config: FederationConfig, **options: Any) -> dict[str
 
 def config_from_run_config(run_config: Mapping[str, Any]) -> tuple[FederationConfig, dict[str, Any]]:
     """FederationConfig and the server options from a Flower run config (missing keys: defaults)."""
+    from fedinspect.federation.client import RoundSettings
+    from fedinspect.federation.runner import FederationConfig
+
     def read(source_type: type, defaults: Any) -> dict[str, Any]:
         values = {}
         for item in fields(source_type):
@@ -145,6 +143,9 @@ def own_images(data_dir: str | Path) -> dict[str, list[Path]]:
     The folder has the dataset layout (one subfolder per category, or a single category folder);
     only ``train/good`` is needed on a client.
     """
+    from fedinspect.data.dataset import find_categories
+    from fedinspect.data.images import list_images
+
     images: dict[str, list[Path]] = {}
     for root in find_categories(data_dir):
         folder = root / "train" / "good"
@@ -156,24 +157,39 @@ def own_images(data_dir: str | Path) -> dict[str, list[Path]]:
     return images
 
 
-def identity(context: Context) -> dict[str, Any]:
-    """Who this SuperNode is, from its node config."""
+def node_identity(context: Context) -> dict[str, Any]:
+    """What this SuperNode's node config says about it: a name given by its operator (``client-id``,
+    else its ``data-dir``'s name; "" when it is a simulated partition), its ``partition-id`` (-1: none)
+    and whether it holds its own data."""
     node = context.node_config
     partition = int(node["partition-id"]) if "partition-id" in node else -1
     if "client-id" in node:
         name = str(node["client-id"])
-    elif partition >= 0:
-        name = client_id(partition)
     elif "data-dir" in node:
         name = Path(str(node["data-dir"])).resolve().name
     else:
-        name = f"node_{context.node_id}"
+        name = ""
     return {"client": name, "partition-id": partition, "own-data": "data-dir" in node}
 
 
+def client_name(info: Mapping[str, Any], node_id: int) -> str:
+    """The client id of a node: its own name, else ``client_<partition-id>`` (the in-process runner's)."""
+    from fedinspect.federation.runner import client_id
+
+    if info["client"]:
+        return str(info["client"])
+    return client_id(int(info["partition-id"])) if int(info["partition-id"]) >= 0 else f"node_{node_id}"
+
+
+def identity(context: Context) -> dict[str, Any]:
+    """Who this SuperNode is: :func:`node_identity` with the client id filled in."""
+    info = node_identity(context)
+    return {**info, "client": client_name(info, context.node_id)}
+
+
 def handle_identify(message: Message, context: Context) -> Message:
-    """``query.identify``: reply with this node's client name and whether it holds its own data."""
-    return Message(RecordDict({"identity": ConfigRecord({**identity(context), "protocol": PROTOCOL})}),
+    """``query.identify``: reply with what the node config says about this node (imports nothing heavy)."""
+    return Message(RecordDict({"identity": ConfigRecord({**node_identity(context), "protocol": PROTOCOL})}),
                    reply_to=message)
 
 
@@ -184,6 +200,11 @@ def handle_fit(message: Message, context: Context) -> Message:
     the reason, as the in-process runner records it; any other exception is left to Flower, which
     answers with an error reply too.
     """
+    import torch
+
+    from fedinspect.data.images import read_image
+    from fedinspect.federation.client import FederatedClient, RoundSettings
+
     request = message.content["fit"]
     me = identity(context)
     name = str(request["client"])
@@ -228,10 +249,20 @@ client_app = make_client_app()
 
 # ---------------------------------------------------------------- server side
 def _reason(message: Message) -> str:
-    reason = message.error.reason or f"error code {message.error.code}"
-    # Flower's wrapping of a raised exception: "<class 'X'>:<'text'>"
+    return error_reason(message.error.reason or f"error code {message.error.code}")
+
+
+def error_reason(reason: str) -> str:
+    """An error reply's reason, readable: the exception the ClientApp raised, not Flower's or Ray's wrapping."""
+    reason = re.sub(r"\x1b\[[0-9;]*m", "", reason)
+    # Ray's wrapping (simulation) keeps the original traceback: its last line names the exception
+    raised = re.search(r"^(\w+(?:Error|Exception|Exit|Interrupt)): (.+)$", reason, flags=re.MULTILINE)
+    if "Traceback" in reason or "ray::" in reason:
+        if raised:
+            return f"{raised.group(1)}: {raised.group(2).strip()}"
+    # Flower's wrapping (deployment): "<class 'X'>:<'text'>"
     match = re.fullmatch(r"<class '([\w.]+)'>:<'(.*)'>", reason, flags=re.DOTALL)
-    return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}" if match else reason
+    return f"{match.group(1).rsplit('.', 1)[-1]}: {match.group(2)}" if match else reason[:1000]
 
 
 def _order(name: str) -> tuple[int, str]:
@@ -257,6 +288,8 @@ def _log(message: str, progress: bool) -> None:
 def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, options: Mapping[str, Any]
                         ) -> tuple[list[ClientReply], list[dict[str, str]]]:
     """The Flower transport: identify the SuperNodes, send the round, gather the updates and who is missing."""
+    from fedinspect.federation.runner import ClientReply, client_id
+
     progress = bool(options["progress"])
     connect_timeout = float(options["connect-timeout"])
     round_timeout = float(options["round-timeout"])
@@ -275,6 +308,7 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
             _log(f"node {node} failed to identify: {failed[node]}", progress)
             continue
         info = dict(reply.content["identity"])
+        info["client"] = client_name(info, node)
         if not info["own-data"] and not 0 <= int(info["partition-id"]) < config.clients:
             _log(f"node {node} ({info['client']}) holds no partition of a {config.clients}-client plan; "
                  "left out", progress)
@@ -285,8 +319,10 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
     if duplicates:
         raise FedinspectError(f"several SuperNodes claim the same client id: {duplicates}")
     absent = f"not connected or no answer within {connect_timeout:g} s"
-    if failed:
-        absent = f"{absent} (SuperNode errors: {'; '.join(sorted(set(failed.values())))})"
+    if failed:  # which client a failed node was is unknown: every absent client gets the errors
+        absent = f"no identification: {'; '.join(sorted(set(failed.values())))}"
+        if len(failed) + len(members) < len(expected):
+            absent += f" (or not connected within {connect_timeout:g} s)"
     if set(names) <= set(expected):
         missing.extend({"client": name, "reason": absent} for name in expected if name not in names)
     else:  # SuperNodes named by their operators: only the shortfall is known
@@ -335,6 +371,8 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
 def serve_round(grid: Grid, data_dir: str | Path, out_dir: str | Path, config: FederationConfig,
                 options: Mapping[str, Any]) -> dict[str, Any]:
     """The whole server side over Flower: plan, collect, then :func:`conclude_round` (results.json, report)."""
+    from fedinspect.federation.runner import conclude_round, plan_round
+
     started = time.perf_counter()
     out_dir = Path(out_dir)
     plan = plan_round(data_dir, config, out_dir)
@@ -396,10 +434,19 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Fed
                           backend_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """One federated round on Flower's Simulation Engine (Ray): one virtual SuperNode per client.
 
-    Same results as :func:`runner.run_federation` for the same config and seed; returns the
-    results dict written to ``out_dir/results.json``.
+    Same results as :func:`runner.run_federation` for the same config and seed, bit for bit; returns
+    the results dict written to ``out_dir/results.json``. ``client_threads`` (default: this process's
+    torch threads, as the in-process runner computes) is what each ClientApp computes with, and each
+    reserves ``cpus_per_client`` (default: that many) of Ray's CPUs, so the clients never
+    oversubscribe the cores. ``client_threads=0, cpus_per_client=1`` runs one single-threaded client
+    per core: faster on a busy machine, but the embeddings then differ from the in-process ones at
+    float rounding level (oneDNN splits convolutions by thread), and so may the metrics (~1e-8).
+    ``client_app`` replaces the ClientApp (fault drills); ``round_timeout`` bounds the wait for updates.
     """
+    import torch
     from flwr.simulation import run_simulation
+
+    from fedinspect.federation.runner import FederationConfig
 
     config = config or FederationConfig()
     num_supernodes = num_supernodes or config.clients
@@ -413,7 +460,8 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Fed
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if not progress:
-        flwr_logger.setLevel(logging.WARNING)
+        flwr_logger.setLevel(logging.ERROR)  # also run_simulation's deprecation notice (flwr run is the CLI way)
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: silences Ray's FutureWarning
     try:
         run_simulation(server_app=server, client_app=client_app or make_client_app(),
                        num_supernodes=num_supernodes,
@@ -436,6 +484,8 @@ def write_client_folders(plan: RoundPlan, root: str | Path, n_clients: int) -> l
 
     The images are copied under their own names, so a client sees them in the plan's order.
     """
+    from fedinspect.federation.runner import client_id
+
     root = Path(root)
     folders = []
     for index in range(n_clients):
