@@ -171,6 +171,12 @@ def _number(value: Any) -> float | None:
     return number if math.isfinite(number) else None
 
 
+def _client_label(client: Mapping[str, Any], index: int) -> str:
+    """'Client 3' for a numeric id, the id itself for a named one ('client_3', 'plant_lyon')."""
+    name = client.get("client", index)
+    return f"Client {name}" if isinstance(name, int) else str(name)
+
+
 def format_metric(value: Any, digits: int = 3) -> str:
     """A metric with ``digits`` decimals, "n/a" when undefined."""
     number = _number(value)
@@ -521,7 +527,7 @@ def _client_sections(doc: _Document, results: Mapping[str, Any], categories: Seq
     for index, client in enumerate(clients):
         rows.append(
             [
-                f"Client {client.get('client', index)}",
+                _client_label(client, index),
                 format_count(client.get("samples")),
                 format_count(client.get("patches")),
                 format_count(client.get("coreset")),
@@ -560,7 +566,7 @@ def _client_sections(doc: _Document, results: Mapping[str, Any], categories: Seq
         for index, (client, counts) in enumerate(zip(clients, per_client, strict=True)):
             values = [_number(counts.get(name)) or 0.0 for name in names]
             rows.append(
-                [f"Client {client.get('client', index)}", *map(format_count, values), format_count(sum(values))]
+                [_client_label(client, index), *map(format_count, values), format_count(sum(values))]
             )
         column_sums = [sum(_number(m.get(name)) or 0.0 for m in per_client) for name in names]
         rows.append(["Total", *map(format_count, column_sums), format_count(sum(column_sums))])
