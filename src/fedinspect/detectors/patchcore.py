@@ -43,6 +43,12 @@ class EmbeddedImage:
     image_shape: tuple[int, int]
 
 
+def _as_grids(images: Sequence[np.ndarray], embeddings: torch.Tensor) -> list[EmbeddedImage]:
+    """(B, D, h, w) embeddings of a batch -> one channels-last grid per image, with its original size."""
+    return [EmbeddedImage(grid.permute(1, 2, 0).contiguous().numpy(), image.shape[:2])
+            for image, grid in zip(images, embeddings, strict=True)]
+
+
 class PatchCore:
     """PatchCore detector.
 
@@ -215,10 +221,9 @@ class PatchCore:
     # ------------------------------------------------------------------ inference
     def embed_grids(self, images: Iterable[np.ndarray], total: int | None = None) -> list[EmbeddedImage]:
         """Embedding grids of test images, to score them against one or several memory banks."""
-        embedded = []
+        embedded: list[EmbeddedImage] = []
         for batch, embeddings in self._embed_batches(images, total, "embedding"):
-            for image, grid in zip(batch, embeddings, strict=True):
-                embedded.append(EmbeddedImage(grid.permute(1, 2, 0).contiguous().numpy(), image.shape[:2]))
+            embedded.extend(_as_grids(batch, embeddings))
         return embedded
 
     def predict(
@@ -229,9 +234,7 @@ class PatchCore:
         scores: list[np.ndarray] = []
         maps: list[np.ndarray] = []
         for batch, embeddings in self._embed_batches(images, total, "scoring"):
-            grids = [EmbeddedImage(g.permute(1, 2, 0).contiguous().numpy(), i.shape[:2])
-                     for i, g in zip(batch, embeddings, strict=True)]
-            batch_scores, batch_maps = self.predict_embedded(grids)
+            batch_scores, batch_maps = self.predict_embedded(_as_grids(batch, embeddings))
             scores.append(batch_scores)
             maps.extend(batch_maps)
         return np.concatenate(scores) if scores else np.zeros(0), maps
