@@ -1,0 +1,1 @@
+"""Privacy of what leaves a factory: image obfuscation, differential privacy, leakage attacks."""
