@@ -245,8 +245,9 @@ def plot_metric_bars(
     path: Path | str,
     categories: Sequence[str] | None = None,
     metrics: Sequence[tuple[str, str]] = BAR_METRICS,
+    title: str = "Per-category results",
 ) -> Path:
-    """Grouped bars per category (one bar per model), one subplot per metric.
+    """Grouped bars per category (one bar per model), one subplot per metric (``per_model`` may hold clients).
 
     Args:
         per_model: ``per_model[model][category]`` is a category block of results.json
@@ -285,7 +286,7 @@ def plot_metric_bars(
         ax.set_axisbelow(True)
         ax.set_title(label, fontsize=10)
         ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
-    fig.suptitle("Per-category results", fontsize=11)
+    fig.suptitle(title, fontsize=11)
     return _save(fig, path)
 
 

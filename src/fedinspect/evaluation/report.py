@@ -702,6 +702,56 @@ def _results_sections(doc: _Document, results: Mapping[str, Any], categories: Se
         doc.add(_comparison_table(results, shared, ("per-cat.", "shared"), categories))
 
 
+def _client_results_section(doc: _Document, run_dir: Path, results: Mapping[str, Any]) -> None:
+    """Each client's metrics on its own test share, the fairness block, and a bar chart per client."""
+    clients = [c for c in results.get("clients") or [] if isinstance(c, Mapping) and "test_counts" in c]
+    if not clients:
+        return
+    spro_key = str(HEADLINE_LIMIT)
+    doc.add(_Heading(2, "Results per client"))
+    doc.add(_Paragraph(
+        "Each client evaluates the global model on its share of the test split, taken by the rule that gave it "
+        "its training images (per category, in proportion to its training images of that category); its metric "
+        "is the mean over its categories. n/a: undefined, with the reason in the last column."
+    ))
+    rows = []
+    for index, client in enumerate(clients):
+        counts = _mapping(client.get("test_counts"))
+        notes = _mapping(client.get("notes"))
+        rows.append([
+            _client_label(client, index), ", ".join(_mapping(client.get("test_categories"))) or NA,
+            f"{format_count(counts.get('test'))} ({format_count(counts.get('test_good'))} / "
+            f"{format_count(counts.get('test_defective'))})",
+            format_metric(client.get("image_auroc")), format_metric(_mapping(client.get("auc_spro")).get(spro_key)),
+            "; ".join(f"{k}: {v}" for k, v in notes.items()),
+        ])
+    doc.add(_Table(["Client", "Categories", "Test images (good / defective)", "Image AUROC",
+                    f"AUC-sPRO@{HEADLINE_LIMIT:g}", "Note"], rows, [False, False, True, True, True, False]))
+    fairness = _mapping(results.get("fairness"))
+    if fairness:
+        doc.add(_Paragraph(
+            "Fairness: worst and best value, gap = best - worst, CV = population standard deviation / mean, "
+            "Jain's index = (sum x)^2 / (n sum x^2) (1: all equal, 1/n: one takes all)."
+        ))
+        metrics = [("Image AUROC", _mapping(fairness.get("image_auroc"))),
+                   (f"AUC-sPRO@{HEADLINE_LIMIT:g}", _mapping(_mapping(fairness.get("auc_spro")).get(spro_key)))]
+        rows = []
+        for label, block in metrics:
+            for over in ("clients", "categories"):
+                summary = _mapping(block.get(over))
+                if summary:
+                    rows.append([label, over, f"{format_metric(summary.get('worst'))} ({summary.get('worst_of', NA)})",
+                                 format_metric(summary.get("best")), format_metric(summary.get("gap")),
+                                 format_metric(summary.get("cv")), format_metric(summary.get("jain"))])
+        doc.add(_Table(["Metric", "Over", "Worst (who)", "Best", "Gap", "CV", "Jain"], rows,
+                       [False, False, True, True, True, True, True]))
+    per_client = {_client_label(c, i): c for i, c in enumerate(clients)}
+    path = plots.plot_metric_bars({"federated": per_client}, run_dir / "figures" / "metrics_per_client.png",
+                                  categories=list(per_client), title="Per-client results (own test share)")
+    doc.add(_Image(path.relative_to(run_dir).as_posix(),
+                   f"Image AUROC and AUC-sPRO@{HEADLINE_LIMIT:g} of the global model on each client's test share."))
+
+
 def _timing_section(doc: _Document, results: Mapping[str, Any]) -> None:
     fed = _mapping(results.get("timing"))
     central = _mapping(_mapping(results.get("centralized")).get("timing"))
@@ -880,6 +930,7 @@ def write_report(
     _client_sections(doc, results, categories)
     _compression_section(doc, results)
     _results_sections(doc, results, categories)
+    _client_results_section(doc, run_dir, results)
     _timing_section(doc, results)
     _figure_sections(doc, run_dir, results, curves, examples, categories)
 

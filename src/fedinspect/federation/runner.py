@@ -24,11 +24,13 @@ from fedinspect.data.images import read_image
 from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.errors import FedinspectError
 from fedinspect.evaluation.anomaly_maps import score_range, write_maps
+from fedinspect.evaluation.fairness import run_fairness
 from fedinspect.evaluation.metrics import FPR_LIMITS
 from fedinspect.evaluation.protocol import score_with_curves, union_mask
 from fedinspect.evaluation.report import Curves, Example, write_report
 from fedinspect.evaluation.summary import mean_row, metric_row
 from fedinspect.federation.client import EmbeddingCache, FederatedClient, RoundSettings
+from fedinspect.federation.client_evaluation import ClientEvaluation, client_test_shares
 from fedinspect.federation.partition import Partition, partition
 from fedinspect.federation.server import SHARED, FederatedServer
 from fedinspect.federation.strategies import CoresetSettings
@@ -209,8 +211,15 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
             "global_bank": int(sum(len(b) for b in banks.values())),
         },
     }
-    evaluation = _evaluate(plan.datasets, banks, shared, config, detector, cache, out_dir, timing, progress)
+    # Each client scores the global model on its share of the test split (same rule as its training share).
+    test_labels = {name: [s.label for s in dataset.test] for name, dataset in plan.datasets.items()}
+    per_client = ClientEvaluation(client_test_shares(test_labels, {row["client"]: row["categories"] for row in rows},
+                                                     config.settings.seed))
+    evaluation = _evaluate(plan.datasets, banks, shared, config, detector, cache, out_dir, timing, progress,
+                           per_client)
     results.update(evaluation["summary"])
+    per_client.attach(rows)
+    results["fairness"] = run_fairness(results["categories"], rows)
     timing["total_s"] = time.perf_counter() - started
     results["timing"] = timing
     results["peak_memory_mb"] = peak_memory_mb()
@@ -223,7 +232,7 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
 
 def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray], shared: dict[str, np.ndarray] | None,
               config: FederationConfig, detector: PatchCore, cache: EmbeddingCache, out_dir: Path,
-              timing: dict[str, float], progress: bool) -> dict[str, Any]:
+              timing: dict[str, float], progress: bool, per_client: ClientEvaluation | None = None) -> dict[str, Any]:
     per_model: dict[str, dict[str, Any]] = {"federated": {}, "centralized": {}, "shared_bank": {}}
     curves: dict[str, dict[str, Curves]] = {"federated": {}, "centralized": {}}
     examples: list[Example] = []
@@ -254,6 +263,8 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
             if model_name in curves:
                 curves[model_name][name] = category_curves
             if model_name == "federated":
+                if per_client is not None:
+                    per_client.add_category(name, labels, scores, maps, regions)
                 if config.write_maps:
                     low, high = score_range(maps)
                     write_maps([(out_dir / "maps" / name / sample.defect / f"{sample.stem}.png", anomaly_map)

@@ -9,6 +9,13 @@ A strategy sees only embeddings and counts: it knows nothing of images or backbo
 - ``diversity_preserving``: every client is guaranteed ``min_per_client`` patches (its most
   diverse ones); the rest of the target is filled by the weighted draw and a global greedy
   coreset that extends the guaranteed set, so small clients keep a voice.
+- ``fair_coreset``: fairness-aware. Tempered weights ``w_i = n_i^power / sum_j n_j^power`` (``power``
+  0.5: a client with 4x the images gets 2x the weight, not 4x; 1 is ``federated_coreset``'s, 0 equal)
+  and a floor: every client is guaranteed ``floor * target / n_clients`` patches (its most diverse
+  ones, or its whole bank if smaller), a fraction of an equal share rather than an absolute count, so
+  it scales with the bank. The rest of the target is drawn by the tempered weights with oversampling
+  and a global greedy coreset that extends the guaranteed set. With ``power=1`` and ``floor=0`` it
+  is exactly ``federated_coreset``.
 """
 
 from __future__ import annotations
@@ -89,11 +96,52 @@ def diversity_preserving(updates: Sequence[CategoryUpdate], target: int,
     return np.concatenate([pinned, candidates[chosen]])
 
 
+def tempered_weights(updates: Sequence[CategoryUpdate], power: float) -> np.ndarray:
+    """Client weights proportional to ``n_samples ** power`` (1: by sample count, 0: equal), summing to 1."""
+    if not 0.0 <= power <= 1.0:
+        raise ValueError(f"power must be in [0, 1], got {power}")
+    shares = client_weights(updates)
+    tempered = np.zeros_like(shares)
+    tempered[shares > 0] = shares[shares > 0] ** power  # a client without images keeps weight 0, even at power 0
+    return tempered / tempered.sum()
+
+
+def fair_coreset(updates: Sequence[CategoryUpdate], target: int, settings: CoresetSettings = CoresetSettings(),
+                 power: float = 0.5, floor: float = 0.5, oversample: float = 2.0) -> np.ndarray:
+    """Tempered weights ``n_i^power`` and a guaranteed ``floor`` of an equal share per client, then global coreset.
+
+    Every client keeps at least ``min(floor(floor * target / n_clients), its bank size)`` patches in the
+    global bank (its most diverse ones). ``power=1, floor=0`` gives :func:`federated_coreset` exactly.
+    """
+    if not 0.0 <= floor <= 1.0:
+        raise ValueError(f"floor must be in [0, 1], got {floor}")
+    weights = tempered_weights(updates, power)
+    guarantee = math.floor(floor * target / len(updates))
+    if guarantee == 0:
+        pool = np.concatenate([_most_diverse(u.embeddings, math.ceil(oversample * w * target), settings, salt=i)
+                               for i, (u, w) in enumerate(zip(updates, weights, strict=True))])
+        return _most_diverse(pool, target, settings, salt=10_007)
+    pinned = np.concatenate([_most_diverse(u.embeddings, guarantee, settings, salt=i) for i, u in enumerate(updates)])
+    remaining = target - len(pinned)
+    if remaining <= 0:
+        return pinned
+    candidates = np.concatenate([
+        _most_diverse(u.embeddings, math.ceil(oversample * w * remaining), settings, salt=i)
+        for i, (u, w) in enumerate(zip(updates, weights, strict=True))
+    ])
+    if remaining >= len(candidates):
+        return np.concatenate([pinned, candidates])
+    chosen = greedy_coreset(candidates, remaining, settings.projection_dim, settings.seed + 10_009,
+                            settings.chunk_size, covered=pinned)
+    return np.concatenate([pinned, candidates[chosen]])
+
+
 Strategy = Callable[..., np.ndarray]
 STRATEGIES: dict[str, Strategy] = {
     "federated_coreset": federated_coreset,
     "concatenate": concatenate,
     "diversity_preserving": diversity_preserving,
+    "fair_coreset": fair_coreset,
 }
 
 
