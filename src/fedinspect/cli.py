@@ -74,7 +74,7 @@ def _federation_config(args: argparse.Namespace) -> FederationConfig:
 
     settings = RoundSettings(
         backbone=args.backbone, image_size=args.image_size, local_coreset_ratio=args.local_coreset_ratio,
-        precision=args.precision, seed=args.seed,
+        precision=args.precision, seed=args.seed, **_privacy_settings(args),
     )
     return FederationConfig(
         clients=args.clients, partition=args.partition, alpha=args.alpha, strategy=args.strategy,
@@ -83,6 +83,26 @@ def _federation_config(args: argparse.Namespace) -> FederationConfig:
         centralized=not args.no_centralized, centralized_coreset_ratio=args.coreset_ratio,
         compare_shared=not args.no_shared_comparison, settings=settings,
     )
+
+
+def _privacy_settings(args: argparse.Namespace) -> dict:
+    """RoundSettings fields for DP and obfuscation; the obfuscation key comes from the flag or the environment."""
+    import os
+
+    values: dict = {}
+    if args.obfuscate:
+        key = args.obfuscation_key if args.obfuscation_key is not None else os.environ.get("FEDINSPECT_OBFUSCATION_KEY")
+        if key is None:
+            raise FedinspectError("--obfuscate needs the federation's secret key: pass --obfuscation-key N "
+                                  "or set FEDINSPECT_OBFUSCATION_KEY")
+        try:
+            values.update(obfuscation=args.obfuscate, obfuscation_key=int(key))
+        except ValueError as error:
+            raise FedinspectError(f"obfuscation key must be a non-negative integer, got {key!r}") from error
+    if args.dp_epsilon is not None or args.dp_noise is not None:
+        values.update(dp_unit=args.dp_unit, dp_epsilon=args.dp_epsilon or 0.0, dp_noise_multiplier=args.dp_noise or 0.0,
+                      dp_delta=args.dp_delta, dp_clip_norm=args.dp_clip)
+    return values
 
 
 def _print_federation(results: dict, out: Path) -> None:
@@ -150,6 +170,20 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-centralized", action="store_true", help="skip the pooled-data baseline")
     group.add_argument("--no-shared-comparison", action="store_true",
                        help="skip the comparison with one bank shared by all categories")
+
+    from fedinspect.privacy.bank_dp import DEFAULT_CLIP_NORM, UNITS
+
+    privacy = parser.add_argument_group("privacy (README 'Privacy')")
+    privacy.add_argument("--dp-epsilon", type=float, default=None,
+                         help="differentially private banks at this epsilon (noise solved by the accountant)")
+    privacy.add_argument("--dp-noise", type=float, default=None, help="instead of --dp-epsilon: the noise multiplier")
+    privacy.add_argument("--dp-unit", choices=UNITS, default="image",
+                         help="what DP protects: one training image (default) or one patch embedding (weaker)")
+    privacy.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the (epsilon, delta) guarantee")
+    privacy.add_argument("--dp-clip", type=float, default=DEFAULT_CLIP_NORM, help="L2 clip norm of embeddings")
+    privacy.add_argument("--obfuscate", default="", help="obfuscate images first: average,shuffle,switch_row")
+    privacy.add_argument("--obfuscation-key", type=int, default=None,
+                         help="the federation's secret obfuscation key (or FEDINSPECT_OBFUSCATION_KEY)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,6 +19,8 @@ import numpy as np
 from fedinspect.data.images import read_image
 from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.federation.update import CategoryUpdate, ClientUpdate
+from fedinspect.privacy.bank_dp import DEFAULT_CLIP_NORM, BankPrivacy, private_centres, privatize_embeddings
+from fedinspect.privacy.obfuscation import Obfuscation
 
 EmbeddingCache = dict[Path, np.ndarray]
 
@@ -37,6 +39,45 @@ class RoundSettings:
     coreset_chunk_size: int = 16384
     precision: str = "float16"
     seed: int = 0
+    # Image obfuscation before feature extraction ("" = none; e.g. "average,shuffle"), with the
+    # federation's secret key. The key travels to the clients with these settings and is never
+    # written to results.json.
+    obfuscation: str = ""
+    obfuscation_key: int = 0
+    # Differential privacy of the bank ("" = off; "embedding" or "image", see privacy/bank_dp.py).
+    # Give dp_epsilon (> 0) or dp_noise_multiplier (> 0); 0 means "not given".
+    dp_unit: str = ""
+    dp_epsilon: float = 0.0
+    dp_noise_multiplier: float = 0.0
+    dp_delta: float = 1e-5
+    dp_clip_norm: float = DEFAULT_CLIP_NORM
+    dp_patches_per_image: int = 16
+    dp_clusters: int = 8
+    dp_iterations: int = 2
+
+    def __post_init__(self) -> None:
+        self.obfuscator()  # validate early: a bad method name or DP setting fails before any work
+        self.bank_privacy()
+
+    def obfuscator(self) -> Obfuscation | None:
+        """The image obfuscation clients apply before embedding (None when off)."""
+        obfuscation = Obfuscation(self.obfuscation, key=self.obfuscation_key)
+        return obfuscation if obfuscation.active else None
+
+    def bank_privacy(self) -> BankPrivacy | None:
+        """The DP mechanism clients apply to their banks (None when off)."""
+        if not self.dp_unit:
+            return None
+        return BankPrivacy(
+            unit=self.dp_unit, epsilon=self.dp_epsilon or None, noise_multiplier=self.dp_noise_multiplier or None,
+            delta=self.dp_delta, clip_norm=self.dp_clip_norm, patches_per_image=self.dp_patches_per_image,
+            clusters=self.dp_clusters, iterations=self.dp_iterations,
+        )
+
+    def load(self, image: np.ndarray) -> np.ndarray:
+        """What the detector sees of an image: the image itself, or its obfuscated, resized version."""
+        obfuscation = self.obfuscator()
+        return image if obfuscation is None else obfuscation.prepare(image, self.image_size)
 
     def detector(self, progress: bool = False) -> PatchCore:
         """A PatchCore configured as the server asked (used for embedding and local coresets)."""
@@ -96,28 +137,38 @@ class FederatedClient:
         embeddings across roles; they do not change the result.
         """
         detector = detector or settings.detector(progress)
+        privacy = settings.bank_privacy()
         update = ClientUpdate(self.client_id)
         stats = ClientStats()
         for category, paths in sorted(self.images.items()):
             start = time.perf_counter()
-            patches = self._embed(detector, paths, cache)
+            per_image = self._embed(detector, paths, cache, settings)
+            patches = np.concatenate(per_image)
             stats.feature_extraction_s += time.perf_counter() - start
             start = time.perf_counter()
-            kept = detector.select_coreset(patches, settings.local_coreset_ratio,
-                                           seed=derived_seed(settings.seed, self.client_id, category))
+            seed = derived_seed(settings.seed, self.client_id, category)
+            if privacy is not None and privacy.unit == "image":
+                kept = private_centres(per_image, privacy, seed=derived_seed(seed, "dp"))
+            else:
+                if privacy is not None:  # noise first, coreset second: the selection is post-processing
+                    patches = privatize_embeddings(patches, privacy, seed=derived_seed(seed, "dp"))
+                kept = detector.select_coreset(patches, settings.local_coreset_ratio, seed=seed)
             stats.local_coreset_s += time.perf_counter() - start
             update.categories[category] = CategoryUpdate(kept, n_samples=len(paths), n_patches=len(patches))
             stats.per_category[category] = {"samples": len(paths), "patches": len(patches), "coreset": len(kept)}
         return update, stats
 
-    def _embed(self, detector: PatchCore, paths: Sequence[Path], cache: EmbeddingCache | None) -> np.ndarray:
+    def _embed(self, detector: PatchCore, paths: Sequence[Path], cache: EmbeddingCache | None,
+               settings: RoundSettings) -> list[np.ndarray]:
+        """Each image's patch embeddings, in the order of ``paths``."""
         rows = []
         missing = [p for p in paths if cache is None or p not in cache]
         if missing:
-            per_image = detector.embed_per_image((self.load_image(p) for p in missing), total=len(missing))
+            images = (settings.load(self.load_image(p)) for p in missing)
+            per_image = detector.embed_per_image(images, total=len(missing))
             for path, patches in zip(missing, per_image, strict=True):
                 if cache is not None:
                     cache[path] = patches
                 rows.append((path, patches))
         found = dict(rows)
-        return np.concatenate([found[p] if p in found else cache[p] for p in paths])
+        return [found[p] if p in found else cache[p] for p in paths]

@@ -72,6 +72,7 @@ class FederationConfig:
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         data["settings"] = self.settings.to_dict()
+        data["settings"].pop("obfuscation_key")  # a secret of the federation: never written out
         data["seed"] = self.settings.seed
         return data
 
@@ -215,6 +216,10 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
     test_labels = {name: [s.label for s in dataset.test] for name, dataset in plan.datasets.items()}
     per_client = ClientEvaluation(client_test_shares(test_labels, {row["client"]: row["categories"] for row in rows},
                                                      config.settings.seed))
+    if (privacy := config.settings.bank_privacy()) is not None:
+        results["privacy"] = privacy.report()
+    if (obfuscation := config.settings.obfuscator()) is not None:
+        results["obfuscation"] = obfuscation.to_dict()
     evaluation = _evaluate(plan.datasets, banks, shared, config, detector, cache, out_dir, timing, progress,
                            per_client)
     results.update(evaluation["summary"])
@@ -243,19 +248,22 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
         start = time.perf_counter()
         shapes, regions = load_ground_truth(dataset, progress=False)
         labels = np.array([s.label for s in dataset.test])
-        grids = detector.embed_grids((read_image(s.image_path) for s in dataset.test), total=len(dataset.test))
+        grids = detector.embed_grids((config.settings.load(read_image(s.image_path)) for s in dataset.test),
+                                     total=len(dataset.test))
         models = {"federated": banks.get(name, banks.get(SHARED))}
         if shared is not None:
             models["shared_bank"] = shared[SHARED]
         timing["evaluation_s"] += time.perf_counter() - start
         if config.centralized:
             start = time.perf_counter()
-            pooled = _pooled_embeddings(dataset, detector, cache, skipped)
+            pooled = _pooled_embeddings(dataset, detector, cache, skipped, config)
             models["centralized"] = detector.select_coreset(pooled, config.centralized_coreset_ratio)
             timing["centralized_fit_s"] += time.perf_counter() - start
         for model_name, bank in models.items():
             start = time.perf_counter()
             scores, maps = detector.with_memory_bank(bank).predict_embedded(grids)
+            if (obfuscation := config.settings.obfuscator()) is not None:  # maps back to the images' own grid
+                maps = [obfuscation.restore_map(m, shape) for m, shape in zip(maps, shapes, strict=True)]
             entry, category_curves = score_with_curves(labels, scores, maps, regions)
             entry["counts"] = {"test": len(labels), "test_good": int((labels == 0).sum()),
                                "test_defective": int(labels.sum()), "bank": len(bank)}
@@ -286,7 +294,7 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
 
 
 def _pooled_embeddings(dataset: CategoryDataset, detector: PatchCore, cache: EmbeddingCache,
-                       skipped: list[str]) -> np.ndarray:
+                       skipped: list[str], config: FederationConfig) -> np.ndarray:
     """The category's training embeddings for the centralized baseline (reused from the clients' pass).
 
     Images of clients that dropped out are embedded here; an unreadable one is left out with a warning.
@@ -295,7 +303,7 @@ def _pooled_embeddings(dataset: CategoryDataset, detector: PatchCore, cache: Emb
     for sample in dataset.train:
         if sample.image_path not in cache:
             try:
-                cache[sample.image_path] = detector.embed([read_image(sample.image_path)])
+                cache[sample.image_path] = detector.embed([config.settings.load(read_image(sample.image_path))])
             except FedinspectError as error:
                 print(f"warning: centralized baseline skips {error}", file=sys.stderr)
                 skipped.append(str(sample.image_path))

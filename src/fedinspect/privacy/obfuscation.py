@@ -20,6 +20,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
 
 METHODS = ("average", "shuffle", "switch_row")
 _TAGS = {"shuffle": 1, "switch_row": 2}
@@ -183,6 +186,23 @@ class Obfuscation:
         if "shuffle" in self.methods:
             out = unshuffle_blocks(out, self.shuffle_block, self.key)
         return out
+
+    def prepare(self, image: np.ndarray, short_side: int) -> np.ndarray:
+        """Resize the short side to ``short_side`` (the detector's input size), then obfuscate.
+
+        Obfuscating at the resolution the backbone sees keeps the blocks meaningful: a 2x2 average
+        on a 1000-pixel image would vanish in the detector's own downscaling.
+        """
+        height, width = image.shape[:2]
+        scale = short_side / min(height, width)
+        size = (max(1, round(width * scale)), max(1, round(height * scale)))
+        return self(np.asarray(Image.fromarray(image).resize(size, Image.Resampling.BILINEAR)))
+
+    def restore_map(self, score_map: np.ndarray, original: tuple[int, int]) -> np.ndarray:
+        """An anomaly map of a :meth:`prepare`-d image -> the map on the original image's pixel grid."""
+        restored = torch.from_numpy(np.ascontiguousarray(self.restore(score_map), dtype=np.float32))
+        resized = F.interpolate(restored[None, None], size=tuple(original), mode="bilinear", align_corners=False)
+        return resized[0, 0].numpy()
 
     def to_dict(self) -> dict[str, object]:
         """Settings for results.json; the key itself is a secret and is never written."""
