@@ -81,7 +81,7 @@ def _federation_config(args: argparse.Namespace) -> FederationConfig:
         global_size=args.global_size, global_ratio=args.global_ratio, bank=args.bank,
         min_per_client=args.min_per_client, min_clients=args.min_clients or 1,
         centralized=not args.no_centralized, centralized_coreset_ratio=args.coreset_ratio,
-        compare_shared=not args.no_shared_comparison, settings=settings,
+        compare_shared=not args.no_shared_comparison, attack_data=args.attack_data, settings=settings,
     )
 
 
@@ -147,6 +147,19 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_study(args: argparse.Namespace) -> int:
+    from fedinspect.study.config import load_study
+    from fedinspect.study.runner import run_study
+
+    summary = run_study(load_study(args.config), args.out, progress=not args.quiet)
+    print((Path(args.out) / "table.md").read_text(encoding="utf-8"))
+    print("\n".join(f"- {line}" for line in summary["recommendations"]))
+    cells = summary["cells"]
+    print(f"{cells['total']} cells ({cells['ran']} run, {cells['reused']} done before, {cells['failed']} failed) in "
+          f"{summary['wall_s']:.0f} s; table.csv, table.md, report.html in {args.out}")
+    return 1 if cells["failed"] else 0
+
+
 def _add_federation_options(parser: argparse.ArgumentParser) -> None:
     from fedinspect.federation.partition import SCHEMES
     from fedinspect.federation.server import BANK_MODES
@@ -184,6 +197,30 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
     privacy.add_argument("--obfuscate", default="", help="obfuscate images first: average,shuffle,switch_row")
     privacy.add_argument("--obfuscation-key", type=int, default=None,
                          help="the federation's secret obfuscation key (or FEDINSPECT_OBFUSCATION_KEY)")
+    privacy.add_argument("--attack-data", default="",
+                         help="the attacker's own images (a dataset folder): run the inversion and membership attacks")
+
+
+def _cmd_privacy_study(args: argparse.Namespace) -> int:
+    from fedinspect.data.synthetic import generate_dataset
+    from fedinspect.evaluation.privacy_report import privacy_table
+    from fedinspect.federation.privacy_study import PrivacyStudy, run_privacy_study
+
+    out = Path(args.out)
+    attacker = args.attack_data
+    if not attacker:  # the attacker generates images of its own
+        attacker = generate_dataset(out / "attacker_data", seed=args.seed + 1, size="tiny", progress=not args.quiet)
+    config = _federation_config(args)
+    config.centralized, config.compare_shared, config.write_maps = False, False, False
+    epsilons = tuple(None if e.strip() == "none" else float(e) for e in args.epsilons.split(","))
+    obfuscations = tuple("" if o.strip() == "none" else o.strip().replace("+", ",") for o in args.obfuscations.split(";"))
+    study = PrivacyStudy(epsilons=epsilons, obfuscations=obfuscations, unit=args.dp_unit,
+                         compare_unit_at=None if args.compare_unit_at.lower() == "none" else float(args.compare_unit_at),
+                         obfuscation_key=args.obfuscation_key if args.obfuscation_key is not None else 20261122)
+    results = run_privacy_study(args.data, out, attacker, config, study, progress=not args.quiet)
+    print(privacy_table(results["rows"]))
+    print(f"privacy_study.json, report.md, report.html and privacy_pareto.png in {out}")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -219,12 +256,30 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation_options(federate)
     federate.set_defaults(run=_cmd_federate)
 
+    study = commands.add_parser("privacy-study",
+                                help="DP budget x obfuscation grid with inversion and membership attacks")
+    study.add_argument("--data", required=True, help="dataset folder (one subfolder per category)")
+    study.add_argument("--out", required=True, help="study folder to write")
+    study.add_argument("--epsilons", default="1,5,10,none", help="comma-separated DP budgets; 'none' = no DP")
+    study.add_argument("--obfuscations", default="none;average+shuffle;average+shuffle+switch_row",
+                       help="semicolon-separated obfuscations, methods joined by '+'")
+    study.add_argument("--compare-unit-at", default="1",
+                       help="also run the other DP unit at this epsilon, without obfuscation ('none': skip)")
+    _add_model_options(study)
+    _add_federation_options(study)
+    study.set_defaults(run=_cmd_privacy_study)
+
     demo = commands.add_parser("demo", help="generate the synthetic dataset and federate it (the main job)")
     demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
     demo.add_argument("--size", choices=("tiny", "small", "full"), default="small")
     _add_model_options(demo)
     _add_federation_options(demo)
     demo.set_defaults(run=_cmd_demo)
+
+    study = commands.add_parser("study", help="a grid of federated runs with statistics and a report (STUDY.toml)")
+    study.add_argument("--config", required=True, help="study file (README 'Fairness and studies')")
+    study.add_argument("--out", required=True, help="study folder; finished cells in it are not run again")
+    study.set_defaults(run=_cmd_study)
     return parser
 
 

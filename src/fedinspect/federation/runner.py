@@ -59,6 +59,9 @@ class FederationConfig:
     compare_shared: bool = True
     write_maps: bool = True
     examples_per_category: int = 3
+    # Folder of the attacker's own images (any dataset in our layouts): when set, the inversion and
+    # membership attacks run against this round and results.json gains an ``attacks`` block.
+    attack_data: str = ""
     settings: RoundSettings = field(default_factory=RoundSettings)
 
     def server(self, bank: str | None = None) -> FederatedServer:
@@ -128,16 +131,22 @@ def plan_round(data_dir: str | Path, config: FederationConfig, out_dir: Path | N
 
 
 def run_federation(data_dir: str | Path, out_dir: str | Path, config: FederationConfig | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """Run one federated round in this process and write results.json, maps and the report."""
+                   progress: bool = True, *, cache: EmbeddingCache | None = None,
+                   test_cache: dict[Path, Any] | None = None, report: bool = True) -> dict[str, Any]:
+    """Run one federated round in this process and write results.json, maps and the report.
+
+    ``cache`` (training embeddings) and ``test_cache`` (test embedding grids), keyed by image path, let
+    a study reuse embeddings across runs with the same feature settings; ``report=False`` skips the report.
+    """
     config = config or FederationConfig()
     out_dir = Path(out_dir)
     started = time.perf_counter()
     plan = plan_round(data_dir, config, out_dir)
     detector = config.settings.detector(progress=False)
-    cache: EmbeddingCache = {}
+    cache = {} if cache is None else cache
     replies, missing = collect_in_process(plan, config, detector, cache, progress)
-    return conclude_round(plan, replies, missing, config, out_dir, detector, cache, started, progress)
+    return conclude_round(plan, replies, missing, config, out_dir, detector, cache, started, progress,
+                          test_cache=test_cache, report=report)
 
 
 def collect_in_process(plan: RoundPlan, config: FederationConfig, detector: PatchCore, cache: EmbeddingCache,
@@ -166,7 +175,8 @@ def collect_in_process(plan: RoundPlan, config: FederationConfig, detector: Patc
 def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[dict[str, str]],
                    config: FederationConfig, out_dir: Path, detector: PatchCore | None = None,
                    cache: EmbeddingCache | None = None, started: float | None = None,
-                   progress: bool = True) -> dict[str, Any]:
+                   progress: bool = True, test_cache: dict[Path, Any] | None = None,
+                   report: bool = True) -> dict[str, Any]:
     """The server's side: parse the replies, aggregate, evaluate every category, write results and report."""
     started = time.perf_counter() if started is None else started
     detector = detector or config.settings.detector(progress=False)
@@ -221,8 +231,10 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
     if (obfuscation := config.settings.obfuscator()) is not None:
         results["obfuscation"] = obfuscation.to_dict()
     evaluation = _evaluate(plan.datasets, banks, shared, config, detector, cache, out_dir, timing, progress,
-                           per_client)
+                           per_client, test_cache)
     results.update(evaluation["summary"])
+    if config.attack_data:
+        results["attacks"] = _attacks(plan, updates, banks, config, detector, cache, progress)
     per_client.attach(rows)
     results["fairness"] = run_fairness(results["categories"], rows)
     timing["total_s"] = time.perf_counter() - started
@@ -230,14 +242,16 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
     results["peak_memory_mb"] = peak_memory_mb()
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    write_report(out_dir, results, evaluation["curves"], evaluation["examples"],
-                 title=f"Federated PatchCore: {config.clients} clients, {config.partition}, {config.strategy}")
+    if report:
+        write_report(out_dir, results, evaluation["curves"], evaluation["examples"],
+                     title=f"Federated PatchCore: {config.clients} clients, {config.partition}, {config.strategy}")
     return results
 
 
 def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray], shared: dict[str, np.ndarray] | None,
               config: FederationConfig, detector: PatchCore, cache: EmbeddingCache, out_dir: Path,
-              timing: dict[str, float], progress: bool, per_client: ClientEvaluation | None = None) -> dict[str, Any]:
+              timing: dict[str, float], progress: bool, per_client: ClientEvaluation | None = None,
+              test_cache: dict[Path, Any] | None = None) -> dict[str, Any]:
     per_model: dict[str, dict[str, Any]] = {"federated": {}, "centralized": {}, "shared_bank": {}}
     curves: dict[str, dict[str, Curves]] = {"federated": {}, "centralized": {}}
     examples: list[Example] = []
@@ -248,8 +262,7 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
         start = time.perf_counter()
         shapes, regions = load_ground_truth(dataset, progress=False)
         labels = np.array([s.label for s in dataset.test])
-        grids = detector.embed_grids((config.settings.load(read_image(s.image_path)) for s in dataset.test),
-                                     total=len(dataset.test))
+        grids = _test_grids(dataset, detector, config, {} if test_cache is None else test_cache)
         models = {"federated": banks.get(name, banks.get(SHARED))}
         if shared is not None:
             models["shared_bank"] = shared[SHARED]
@@ -291,6 +304,32 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
     if per_model["shared_bank"]:
         summary["shared_bank"] = {"categories": per_model["shared_bank"], "mean": _mean(per_model["shared_bank"])}
     return {"summary": summary, "curves": curves, "examples": examples}
+
+
+def _test_grids(dataset: CategoryDataset, detector: PatchCore, config: FederationConfig,
+                cache: dict[Path, Any]) -> list[Any]:
+    """The embedding grid of every test image, computed for those not in ``cache`` (which keeps them)."""
+    todo = [s.image_path for s in dataset.test if s.image_path not in cache]
+    images = (config.settings.load(read_image(path)) for path in todo)
+    cache.update(zip(todo, detector.embed_grids(images, total=len(todo)), strict=True))
+    return [cache[s.image_path] for s in dataset.test]
+
+
+def _attacks(plan: RoundPlan, updates: list[ClientUpdate], banks: dict[str, np.ndarray], config: FederationConfig,
+             detector: PatchCore, cache: EmbeddingCache, progress: bool) -> dict[str, Any]:
+    """Inversion and membership attacks against this round (README 'Privacy')."""
+    from fedinspect.federation.attacks import measure_attacks, train_attacker
+
+    _log("== attacks: inversion and membership inference", progress)
+    attack = train_attacker(detector, Path(config.attack_data), seed=config.settings.seed)
+    held_out = {
+        name: detector.embed_per_image(config.settings.load(read_image(s.image_path)) for s in dataset.test
+                                       if s.label == 0)
+        for name, dataset in plan.datasets.items()
+    }
+    block: dict[str, Any] = measure_attacks(plan, updates, banks, detector, cache, held_out, attack, config.settings)
+    block["attacker_data"] = config.attack_data
+    return block
 
 
 def _pooled_embeddings(dataset: CategoryDataset, detector: PatchCore, cache: EmbeddingCache,

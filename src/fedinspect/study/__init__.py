@@ -1,0 +1,5 @@
+"""Studies: a grid of federated runs (partitions x strategies x seeds x options) with statistics and a report.
+
+``config`` reads STUDY.toml, ``runner`` runs (and resumes) the cells, ``statistics`` gives bootstrap
+intervals and paired tests, ``pareto`` the trade-off frontiers, ``report`` the table and the HTML page.
+"""
