@@ -212,10 +212,14 @@ def _cmd_privacy_study(args: argparse.Namespace) -> int:
         attacker = generate_dataset(out / "attacker_data", seed=args.seed + 1, size="tiny", progress=not args.quiet)
     config = _federation_config(args)
     config.centralized, config.compare_shared, config.write_maps = False, False, False
-    epsilons = tuple(None if e.strip() == "none" else float(e) for e in args.epsilons.split(","))
-    obfuscations = tuple("" if o.strip() == "none" else o.strip().replace("+", ",") for o in args.obfuscations.split(";"))
-    study = PrivacyStudy(epsilons=epsilons, obfuscations=obfuscations, unit=args.dp_unit,
-                         compare_unit_at=None if args.compare_unit_at.lower() == "none" else float(args.compare_unit_at),
+    try:
+        epsilons = tuple(None if e.strip() == "none" else float(e) for e in args.epsilons.split(","))
+        compare = None if args.compare_unit_at.lower() == "none" else float(args.compare_unit_at)
+    except ValueError as error:
+        raise FedinspectError(f"--epsilons / --compare-unit-at take numbers or 'none': {error}") from error
+    obfuscations = tuple("" if o.strip() == "none" else o.strip().replace("+", ",")
+                         for o in args.obfuscations.split(";"))
+    study = PrivacyStudy(epsilons=epsilons, obfuscations=obfuscations, unit=args.dp_unit, compare_unit_at=compare,
                          obfuscation_key=args.obfuscation_key if args.obfuscation_key is not None else 20261122)
     results = run_privacy_study(args.data, out, attacker, config, study, progress=not args.quiet)
     print(privacy_table(results["rows"]))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
 
@@ -50,7 +51,8 @@ def epsilon(noise_multiplier: float, delta: float = DEFAULT_DELTA, sample_rate: 
     _check(noise_multiplier, delta, sample_rate, steps)
     acc = _accountant(accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
-    with warnings.catch_warnings():  # "optimal order is the largest alpha": only for tiny noise, eps is huge anyway
+    # "optimal order is the largest alpha" (tiny noise: epsilon is huge anyway); log(1 - q) at q = 1 in PRV
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):
         warnings.simplefilter("ignore", UserWarning)
         return float(acc.get_epsilon(delta=delta))
 
@@ -62,5 +64,8 @@ def noise_multiplier_for(target_epsilon: float, delta: float = DEFAULT_DELTA, sa
         raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
     _check(1.0, delta, sample_rate, steps)
     _accountant(accountant)
-    return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
-                                      steps=steps, accountant=accountant, epsilon_tolerance=tolerance))
+    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # the search probes tiny noise first
+        warnings.simplefilter("ignore", UserWarning)
+        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                          sample_rate=sample_rate, steps=steps, accountant=accountant,
+                                          epsilon_tolerance=tolerance))

@@ -17,7 +17,8 @@ client can make. Two Gaussian mechanisms protect it, each naming the unit it pro
     client: per cluster, the sum of the patches (Gaussian noise ``z * m * C``) and their count (noise
     ``z * m``). Clusters start from a data-independent random-hyperplane hash (a first release) and
     are refined by ``iterations`` Lloyd steps, each one more release; the client sends the noisy
-    centres (noisy sum / noisy count) of clusters whose noisy count passes a threshold. Neighbouring
+    centres (noisy sum / noisy count) of clusters whose noisy count reaches one noise standard
+    deviation (at least the most populous cluster, so a bank is never empty). Neighbouring
     datasets differ by one whole image (add/remove), whose sums change by at most ``m*C`` and counts
     by at most ``m`` in L2 norm; releasing both with multiplier ``z`` is one Gaussian mechanism with
     multiplier ``z / sqrt(2)``, composed over ``1 + iterations`` releases by the accountant.
@@ -190,20 +191,24 @@ def private_centres(per_image: list[np.ndarray], privacy: BankPrivacy, seed: int
     codes = ((points @ planes) > 0).astype(np.int64) @ (1 << np.arange(bits)) if bits else np.zeros(len(points), int)
     codes %= k
     sums, counts = _noisy_sums(points, codes, k, sigma_sum, sigma_count, rng)
-    centres = _centres(sums, counts, c)
+    centres = _centres(sums, counts, c, max(1.0, sigma_count))
     for _ in range(privacy.iterations):
-        if not len(centres):
-            break
         labels = _nearest(points, centres)
         sums, counts = _noisy_sums(points, labels, len(centres), sigma_sum, sigma_count, rng)
-        centres = _centres(sums, counts, c)
+        centres = _centres(sums, counts, c, max(1.0, sigma_count))
     return centres.astype(np.float32)
 
 
-def _centres(sums: np.ndarray, counts: np.ndarray, clip_norm: float) -> np.ndarray:
-    """Noisy means of clusters whose noisy count is at least one (post-processing), kept inside the clip ball."""
-    kept = counts >= 1.0
-    return clip_rows(sums[kept] / counts[kept, None], clip_norm) if kept.any() else np.zeros((0, sums.shape[1]))
+def _centres(sums: np.ndarray, counts: np.ndarray, clip_norm: float, floor: float) -> np.ndarray:
+    """Noisy means of the clusters whose noisy count reaches ``floor`` (at least the most populous one).
+
+    Post-processing of released values only: counts below ``floor`` (one noise standard deviation)
+    are too unreliable to divide by; the means are kept inside the clip ball.
+    """
+    kept = counts >= floor
+    if not kept.any():
+        kept = counts == counts.max()
+    return clip_rows(sums[kept] / np.maximum(counts[kept], floor)[:, None], clip_norm)
 
 
 def _nearest(points: np.ndarray, centres: np.ndarray) -> np.ndarray:
