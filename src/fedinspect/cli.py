@@ -284,6 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     study.add_argument("--config", required=True, help="study file (README 'Fairness and studies')")
     study.add_argument("--out", required=True, help="study folder; finished cells in it are not run again")
     study.set_defaults(run=_cmd_study)
+
+    from fedinspect.classification.commands import add_classification_commands
+
+    add_classification_commands(commands)  # classify, classify-experiment (seed 000, PIDS)
     return parser
 
 

@@ -1,0 +1,140 @@
+"""The ``classify`` and ``classify-experiment`` subcommands (added to ``fedinspect`` by :mod:`fedinspect.cli`).
+
+Importing this module is cheap (no torch): the work is imported when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+MODEL_CHOICES = ("cnn", "large", "mobile", "resnet50", "mobilenet_v2")
+
+
+def _add_training_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("federated training")
+    group.add_argument("--clients", type=int, default=3, help="number of clients (default 3)")
+    group.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
+    group.add_argument("--partition", choices=("iid", "dirichlet"), default="iid",
+                       help="client shares: iid, or label skew by a Dirichlet over classes")
+    group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
+    group.add_argument("--image-size", type=int, default=96, help="images are resized to this square (px)")
+    group.add_argument("--seed", type=int, default=0, help="seed of the split, shares, init, batches and noise")
+    group.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
+    group.add_argument("--batch-size", type=int, default=8, help="physical batch (micro-batch) size")
+    group.add_argument("--accumulation-steps", type=int, default=4,
+                       help="physical batches per optimizer step (logical batch = batch size x this)")
+    group.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
+    group.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    group.add_argument("--fine-tune", action="store_true",
+                       help="train the pretrained backbone too (slow on CPU; BatchNorm -> GroupNorm under DP)")
+    group.add_argument("--weights", default=None, help="local weight file of the backbone")
+    group.add_argument("--obfuscation-key", type=int, default=None,
+                       help="secret key of shuffle / switch_row (default: the seed); never written to results")
+    dp = parser.add_argument_group("DP-SGD (Opacus)")
+    dp.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample L2 clipping bound")
+    dp.add_argument("--delta", type=float, default=None, help="delta (default 1e-5)")
+    dp.add_argument("--accountant", choices=("rdp", "prv", "gdp"), default="rdp")
+
+
+def _config(args: argparse.Namespace, **overrides):
+    from fedinspect.classification.runner import ClassifyConfig
+    from fedinspect.classification.training import TrainSettings
+
+    train = TrainSettings(
+        local_epochs=args.local_epochs, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps,
+        lr=args.lr, momentum=args.momentum, optimizer=args.optimizer,
+        noise_multiplier=getattr(args, "dp_noise", None), max_grad_norm=args.max_grad_norm, delta=args.delta,
+        accountant=args.accountant,
+    )
+    values = dict(
+        model=getattr(args, "model", "cnn"), clients=args.clients, rounds=args.rounds, partition=args.partition,
+        alpha=args.alpha, image_size=args.image_size, obfuscate=getattr(args, "obfuscate", "") or (),
+        obfuscation_key=args.seed if args.obfuscation_key is None else args.obfuscation_key,
+        fine_tune=args.fine_tune, weights=args.weights, seed=args.seed, train=train,
+    )
+    values.update(overrides)
+    return ClassifyConfig(**values)
+
+
+def _settings_error(error: ValueError) -> Exception:
+    from fedinspect.errors import FedinspectError
+
+    return FedinspectError(f"invalid settings: {error}")
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from fedinspect.classification.report import fmt, fmt_epsilon
+
+    try:
+        config = _config(args)
+    except ValueError as error:
+        raise _settings_error(error) from error
+    if args.engine == "flower-sim":
+        from fedinspect.classification.flower_app import run_flower_simulation as run
+    else:
+        from fedinspect.classification.runner import run_classification as run
+    results = run(args.data, args.out, config, progress=not args.quiet)
+    print(f"{results['config']['model']} on {Path(results['dataset']).name} ({len(results['classes'])} classes, "
+          f"{results['engine']}): accuracy {fmt(results['accuracy'])}, macro-F1 {fmt(results['macro_f1'])}, "
+          f"loss {fmt(results['loss'])} after {config.rounds} rounds [{results['timing']['total_s']:.1f} s]")
+    if "epsilon" in results:
+        print("epsilon per client (cumulative): "
+              + ", ".join(f"{c} {fmt_epsilon(e)}" for c, e in results["epsilon"].items()))
+    print(f"results.json, report.md and report.html in {args.out}")
+    return 0
+
+
+def cmd_experiment(args: argparse.Namespace) -> int:
+    from fedinspect.classification.experiment import ExperimentPlan, run_experiment
+
+    try:
+        plan = ExperimentPlan(
+            base=_config(args), models=tuple(m.strip() for m in args.models.split(",")),
+            obfuscations=tuple(args.obfuscations), transfer_obfuscations=tuple(args.transfer_obfuscations),
+            noise_multipliers=tuple(args.noise), target_epsilons=tuple(args.target_epsilon),
+            image_sizes={"cnn": args.cnn_image_size} if args.cnn_image_size else {},
+        )
+        for model in plan.models:
+            if model not in MODEL_CHOICES:
+                raise ValueError(f"unknown model {model!r}; choose from {list(MODEL_CHOICES)}")
+    except ValueError as error:
+        raise _settings_error(error) from error
+    summary = run_experiment(args.data, args.out, plan, progress=not args.quiet)
+    print((Path(args.out) / "report.md").read_text())
+    print(f"{len(summary['rows'])} runs; experiment.json and report.md in {args.out}")
+    return 0
+
+
+def add_classification_commands(commands: argparse._SubParsersAction) -> None:
+    """Add ``classify`` and ``classify-experiment`` to the ``fedinspect`` subcommands."""
+    classify = commands.add_parser("classify", help="federated defect classification with DP-SGD and obfuscation")
+    classify.add_argument("--data", required=True, help="category folder (AutoVI or MVTec AD layout)")
+    classify.add_argument("--out", required=True, help="run folder to write")
+    classify.add_argument("--model", choices=MODEL_CHOICES, default="cnn",
+                          help="cnn, large (EfficientNet-Lite2), mobile (EfficientNet-Lite0), resnet50, "
+                               "mobilenet_v2 (last two: local torchvision weights needed)")
+    classify.add_argument("--dp-noise", type=float, default=None, help="DP-SGD noise multiplier (default: no DP)")
+    classify.add_argument("--obfuscate", default="", help="e.g. average,shuffle,switch_row (default: none)")
+    classify.add_argument("--engine", choices=("in-process", "flower-sim"), default="in-process")
+    _add_training_options(classify)
+    classify.set_defaults(run=cmd_classify)
+
+    experiment = commands.add_parser("classify-experiment",
+                                     help="Tables I and III of seed 000: models x obfuscation x DP noise")
+    experiment.add_argument("--data", required=True, help="category folder")
+    experiment.add_argument("--out", required=True, help="experiment folder (resumable)")
+    experiment.add_argument("--models", default="cnn,mobile,large", help="comma-separated models")
+    experiment.add_argument("--obfuscations", nargs="+",
+                            default=["none", "average", "shuffle", "switch_row", "average,shuffle,switch_row"],
+                            help="obfuscations of the CNN in Table I")
+    experiment.add_argument("--transfer-obfuscations", nargs="+", default=["none", "average,shuffle,switch_row"],
+                            help="obfuscations of the transfer models in Table I")
+    experiment.add_argument("--noise", nargs="*", type=float, default=[0.01, 0.05],
+                            help="noise multipliers of Table III (the seed's)")
+    experiment.add_argument("--target-epsilon", nargs="*", type=float, default=[10.0, 1.0],
+                            help="Table III also runs the noise giving each of these epsilons after all rounds")
+    experiment.add_argument("--cnn-image-size", type=int, default=64, help="image size of the CNN (0: --image-size)")
+    _add_training_options(experiment)
+    experiment.set_defaults(run=cmd_experiment)

