@@ -66,6 +66,10 @@ def noise_multiplier_for(target_epsilon: float, delta: float = DEFAULT_DELTA, sa
     _accountant(accountant)
     with warnings.catch_warnings(), np.errstate(divide="ignore"):  # the search probes tiny noise first
         warnings.simplefilter("ignore", UserWarning)
-        return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
-                                          sample_rate=sample_rate, steps=steps, accountant=accountant,
-                                          epsilon_tolerance=tolerance))
+        try:
+            return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
+                                              sample_rate=sample_rate, steps=steps, accountant=accountant,
+                                              epsilon_tolerance=tolerance))
+        except ValueError as error:  # Opacus: "The privacy budget is too low."
+            raise ValueError(f"epsilon {target_epsilon} at delta {delta} over {steps} step(s) needs more noise than "
+                             f"the {accountant} accountant searches: {error}") from error
