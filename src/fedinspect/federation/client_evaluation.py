@@ -124,19 +124,16 @@ class ClientEvaluation:
                   for key in ("test", "test_good", "test_defective")}
         notes = {}
         if not auroc:
-            notes["image_auroc"] = (_undefined_reason(counts) if counts["test"] == 0 or 0 in
-                                    (counts["test_good"], counts["test_defective"])
-                                    else "single class in the test share of each of its categories")
+            single_class = 0 in (counts["test_good"], counts["test_defective"])
+            notes["image_auroc"] = (_undefined_reason(counts) if single_class
+                                    else "each category of its test share has a single class")
         if spro["0.05"] is None:
             notes["auc_spro"] = "no defect region in its test share"
         return {
             "image_auroc": float(np.mean(auroc)) if auroc else None,
             "auc_spro": spro,
             "test_counts": counts,
-            "test_categories": {name: {"image_auroc": e["image_auroc"], "auc_spro": e["auc_spro"],
-                                       "counts": e["counts"], **({"note": e["image_auroc_note"]}
-                                                                 if "image_auroc_note" in e else {})}
-                                for name, e in categories.items()},
+            "test_categories": {name: dict(entry) for name, entry in categories.items()},
             "notes": notes,
         }
 
