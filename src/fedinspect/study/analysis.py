@@ -184,6 +184,7 @@ def compare_strategies(records: Sequence[CellRecord], axes: Sequence[str], basel
 FRONTS = {
     "accuracy vs worst client": ("image_auroc", "worst_client_image_auroc", (True, True)),
     "accuracy vs MB sent": ("image_auroc", "mb_sent", (True, False)),
+    "accuracy vs bank size": ("image_auroc", "global_bank", (True, False)),
 }
 
 
@@ -212,6 +213,14 @@ def _p(test: Mapping[str, Any]) -> str:
     return f"Wilcoxon p = {wp}, permutation p = {pp}, n = {w['n']}"
 
 
+def _bank_note(row: Mapping[str, Any], base: Sequence[Mapping[str, Any]]) -> str:
+    """", with a bank N times the baseline's" when the row's global bank is much larger than the baseline's."""
+    if not base:
+        return ""
+    ratio = row["global_bank"]["mean"] / base[0]["global_bank"]["mean"]
+    return f", with a global bank {ratio:.1f}x the baseline's" if ratio > 1.2 else ""
+
+
 def _best(rows: Sequence[dict[str, Any]], key: str) -> dict[str, Any]:
     """The row with the highest mean of ``key`` (undefined means count as lowest; first row wins ties)."""
     return max(rows, key=lambda row: -math.inf if math.isnan(row[key]["mean"]) else row[key]["mean"])
@@ -231,8 +240,9 @@ def recommend(findings: Findings, study: StudyConfig) -> list[str]:
         base = [r for r in rows if r["levels"][STRATEGY_AXIS] == study.baseline]
         where = f"{situation} = {level}" if situation else "all cells"
         text = (f"**{where}**: for accuracy use {accurate['label']} (mean image AUROC "
-                f"{accurate['image_auroc']['mean']:.3f}); for the worst-off client use {fair['label']} (worst client "
-                f"{fair['worst_client_image_auroc']['mean']:.3f})")
+                f"{accurate['image_auroc']['mean']:.3f}{_bank_note(accurate, base)}); for the worst-off client use "
+                f"{fair['label']} (worst client {fair['worst_client_image_auroc']['mean']:.3f}"
+                f"{_bank_note(fair, base)})")
         if base and fair is not base[0]:
             gain = fair["worst_client_image_auroc"]["mean"] - base[0]["worst_client_image_auroc"]["mean"]
             test = next((t for t in findings.tests if t["strategy"] == fair["levels"][STRATEGY_AXIS]
