@@ -9,8 +9,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from matplotlib.figure import Figure
 
+from fedinspect.privacy.obfuscation import Obfuscation
 from fedinspect.study.pareto import pareto_front
 
 COLUMNS = (
@@ -72,10 +74,32 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
-def write_privacy_report(out_dir: Path, results: Mapping[str, Any]) -> Path:
-    """report.md and report.html (plot embedded) of a privacy study."""
+def obfuscation_examples(image: np.ndarray, key: int, path: Path, short_side: int = 256) -> Path:
+    """One image as the detector sees it under each obfuscation of seed 000 (2x2 average, 4x4 shuffle)."""
+    settings = ["", "average", "shuffle", "switch_row", "average,shuffle", "average,shuffle,switch_row"]
+    figure = Figure(figsize=(3.2 * len(settings), 3.6))
+    for axes, methods in zip(figure.subplots(1, len(settings)), settings, strict=True):
+        axes.imshow(Obfuscation(methods, key=key).prepare(image, short_side))
+        axes.set_title(methods.replace(",", " + ") or "original", fontsize=9)
+        axes.axis("off")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    return path
+
+
+def _base64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode()
+
+
+def write_privacy_report(out_dir: Path, results: Mapping[str, Any], example: np.ndarray | None = None,
+                         key: int = 0) -> Path:
+    """report.md and report.html (plots embedded) of a privacy study; ``example``: an image to obfuscate."""
     rows = results["rows"]
     figure = pareto_plot(rows, out_dir / "privacy_pareto.png")
+    figures = [figure]
+    if example is not None:
+        figures.append(obfuscation_examples(example, key, out_dir / "obfuscation_examples.png",
+                                            results["config"]["settings"]["image_size"]))
     config = results["config"]
     text = "\n".join([
         "# Privacy-utility study",
@@ -95,11 +119,11 @@ def write_privacy_report(out_dir: Path, results: Mapping[str, Any]) -> Path:
         "",
         privacy_table(rows),
         "",
-        f"![Pareto plots]({figure.name})",
+        *[f"![{path.stem}]({path.name})" for path in figures],
         "",
     ])
     (out_dir / "report.md").write_text(text)
-    image = base64.b64encode(figure.read_bytes()).decode()
+    images = "".join(f"<p><img alt='{path.stem}' src='data:image/png;base64,{_base64(path)}'></p>" for path in figures)
     table = "".join(
         "<tr>" + "".join(f"<td>{html.escape(_cell(key, row.get(key)))}</td>" for key, _ in COLUMNS) + "</tr>"
         for row in rows)
@@ -109,5 +133,5 @@ def write_privacy_report(out_dir: Path, results: Mapping[str, Any]) -> Path:
         "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
         "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style>"
         f"<h1>Privacy-utility study</h1><table><tr>{head}</tr>{table}</table>"
-        f"<p><img alt='Pareto plots' src='data:image/png;base64,{image}'></p>")
+        f"{images}")
     return out_dir / "report.md"

@@ -98,7 +98,9 @@ def run_privacy_study(data_dir: str | Path, out_dir: str | Path, aux_dir: str | 
     (out_dir / STUDY_FILE).write_text(json.dumps(results, indent=2))
     from fedinspect.evaluation.privacy_report import write_privacy_report
 
-    write_privacy_report(out_dir, results)
+    first = next(iter(plan.datasets.values()))
+    example = next((s for s in first.test if s.label == 1), first.test[0])
+    write_privacy_report(out_dir, results, read_image(example.image_path), key=study.obfuscation_key)
     return results
 
 
