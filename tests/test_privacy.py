@@ -337,3 +337,17 @@ def test_privacy_study_writes_its_table_and_plot(tiny_dataset: Path, tmp_path: P
     assert {r["unit"] for r in rows} == {"none", "image", "embedding"}
     assert (tmp_path / "privacy_pareto.png").stat().st_size > 0 and "Pareto" in (tmp_path / "report.md").read_text()
     assert results["rows"] == rows
+
+
+def test_privacy_settings_travel_through_the_flower_run_config() -> None:
+    from fedinspect.federation import flower_app
+    from fedinspect.federation.client import RoundSettings
+    from fedinspect.federation.runner import FederationConfig
+
+    config = FederationConfig(settings=RoundSettings(obfuscation="average,shuffle", obfuscation_key=42,
+                                                     dp_unit="image", dp_epsilon=5.0, dp_clusters=4))
+    restored, _ = flower_app.config_from_run_config(flower_app.run_config_from_config(config))
+    assert restored == config
+    assert restored.settings.bank_privacy() == config.settings.bank_privacy()
+    with pytest.raises(ValueError, match="unit"):
+        RoundSettings(dp_unit="pixel", dp_epsilon=1.0)
