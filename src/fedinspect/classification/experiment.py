@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -73,9 +74,11 @@ def noise_for_epsilon(config: ClassifyConfig, client_sizes: Sequence[int], targe
     sigmas = []
     for n in client_sizes:
         steps = config.rounds * settings.local_epochs * settings.steps_per_epoch(n)
-        sigmas.append(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=settings.delta_for(n),
-                                           sample_rate=settings.sample_rate(n), steps=steps,
-                                           accountant=settings.accountant, epsilon_tolerance=0.005))
+        with warnings.catch_warnings():  # "optimal order is the largest alpha" while bisecting
+            warnings.simplefilter("ignore")
+            sigmas.append(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=settings.delta_for(n),
+                                               sample_rate=settings.sample_rate(n), steps=steps,
+                                               accountant=settings.accountant, epsilon_tolerance=0.005))
     return round(max(sigmas), 4)
 
 

@@ -269,7 +269,7 @@ def privacy_summary(config: ClassifyConfig, split: Split, histories: dict[str, l
 
 def conclude(config: ClassifyConfig, split: Split, history: list[RoundRecord], final: dict,
              histories: dict[str, list], out_dir: str | Path, *, engine: str, timing: dict[str, float],
-             write_report: bool = True) -> dict[str, Any]:
+             write_report: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
     """results.json (and report.md / report.html with the plots) of a finished run."""
     import opacus
 
@@ -305,6 +305,7 @@ def conclude(config: ClassifyConfig, split: Split, history: list[RoundRecord], f
         "versions": {"fedinspect": __version__, "torch": torch.__version__, "opacus": opacus.__version__,
                      "python": platform.python_version()},
     }
+    results.update(extra or {})
     if privacy["dp"]:
         results["epsilon"] = {name: c["epsilon"] for name, c in privacy["clients"].items()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
