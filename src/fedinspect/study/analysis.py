@@ -254,6 +254,11 @@ def recommend(findings: Findings, study: StudyConfig) -> list[str]:
                 text += f" ({_p(test)}; {'significant' if significant else 'not significant'} at 5%)"
         elif base:
             text += f"; the baseline {study.baseline} is already the fairest here"
+        if base:  # the same choice under the baseline's memory budget (bank size)
+            budget = [r for r in rows if r["global_bank"]["mean"] <= 1.2 * base[0]["global_bank"]["mean"]]
+            if len(budget) < len(rows):
+                text += (f". Within the baseline's bank size: for accuracy {_best(budget, 'image_auroc')['label']}, "
+                         f"for the worst client {_best(budget, 'worst_client_image_auroc')['label']}")
         front = findings.fronts.get(level, {}).get("accuracy vs worst client", [])
         text += f". Pareto-efficient (accuracy vs worst client): {', '.join(front) or 'none'}."
         lines.append(text)

@@ -125,6 +125,9 @@ def plot_fronts(rows: Sequence[Mapping[str, Any]], situation: str | None, path: 
             if front.size:
                 ordered = points[front][np.argsort(points[front][:, 0])]
                 ax.plot(ordered[:, 0], ordered[:, 1], "--", color="0.4", linewidth=1, label="Pareto front")
+            if not maximize[1]:  # a cost (bytes, patches): show it from 0, without an offset
+                ax.set_ylim(bottom=0, top=1.15 * max(1e-9, float(np.nanmax(points[:, 1]))))
+                ax.ticklabel_format(axis="y", useOffset=False)
             ax.set_xlabel(_LABELS[x_key], fontsize=8)
             ax.set_ylabel(_LABELS[y_key], fontsize=8)
             ax.set_title(f"{level}: {name}", fontsize=9)
