@@ -180,7 +180,8 @@ def write_study_report(out_dir: Path, summary: Mapping[str, Any], findings: Find
         ("baseline", summary["baseline"]), ("situation axis", str(summary["situation"])),
         ("cells", f"{cells['total']} ({cells['ran']} run now, {cells['reused']} done before, "
                   f"{cells['failed']} failed)"),
-        ("wall time", f"{summary['wall_s']:.0f} s"),
+        ("time", f"{summary['wall_s']:.0f} s wall time in this call; the cells' own run times add up to "
+                 f"{summary['cells_time_s']:.0f} s"),
     ]))
     for failure in summary["failed"]:
         doc.add(_Note(f"failed: {failure['cell']}: {failure['error']}"))

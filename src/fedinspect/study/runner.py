@@ -156,6 +156,7 @@ def run_study(study: StudyConfig, out_dir: str | Path, progress: bool = True) ->
                                                                          for a, levels in study.axes.items()},
         "cells": {"total": len(study.cells), **counts}, "failed": failed,
         "wall_s": time.perf_counter() - started,
+        "cells_time_s": sum(r.metrics["time_s"] for r in records if math.isfinite(r.metrics["time_s"])),
         "records": [asdict(r) for r in records],
         "rows": findings.rows, "tests": findings.tests, "fronts": findings.fronts,
         "recommendations": findings.recommendations,
