@@ -18,7 +18,8 @@ from fedinspect.study.pareto import pareto_front
 COLUMNS = (
     ("obfuscation", "obfuscation"), ("unit", "DP unit"), ("epsilon", "ε"), ("noise_multiplier", "noise z"),
     ("image_auroc", "image AUROC"), ("auc_spro_0.05", "AUC-sPRO@0.05"), ("inversion_psnr", "inversion PSNR (dB)"),
-    ("inversion_ssim", "inversion SSIM"), ("chance_psnr", "chance PSNR"), ("membership_auc", "membership AUC"),
+    ("inversion_ssim", "inversion SSIM"), ("chance_psnr", "chance PSNR"),
+    ("aggregate_psnr", "average-look PSNR"), ("membership_auc", "membership AUC"),
     ("mb_sent", "MB sent"), ("time_s", "time (s)"),
 )
 
@@ -30,7 +31,7 @@ def _cell(key: str, value: Any) -> str:
         return "-"
     if key == "epsilon":
         return "∞ (no DP)" if math.isinf(value) else f"{value:.2f}"
-    if key in ("mb_sent", "noise_multiplier", "inversion_psnr", "chance_psnr"):
+    if key in ("mb_sent", "noise_multiplier", "inversion_psnr", "chance_psnr", "aggregate_psnr"):
         return f"{value:.2f}"
     if key == "time_s":
         return f"{value:.0f}"
@@ -114,7 +115,9 @@ def write_privacy_report(out_dir: Path, results: Mapping[str, Any], example: np.
         "one category. DP unit `embedding`: the value of one patch embedding (weaker: an image has hundreds). "
         "ε at δ from the Opacus accountant named in each run's `privacy` block. Inversion PSNR/SSIM: "
         "decoder reconstructions of sent rows against the true (un-obfuscated) patches; chance PSNR decodes "
-        "the attacker's mean embedding instead (what knowing the product type alone gives). Membership AUC: "
+        "the attacker's mean embedding instead (what knowing the product type alone gives); average-look PSNR "
+        "decodes the mean of the client's embeddings (the product's average appearance, which DP does not "
+        "hide: it protects individual images). Membership AUC: "
         "training versus held-out good images, from the global bank.",
         "",
         privacy_table(rows),

@@ -64,7 +64,9 @@ def measure_attacks(plan: RoundPlan, updates: Sequence[ClientUpdate], banks: dic
     return {
         "inversion_psnr": mean([r.psnr for r in inversions]), "inversion_ssim": mean([r.ssim for r in inversions]),
         "chance_psnr": mean([r.chance_psnr for r in inversions]),
-        "chance_ssim": mean([r.chance_ssim for r in inversions]), "membership_auc": mean(aucs),
+        "chance_ssim": mean([r.chance_ssim for r in inversions]),
+        "aggregate_psnr": mean([r.aggregate_psnr for r in inversions]),
+        "aggregate_ssim": mean([r.aggregate_ssim for r in inversions]), "membership_auc": mean(aucs),
     }
 
 

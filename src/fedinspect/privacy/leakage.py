@@ -19,16 +19,20 @@ from fedinspect.privacy.membership import membership_auc
 
 @dataclass
 class InversionResult:
-    """Mean PSNR (dB) and SSIM of the reconstructions, and of a guess that ignores the update.
+    """Mean PSNR (dB) and SSIM of the reconstructions, and of two references that reveal no single image.
 
-    The chance level decodes the attacker's mean embedding for every row: what an attacker gets from
-    knowing the kind of product alone. Leakage is the margin above it.
+    ``chance``: the attacker's own mean embedding decoded for every row (knowing the kind of product).
+    ``aggregate``: the mean of the client's embeddings decoded for every row (the product's average
+    appearance, which differential privacy does not hide: it protects individual images, not
+    population statistics). Leakage of individual patches is the margin above ``aggregate``.
     """
 
     psnr: float
     ssim: float
     chance_psnr: float
     chance_ssim: float
+    aggregate_psnr: float
+    aggregate_ssim: float
 
 
 @dataclass
@@ -61,7 +65,10 @@ def inversion_leakage(attack: InversionAttack, detector: PatchCore, sent: np.nda
         rows = np.flatnonzero(owner[nearest] == image)
         truth[rows] = cell_patches(detector, client.originals[image], patch_size)[cell[nearest[rows]]]
     chance = attack.reconstruct(np.repeat(attack.mean_.numpy()[None], len(sent), axis=0))
-    return InversionResult(*similarity(attack.reconstruct(sent), truth), *similarity(chance, truth))
+    average = np.concatenate(client.embeddings).mean(axis=0, keepdims=True)
+    aggregate = attack.reconstruct(np.repeat(average, len(sent), axis=0))
+    return InversionResult(*similarity(attack.reconstruct(sent), truth), *similarity(chance, truth),
+                           *similarity(aggregate, truth))
 
 
 def membership_leakage(bank: np.ndarray, members: Sequence[np.ndarray], non_members: Sequence[np.ndarray],
