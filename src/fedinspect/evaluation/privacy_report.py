@@ -54,7 +54,9 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
                                  ("inversion PSNR (dB, lower = less leakage)", "membership AUC (0.5 = chance)"),
                                  strict=True):
         points = [(r[leak], r["image_auroc"]) for r in rows]
-        front = set(pareto_front(points, maximize=(False, True)).tolist())
+        # an AUC below 0.5 leaks as much as its mirror image above: the front ranks |AUC - 0.5|
+        leakage = [(abs(x - 0.5) if leak == "membership_auc" else x, y) for x, y in points]
+        front = set(pareto_front(leakage, maximize=(False, True)).tolist())
         for i, row in enumerate(rows):
             eps = row["epsilon"]
             name = "no DP" if math.isinf(eps) else f"ε={eps:.0f}" + ("" if row["unit"] == "image" else " (patch)")
