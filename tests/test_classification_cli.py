@@ -106,7 +106,7 @@ def test_experiment_writes_tables_and_resumes(labelled_category: Path, tmp_path:
         ("I", "none"), ("I", "average+shuffle+switch_row"), ("III", "average+shuffle+switch_row"),
         ("III", "average+shuffle+switch_row")]
     targeted = summary["rows"][3]
-    assert targeted["target_epsilon"] == 10 and targeted["epsilon_max"] <= 10.1
+    assert targeted["target_epsilon"] == 10 and 9.5 <= targeted["epsilon_max"] <= 10.05  # hits the target
     assert summary["rows"][2]["epsilon_max"] > 100  # the seed's noise 0.05, even after one round
     report = (out / "report.md").read_text()
     assert "Table I" in report and "Table III" in report and "no meaningful privacy" in report

@@ -61,7 +61,7 @@ def test_dp_sgd_clips_each_sample_gradient_then_averages() -> None:
     before = model.weight.detach().clone()
     x = torch.randn(6, 4) * 3.0  # large inputs: most per-sample gradients exceed the bound
     y = torch.tensor([0, 1, 0, 1, 1, 0])
-    settings = TrainSettings(local_epochs=1, batch_size=6, accumulation_steps=1, lr=1.0, momentum=0.0,
+    settings = TrainSettings(local_epochs=1, batch_size=6, accumulation_steps=1, lr=1.0, momentum=0.0, optimizer="sgd",
                              noise_multiplier=0.0, max_grad_norm=0.5, poisson_sampling=False)
     result = train_local(model, x, y, settings, seed=0)
     grads = _per_sample_gradients(before, x, y)
@@ -73,13 +73,13 @@ def test_dp_sgd_clips_each_sample_gradient_then_averages() -> None:
     plain = nn.Linear(4, 2, bias=False)
     plain.weight.data.copy_(before)
     unclipped = train_local(plain, x, y, TrainSettings(local_epochs=1, batch_size=6, accumulation_steps=1, lr=1.0,
-                                                       momentum=0.0), seed=0)
+                                                       momentum=0.0, optimizer="sgd"), seed=0)
     assert torch.allclose(unclipped.state["weight"], before - grads.mean(dim=0), atol=1e-6)
 
 
 def test_gradient_accumulation_makes_one_step_per_logical_batch() -> None:
     x, y = torch.randn(12, 4), torch.randint(0, 2, (12,))
-    settings = TrainSettings(local_epochs=1, batch_size=3, accumulation_steps=4, lr=1.0, momentum=0.0,
+    settings = TrainSettings(local_epochs=1, batch_size=3, accumulation_steps=4, lr=1.0, momentum=0.0, optimizer="sgd",
                              noise_multiplier=0.0, poisson_sampling=False)
     model = nn.Linear(4, 2, bias=False)
     before = model.weight.detach().clone()
@@ -93,18 +93,18 @@ def test_gradient_accumulation_makes_one_step_per_logical_batch() -> None:
 def test_epsilon_is_cumulative_and_matches_the_accountant() -> None:
     from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 
-    n, sigma = 64, 1.1
+    n, sigma = 70, 1.1
     settings = TrainSettings(local_epochs=2, batch_size=4, accumulation_steps=4, noise_multiplier=sigma)
     x, y = torch.randn(n, 5), torch.randint(0, 3, (n,))
     model = nn.Sequential(nn.Linear(5, 8), nn.ReLU(), nn.Linear(8, 3))
     first = train_local(model, x, y, settings, seed=0)
     second = train_local(model, x, y, settings, seed=1, privacy_history=first.privacy_history)
-    q = 16 / 64
-    steps_per_round = 2 * int(1 / q)
-    assert first.privacy_history == [(sigma, q, steps_per_round)]
-    assert second.privacy_history == [(sigma, q, 2 * steps_per_round)]
+    q = 1 / 5  # Opacus: 1 / ceil(70 / 16) Poisson rate, 5 steps per epoch
+    assert settings.sample_rate(n) == q and settings.steps_per_epoch(n) == 5
+    assert first.privacy_history == [(sigma, q, 10)] and first.steps == 10
+    assert second.privacy_history == [(sigma, q, 20)]
     orders = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's default orders
-    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=2 * steps_per_round, orders=orders)
+    rdp = compute_rdp(q=q, noise_multiplier=sigma, steps=20, orders=orders)
     independent, _ = get_privacy_spent(orders=orders, rdp=rdp, delta=1e-5)
     assert second.epsilon == pytest.approx(independent, rel=1e-9)
     assert first.epsilon < second.epsilon

@@ -20,12 +20,13 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
     group.add_argument("--image-size", type=int, default=96, help="images are resized to this square (px)")
     group.add_argument("--seed", type=int, default=0, help="seed of the split, shares, init, batches and noise")
-    group.add_argument("--local-epochs", type=int, default=2, help="local epochs per round")
+    group.add_argument("--local-epochs", type=int, default=3, help="local epochs per round")
     group.add_argument("--batch-size", type=int, default=8, help="physical batch (micro-batch) size")
     group.add_argument("--accumulation-steps", type=int, default=4,
                        help="physical batches per optimizer step (logical batch = batch size x this)")
-    group.add_argument("--optimizer", choices=("sgd", "adam"), default="sgd")
-    group.add_argument("--lr", type=float, default=0.05, help="learning rate")
+    group.add_argument("--optimizer", choices=("sgd", "adam"), default="adam",
+                       help="local optimizer (the seed: sgd with --lr 0.1 --momentum 0)")
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     group.add_argument("--fine-tune", action="store_true",
                        help="train the pretrained backbone too (slow on CPU; BatchNorm -> GroupNorm under DP)")
@@ -137,4 +138,4 @@ def add_classification_commands(commands: argparse._SubParsersAction) -> None:
                             help="Table III also runs the noise giving each of these epsilons after all rounds")
     experiment.add_argument("--cnn-image-size", type=int, default=64, help="image size of the CNN (0: --image-size)")
     _add_training_options(experiment)
-    experiment.set_defaults(run=cmd_experiment)
+    experiment.set_defaults(run=cmd_experiment, image_size=128)

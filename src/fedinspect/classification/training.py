@@ -37,14 +37,19 @@ DEFAULT_DELTA = 1e-5
 
 @dataclass(frozen=True)
 class TrainSettings:
-    """Local training of one round. ``noise_multiplier=None`` trains without DP-SGD."""
+    """Local training of one round. ``noise_multiplier=None`` trains without DP-SGD.
 
-    local_epochs: int = 2
-    batch_size: int = 16
+    Defaults: Adam (lr 1e-3), 3 local epochs, logical batch 32 = 8 x 4 accumulation steps. The seed's
+    SGD with lr 0.1 is ``optimizer="sgd", lr=0.1, momentum=0``; in 5 rounds on the magnetic-tile images
+    SGD left the small CNN predicting "good" for everything, Adam did not.
+    """
+
+    local_epochs: int = 3
+    batch_size: int = 8
     accumulation_steps: int = 4
-    lr: float = 0.05
+    lr: float = 1e-3
     momentum: float = 0.9
-    optimizer: str = "sgd"
+    optimizer: str = "adam"
     noise_multiplier: float | None = None
     max_grad_norm: float = 1.0
     delta: float | None = None
@@ -81,11 +86,12 @@ class TrainSettings:
         return self.delta if self.delta is not None else min(DEFAULT_DELTA, 1.0 / max(n, 1))
 
     def sample_rate(self, n: int) -> float:
-        return min(1.0, self.logical_batch / n)
+        """Opacus's Poisson rate: ``1 / ceil(n / logical batch)`` (expected batch at most the logical batch)."""
+        return 1.0 / self.steps_per_epoch(n)
 
     def steps_per_epoch(self, n: int) -> int:
-        """Optimizer steps per local epoch (Opacus's Poisson sampler draws ``1 / sample_rate`` batches)."""
-        return int(1 / self.sample_rate(n)) if self.poisson_sampling else math.ceil(n / self.logical_batch)
+        """Optimizer steps per local epoch: ``ceil(n / logical batch)``, with or without Poisson sampling."""
+        return math.ceil(n / self.logical_batch)
 
     def to_dict(self) -> dict:
         return asdict(self)
