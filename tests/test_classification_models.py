@@ -73,3 +73,22 @@ def test_mobilenet_v2_loads_a_torchvision_state_dict(tmp_path: Path) -> None:
     torch.save({"conv.weight": torch.zeros(1)}, tmp_path / "wrong.pth")
     with pytest.raises(ModelFileError, match="not a torchvision mobilenet_v2"):
         mobilenet_v2_backbone(tmp_path / "wrong.pth")
+
+
+@pytest.mark.slow
+def test_fine_tuning_under_dp_replaces_batchnorm_and_trains() -> None:
+    from fedinspect.classification.runner import ClassifyConfig, InputCache, build_model
+    from fedinspect.classification.training import TrainSettings, train_local
+
+    config = ClassifyConfig(model="mobile", fine_tune=True, image_size=32,
+                            train=TrainSettings(noise_multiplier=1.0, local_epochs=1, batch_size=4,
+                                                accumulation_steps=2))
+    model = build_model(config, 3, InputCache())
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # GroupNorm instead
+    assert all(p.requires_grad for p in model.parameters())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = train_local(model, torch.rand(8, 3, 32, 32), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1]), config.train,
+                         seed=0)
+    assert result.epsilon is not None and result.steps == 1
+    assert not torch.equal(result.state["backbone.trunk.net._conv_stem.weight"],
+                           before["backbone.trunk.net._conv_stem.weight"])

@@ -174,9 +174,8 @@ def serve(grid: Grid, data_dir: str | Path, out_dir: str | Path, config: Any, op
     finished = time.perf_counter()
     timing = {"prepare_s": prepared - started, "train_s": finished - prepared, "total_s": finished - started,
               "round_s": [r.seconds for r in history]}
-    answered = {name for name in histories} | {name for name in replied}
     for index in range(config.clients):
-        if client_id(index) not in answered:
+        if client_id(index) not in replied:
             missing.setdefault(client_id(index), "never answered")
     return conclude(config, split, history, final, histories, out_dir, engine="flower-sim", timing=timing,
                     extra={"missing_clients": [{"client": k, "reason": v} for k, v in missing.items()]})

@@ -156,8 +156,3 @@ def load_backbone(model: str, weights: str | Path | None = None) -> PooledBackbo
         raise ValueError(f"{model!r} has no pretrained backbone; transfer models: {list(loaders)}")
     return loaders[model]()
 
-
-def check_model(model: str) -> str:
-    if model not in MODELS:
-        raise ValueError(f"unknown model {model!r}; choose from {list(MODELS)}")
-    return model

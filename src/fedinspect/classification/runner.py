@@ -12,6 +12,7 @@ features are cached per (image, obfuscation, backbone) in an :class:`InputCache`
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import platform
@@ -164,8 +165,6 @@ def build_model(config: ClassifyConfig, n_classes: int, cache: InputCache) -> nn
     backbone = cache.backbone(config.model, config.weights)
     if config.frozen_backbone:
         return ClassifierHead(backbone.out_features, n_classes)
-    import copy
-
     model: nn.Module = TransferClassifier(copy.deepcopy(backbone), n_classes)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
