@@ -59,7 +59,8 @@ def test_classify_writes_results_and_report(labelled_category: Path, tmp_path: P
     assert sum(map(sum, results["confusion_matrix"])) == 7
     assert results["obfuscation"]["methods"] == ["average", "shuffle", "switch_row"]
     assert "1234" not in (out / "results.json").read_text()  # the key is a secret
-    for name in ("report.md", "report.html", "figures/learning_curves.png", "figures/confusion_matrix.png"):
+    for name in ("report.md", "report.html", "figures/learning_curves.png", "figures/confusion_matrix.png",
+                 "figures/obfuscation_examples.png"):
         assert (out / name).is_file()
     assert "Differential privacy" in (out / "report.md").read_text()
 

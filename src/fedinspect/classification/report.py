@@ -91,6 +91,21 @@ def plot_confusion(matrix: Sequence[Sequence[int]], classes: Sequence[str], path
     return _save(fig, path)
 
 
+def plot_obfuscation_examples(pairs: Sequence[tuple[str, np.ndarray, np.ndarray]], path: Path,
+                              method: str) -> Path:
+    """One image per class: as resized (top row) and as the model sees it after obfuscation (bottom row)."""
+    fig, axes = plt.subplots(2, len(pairs), figsize=(1.9 * len(pairs), 4.0), squeeze=False)
+    for column, (name, plain, obfuscated) in enumerate(pairs):
+        for row, image in enumerate((plain, obfuscated)):
+            axes[row, column].imshow(image)
+            axes[row, column].set_xticks([])
+            axes[row, column].set_yticks([])
+        axes[0, column].set_title(name, fontsize=9)
+    axes[0, 0].set_ylabel("resized")
+    axes[1, 0].set_ylabel(method)
+    return _save(fig, path)
+
+
 def _as_float(value: Any) -> float:
     if value is None:
         return math.nan
@@ -216,5 +231,7 @@ def write_run_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     plot_confusion(results["confusion_matrix"], classes, figures / "confusion_matrix.png")
     doc.figure("figures/learning_curves.png", "learning curves")
     doc.figure("figures/confusion_matrix.png", "confusion matrix of the final global model on the test split")
+    if (figures / "obfuscation_examples.png").is_file():
+        doc.figure("figures/obfuscation_examples.png", f"one test image per class, before and after {obfuscation}")
     doc.write(out_dir)
     return out_dir / "report.md"

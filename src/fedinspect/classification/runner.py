@@ -34,6 +34,7 @@ from fedinspect.classification.data import (
     image_tensor,
     label_tensor,
     labelled_view,
+    load_square,
     split_view,
 )
 from fedinspect.classification.fedavg import fedavg
@@ -309,8 +310,17 @@ def conclude(config: ClassifyConfig, split: Split, history: list[RoundRecord], f
         results["epsilon"] = {name: c["epsilon"] for name, c in privacy["clients"].items()}
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     if write_report:
-        from fedinspect.classification.report import write_run_report
+        from fedinspect.classification.report import plot_obfuscation_examples, write_run_report
 
+        if config.obfuscation.active:
+            pairs = []
+            for label, name in enumerate(classes):
+                item = next((i for i in split.test.items if i.label == label), None)
+                if item is not None:
+                    plain = load_square(item.path, config.image_size)
+                    pairs.append((name, plain, config.obfuscation(plain)))
+            plot_obfuscation_examples(pairs, out_dir / "figures" / "obfuscation_examples.png",
+                                      config.obfuscation.name)
         write_run_report(results, out_dir)
     return results
 
