@@ -335,7 +335,9 @@ def test_privacy_study_writes_its_table_and_plot(tiny_dataset: Path, tmp_path: P
     private = next(r for r in rows if r["obfuscation"] == "none" and r["unit"] == "image")
     assert private["epsilon"] <= 1.0 and private["membership_auc"] < plain["membership_auc"]
     assert {r["unit"] for r in rows} == {"none", "image", "embedding"}
-    assert (tmp_path / "privacy_pareto.png").stat().st_size > 0 and "Pareto" in (tmp_path / "report.md").read_text()
+    report = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "privacy_pareto.png").stat().st_size > 0 and "(privacy_pareto.png)" in report
+    assert (tmp_path / "obfuscation_examples.png").stat().st_size > 0 and "(obfuscation_examples.png)" in report
     assert results["rows"] == rows
 
 
