@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import functools
 import json
-import logging
-import os
 import sys
 import time
 from pathlib import Path
@@ -205,10 +203,9 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Any
     match the in-process engine) and reserves as many of Ray's CPUs.
     """
     import torch
-    from flwr.simulation import run_simulation
 
     from fedinspect.classification.runner import ClassifyConfig
-    from fedinspect.federation.flower_app import simulation_backend
+    from fedinspect.federation.flower_app import simulate, simulation_backend
 
     config = config or ClassifyConfig()
     threads = torch.get_num_threads() if client_threads is None else client_threads
@@ -216,21 +213,5 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Any
                "client-threads": threads}
     sink: dict[str, Any] = {}
     server = make_server_app(config, data_dir, out_dir, options, sink)
-    flwr_logger = logging.getLogger("flwr")
-    level = flwr_logger.level
-    if not progress:
-        flwr_logger.setLevel(logging.ERROR)
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    try:
-        run_simulation(server_app=server, client_app=client_app or make_client_app(), num_supernodes=config.clients,
-                       backend_config=simulation_backend(config.clients, max(1, threads)))
-    except Exception:
-        if "error" not in sink:
-            raise
-    finally:
-        flwr_logger.setLevel(level)
-    if "error" in sink:
-        raise sink["error"]
-    if "results" not in sink:
-        raise FedinspectError("the Flower simulation ended without results (see the log above)")
-    return sink["results"]
+    return simulate(server, client_app or make_client_app(), config.clients,
+                    simulation_backend(config.clients, max(1, threads)), sink, progress)

@@ -444,7 +444,6 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Fed
     ``client_app`` replaces the ClientApp (fault drills); ``round_timeout`` bounds the wait for updates.
     """
     import torch
-    from flwr.simulation import run_simulation
 
     from fedinspect.federation.runner import FederationConfig
 
@@ -457,15 +456,27 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Fed
                "connect-timeout": 60.0, "progress": progress,
                "client-threads": client_threads}
     server = make_server_app(config, options, sink)
+    return simulate(server, client_app or make_client_app(), num_supernodes,
+                    backend_config or simulation_backend(num_supernodes, cpus_per_client), sink, progress)
+
+
+def simulate(server: ServerApp, client_app: ClientApp, num_supernodes: int, backend_config: dict[str, Any],
+             sink: dict[str, Any], progress: bool) -> dict[str, Any]:
+    """Run a ServerApp and a ClientApp on the Simulation Engine; returns the ``results`` the ServerApp left in ``sink``.
+
+    An error the ServerApp recorded (``sink["error"]``) is raised here, with its own type and message,
+    rather than Ray's wrapper.
+    """
+    from flwr.simulation import run_simulation
+
     flwr_logger = logging.getLogger("flwr")
     level = flwr_logger.level
     if not progress:
         flwr_logger.setLevel(logging.ERROR)  # also run_simulation's deprecation notice (flwr run is the CLI way)
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # CPU only: silences Ray's FutureWarning
     try:
-        run_simulation(server_app=server, client_app=client_app or make_client_app(),
-                       num_supernodes=num_supernodes,
-                       backend_config=backend_config or simulation_backend(num_supernodes, cpus_per_client))
+        run_simulation(server_app=server, client_app=client_app, num_supernodes=num_supernodes,
+                       backend_config=backend_config)
     except Exception:
         if "error" not in sink:
             raise
