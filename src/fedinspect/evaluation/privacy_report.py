@@ -27,10 +27,10 @@ COLUMNS = (
 def _cell(key: str, value: Any) -> str:
     if isinstance(value, str):
         return value
+    if key == "epsilon":
+        return "∞ (no DP)" if value is None or math.isinf(value) else f"{value:.2f}"
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "-"
-    if key == "epsilon":
-        return "∞ (no DP)" if math.isinf(value) else f"{value:.2f}"
     if key in ("mb_sent", "noise_multiplier", "inversion_psnr", "chance_psnr", "aggregate_psnr"):
         return f"{value:.2f}"
     if key == "time_s":
@@ -53,18 +53,21 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
     for axes, leak, label in zip(figure.subplots(1, 2), ("inversion_psnr", "membership_auc"),
                                  ("inversion PSNR (dB, lower = less leakage)", "membership AUC (0.5 = chance)"),
                                  strict=True):
-        points = [(r[leak], r["image_auroc"]) for r in rows]
+        points = [(math.nan if r[leak] is None else r[leak], r["image_auroc"]) for r in rows]
         # an AUC below 0.5 leaks as much as its mirror image above: the front ranks |AUC - 0.5|
         leakage = [(abs(x - 0.5) if leak == "membership_auc" else x, y) for x, y in points]
         front = set(pareto_front(leakage, maximize=(False, True)).tolist())
         for i, row in enumerate(rows):
+            if math.isnan(points[i][0]):
+                continue
             eps = row["epsilon"]
-            name = "no DP" if math.isinf(eps) else f"ε={eps:.0f}" + ("" if row["unit"] == "image" else " (patch)")
-            axes.scatter(row[leak], row["image_auroc"], marker=markers[row["obfuscation"]], s=60,
+            private = eps is not None and not math.isinf(eps)
+            name = f"ε={eps:.0f}" + ("" if row["unit"] == "image" else " (patch)") if private else "no DP"
+            axes.scatter(*points[i], marker=markers[row["obfuscation"]], s=60,
                          edgecolors="k" if i in front else "none", linewidths=1.5,
-                         color="tab:gray" if math.isinf(eps) else ("tab:red" if row["unit"] == "embedding"
-                                                                    else "tab:blue"))
-            axes.annotate(name, (row[leak], row["image_auroc"]), fontsize=7, xytext=(4, 3), textcoords="offset points")
+                         color="tab:gray" if not private else ("tab:red" if row["unit"] == "embedding"
+                                                                  else "tab:blue"))
+            axes.annotate(name, points[i], fontsize=7, xytext=(4, 3), textcoords="offset points")
         ordered = sorted(front, key=lambda i: points[i][0])
         axes.plot([points[i][0] for i in ordered], [points[i][1] for i in ordered], "k--", lw=0.8)
         axes.set_xlabel(label)

@@ -35,7 +35,7 @@ def train_attacker(detector: PatchCore, aux_dir: Path, count: int = 40, patch_si
 
 def measure_attacks(plan: RoundPlan, updates: Sequence[ClientUpdate], banks: dict[str, np.ndarray],
                     detector: PatchCore, cache: EmbeddingCache, held_out: dict[str, list[np.ndarray]],
-                    attack: InversionAttack, settings: RoundSettings, patch_size: int = 16) -> dict[str, float]:
+                    attack: InversionAttack, settings: RoundSettings, patch_size: int = 16) -> dict[str, float | None]:
     """The ``attacks`` block: inversion of every client's update, membership inference on the global banks.
 
     ``held_out``: per category, embeddings of good images no client trained on (the non-members).
@@ -58,8 +58,8 @@ def measure_attacks(plan: RoundPlan, updates: Sequence[ClientUpdate], banks: dic
             if held_out.get(name):
                 aucs.append(membership_leakage(banks.get(name, banks.get(SHARED)), client.embeddings, held_out[name],
                                                seed=index))
-    def mean(values: list[float]) -> float:
-        return float(np.mean(values)) if values else float("nan")
+    def mean(values: list[float]) -> float | None:  # None: nothing to attack (standard JSON has no NaN)
+        return float(np.mean(values)) if values else None
 
     return {
         "inversion_psnr": mean([r.psnr for r in inversions]), "inversion_ssim": mean([r.ssim for r in inversions]),

@@ -12,7 +12,6 @@ images of the same category).
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -22,10 +21,11 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fedinspect.data.images import read_image
+from fedinspect.detectors.patchcore import EmbeddedImage, PatchCore
 from fedinspect.evaluation.protocol import score_predictions
 from fedinspect.federation.attacks import measure_attacks, train_attacker, valid_rows
 from fedinspect.federation.client import EmbeddingCache, FederatedClient, RoundSettings
-from fedinspect.federation.runner import FederationConfig, client_id, plan_round
+from fedinspect.federation.runner import FederationConfig, RoundPlan, client_id, plan_round
 from fedinspect.federation.server import SHARED
 from fedinspect.federation.update import ClientUpdate
 from fedinspect.pipeline import load_ground_truth, peak_memory_mb
@@ -104,8 +104,9 @@ def run_privacy_study(data_dir: str | Path, out_dir: str | Path, aux_dir: str | 
     return results
 
 
-def _run_cell(plan: Any, config: FederationConfig, detector: Any, cache: EmbeddingCache, tests: dict[str, list],
-              ground_truth: dict[str, tuple], attack: InversionAttack, study: PrivacyStudy) -> dict[str, Any]:
+def _run_cell(plan: RoundPlan, config: FederationConfig, detector: PatchCore, cache: EmbeddingCache,
+              tests: dict[str, list[EmbeddedImage]], ground_truth: dict[str, tuple], attack: InversionAttack,
+              study: PrivacyStudy) -> dict[str, Any]:
     settings: RoundSettings = config.settings
     start = time.perf_counter()
     updates: list[ClientUpdate] = []
@@ -135,7 +136,7 @@ def _run_cell(plan: Any, config: FederationConfig, detector: Any, cache: Embeddi
         "obfuscation": settings.obfuscation or "none",
         "unit": privacy.unit if privacy else "none",
         "target_epsilon": privacy.epsilon if privacy else None,
-        "epsilon": privacy.resolved_epsilon() if privacy else math.inf,
+        "epsilon": privacy.resolved_epsilon() if privacy else None,  # None: no DP (JSON has no infinity)
         "noise_multiplier": privacy.resolved_noise_multiplier() if privacy else 0.0,
         "image_auroc": float(np.mean([m["image_auroc"] for m in metrics.values()])),
         "auc_spro_0.05": float(np.mean([m["auc_spro"]["0.05"] for m in metrics.values()])),
