@@ -68,7 +68,7 @@ def pareto_plot(rows: Sequence[Mapping[str, Any]], path: Path) -> Path:
                          color="tab:gray" if not private else ("tab:red" if row["unit"] == "embedding"
                                                                   else "tab:blue"))
             axes.annotate(name, points[i], fontsize=7, xytext=(4, 3), textcoords="offset points")
-        ordered = sorted(front, key=lambda i: points[i][0])
+        ordered = sorted(front, key=lambda i: leakage[i][0])
         axes.plot([points[i][0] for i in ordered], [points[i][1] for i in ordered], "k--", lw=0.8)
         axes.set_xlabel(label)
         axes.set_ylabel("mean image AUROC")
