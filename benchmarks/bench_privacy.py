@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from fedinspect.data.synthetic import generate_dataset
@@ -42,7 +41,7 @@ def main() -> None:
     data = MTD if MTD.is_dir() else generate_dataset(out / "data", seed=args.seed, size="small")
     attacker = generate_dataset(out / "attacker_data", seed=args.seed + 1, size="tiny")
     config = FederationConfig(clients=args.clients, centralized=False, compare_shared=False, write_maps=False,
-                              settings=replace(RoundSettings(), image_size=args.image_size, seed=args.seed))
+                              settings=RoundSettings(image_size=args.image_size, seed=args.seed))
     start = time.perf_counter()
     results = run_privacy_study(data, out / "study", attacker, config, PrivacyStudy())
     wall = time.perf_counter() - start

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import html
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -12,6 +10,14 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
+from fedinspect.evaluation.report import (  # the run report's document model and renderers
+    _Document,
+    _Image,
+    _Paragraph,
+    _render_html,
+    _render_markdown,
+    _Table,
+)
 from fedinspect.privacy.obfuscation import Obfuscation
 from fedinspect.study.pareto import pareto_front
 
@@ -93,53 +99,37 @@ def obfuscation_examples(image: np.ndarray, key: int, path: Path, short_side: in
     return path
 
 
-def _base64(path: Path) -> str:
-    return base64.b64encode(path.read_bytes()).decode()
-
-
 def write_privacy_report(out_dir: Path, results: Mapping[str, Any], example: np.ndarray | None = None,
                          key: int = 0) -> Path:
-    """report.md and report.html (plots embedded) of a privacy study; ``example``: an image to obfuscate."""
+    """report.md and report.html of a privacy study (the run report's renderers); ``example``: an image to obfuscate."""
     rows = results["rows"]
-    figure = pareto_plot(rows, out_dir / "privacy_pareto.png")
-    figures = [figure]
-    if example is not None:
-        figures.append(obfuscation_examples(example, key, out_dir / "obfuscation_examples.png",
-                                            results["config"]["settings"]["image_size"]))
     config = results["config"]
-    text = "\n".join([
-        "# Privacy-utility study",
-        "",
-        f"{config['clients']} clients, partition {config['partition']}, strategy {config['strategy']}, "
-        f"backbone {config['settings']['backbone']} at {config['settings']['image_size']} px, "
-        f"local coreset {config['settings']['local_coreset_ratio']}, seed {config['seed']}. "
-        f"Attacker's data: {results['study']['attacker_data']} ({results['study']['attack_images']} images). "
-        f"Total time {results['time_s']:.0f} s.",
-        "",
-        "DP unit `image`: one training image of a client (add/remove), everything it contributes to the bank of "
-        "one category. DP unit `embedding`: the value of one patch embedding (weaker: an image has hundreds). "
-        "ε at δ from the Opacus accountant named in each run's `privacy` block. Inversion PSNR/SSIM: "
-        "decoder reconstructions of sent rows against the true (un-obfuscated) patches; chance PSNR decodes "
-        "the attacker's mean embedding instead (what knowing the product type alone gives); average-look PSNR "
-        "decodes the mean of the client's embeddings (the product's average appearance, which DP does not "
-        "hide: it protects individual images). Membership AUC: "
-        "training versus held-out good images, from the global bank.",
-        "",
-        privacy_table(rows),
-        "",
-        *[f"![{path.stem}]({path.name})" for path in figures],
-        "",
-    ])
-    (out_dir / "report.md").write_text(text)
-    images = "".join(f"<p><img alt='{path.stem}' src='data:image/png;base64,{_base64(path)}'></p>" for path in figures)
-    table = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(key, row.get(key)))}</td>" for key, _ in COLUMNS) + "</tr>"
-        for row in rows)
-    head = "".join(f"<th>{html.escape(title)}</th>" for _, title in COLUMNS)
-    (out_dir / "report.html").write_text(
-        "<!doctype html><meta charset='utf-8'><title>Privacy-utility study</title>"
-        "<style>body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse}"
-        "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}</style>"
-        f"<h1>Privacy-utility study</h1><table><tr>{head}</tr>{table}</table>"
-        f"{images}")
+    doc = _Document("Privacy-utility study")
+    doc.add(
+        _Paragraph(
+            f"{config['clients']} clients, partition {config['partition']}, strategy {config['strategy']}, "
+            f"backbone {config['settings']['backbone']} at {config['settings']['image_size']} px, "
+            f"local coreset {config['settings']['local_coreset_ratio']}, seed {config['seed']}. "
+            f"Attacker's data: {results['study']['attacker_data']} ({results['study']['attack_images']} images). "
+            f"Total time {results['time_s']:.0f} s."),
+        _Paragraph(
+            "DP unit `image`: one training image of a client (add/remove), everything it contributes to the bank "
+            "of one category. DP unit `embedding`: the value of one patch embedding (weaker: an image has "
+            "hundreds). ε at δ from the Opacus accountant named in each run's `privacy` block. Inversion "
+            "PSNR/SSIM: decoder reconstructions of sent rows against the true (un-obfuscated) patches; chance PSNR "
+            "decodes the attacker's mean embedding instead (what knowing the product type alone gives); "
+            "average-look PSNR decodes the mean of the client's embeddings (the product's average appearance, "
+            "which DP does not hide: it protects individual images). Membership AUC: training versus held-out "
+            "good images, from the global bank."),
+        _Table([title for _, title in COLUMNS], [[_cell(k, row.get(k)) for k, _ in COLUMNS] for row in rows],
+               [key not in ("obfuscation", "unit") for key, _ in COLUMNS]),
+    )
+    doc.add(_Image(pareto_plot(rows, out_dir / "privacy_pareto.png").name,
+                   "Image AUROC against inversion PSNR and against membership AUC; Pareto-optimal runs circled."))
+    if example is not None:
+        path = obfuscation_examples(example, key, out_dir / "obfuscation_examples.png",
+                                    config["settings"]["image_size"])
+        doc.add(_Image(path.name, "One test image as the detector sees it under each obfuscation."))
+    (out_dir / "report.md").write_text(_render_markdown(doc), encoding="utf-8")
+    (out_dir / "report.html").write_text(_render_html(doc), encoding="utf-8")
     return out_dir / "report.md"
