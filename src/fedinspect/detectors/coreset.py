@@ -10,10 +10,16 @@ each step cheap. Selection is deterministic for a given seed.
 from __future__ import annotations
 
 from contextlib import contextmanager
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported in the functions that compute: the federation's strategies and the command line import
+# this module for coreset_size and the strategy names without paying torch's start-up.
 
 
 def coreset_size(n_points: int, ratio: float) -> int:
@@ -27,6 +33,8 @@ def random_projection(
     features: torch.Tensor, dim: int, seed: int
 ) -> torch.Tensor:
     """Gaussian random projection to ``dim`` dimensions (identity when the features are smaller)."""
+    import torch
+
     n_features = features.shape[1]
     if dim <= 0 or dim >= n_features:
         return features
@@ -37,6 +45,8 @@ def random_projection(
 
 @contextmanager
 def _single_thread():
+    import torch
+
     # Each greedy step is a memory-bound matrix-vector product: on small CPUs thread
     # synchronisation costs more than it brings (measured 3x slower with 2 threads).
     previous = torch.get_num_threads()
@@ -49,6 +59,8 @@ def _single_thread():
 
 def _squared_distance_to_set(x: torch.Tensor, centres: torch.Tensor, block: int = 4096) -> torch.Tensor:
     """For each row of ``x``, the squared distance to its nearest row of ``centres``."""
+    import torch
+
     result = torch.empty(x.shape[0])
     for start in range(0, x.shape[0], block):
         result[start : start + block] = torch.cdist(x[start : start + block], centres).min(dim=1).values.square()
@@ -63,6 +75,8 @@ def _greedy(
     ``covered`` holds centres chosen earlier (already projected): distances start from them and
     the first pick is then the point farthest from them instead of ``first``.
     """
+    import torch
+
     n_points = x.shape[0]
     if n_select >= n_points:
         return np.arange(n_points)
@@ -107,6 +121,8 @@ def greedy_coreset(
     ``covered`` (m, d): points already kept elsewhere; the selection then extends them, picking
     the points they cover worst (used to top up a guaranteed set).
     """
+    import torch
+
     x = torch.as_tensor(np.asarray(features, dtype=np.float32))
     if x.ndim != 2 or x.shape[0] == 0:
         raise ValueError(f"features must be a non-empty (n, d) array, got shape {tuple(x.shape)}")

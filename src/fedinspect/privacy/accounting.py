@@ -17,10 +17,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from typing import TYPE_CHECKING
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
-from opacus.accountants.utils import get_noise_multiplier
+
+if TYPE_CHECKING:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
+# Opacus (and the scipy.stats and torch.distributed it pulls in) is imported where an epsilon is computed:
+# the command line's start-up does not pay for it.
 
 ACCOUNTANTS = ("rdp", "prv")
 DEFAULT_DELTA = 1e-5
@@ -38,6 +43,8 @@ def _check(noise_multiplier: float, delta: float, sample_rate: float, steps: int
 
 
 def _accountant(name: str) -> RDPAccountant | PRVAccountant:
+    from opacus.accountants import PRVAccountant, RDPAccountant
+
     if name == "rdp":
         return RDPAccountant()
     if name == "prv":
@@ -62,6 +69,8 @@ def noise_multiplier_for(target_epsilon: float, delta: float = DEFAULT_DELTA, sa
     """The smallest noise multiplier whose epsilon (by ``accountant``) is within ``tolerance`` below the target."""
     if not target_epsilon > 0 or math.isinf(target_epsilon):
         raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
+    from opacus.accountants.utils import get_noise_multiplier
+
     _check(1.0, delta, sample_rate, steps)
     _accountant(accountant)
     with warnings.catch_warnings(), np.errstate(divide="ignore"):  # the search probes tiny noise first
