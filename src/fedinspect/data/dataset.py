@@ -13,7 +13,10 @@ MVTec AD::
     <category>/test/{good,<defect>}/*.png
     <category>/ground_truth/<defect>/<stem>_mask.png  one binary mask per image
 
-Every problem found is raised as a :class:`~fedinspect.errors.DataError` naming the file.
+Every problem found is raised as a :class:`~fedinspect.errors.DataError` naming the file. Two
+images of one folder may not share a name (``0000.png`` and ``0000.jpg``): anomaly maps and ground
+truth are matched by name. An MVTec-layout mask marks every non-zero pixel as defect, as MVTec's own
+evaluation does; a mask with more than one non-zero value is read that way with a warning.
 """
 
 from __future__ import annotations
@@ -100,6 +103,18 @@ class Sample:
         return self.image_path.stem
 
 
+def _named_images(folder: Path) -> list[Path]:
+    """The folder's images, refusing two that share a name (``0000.png`` and ``0000.jpg``)."""
+    images = list_images(folder)
+    seen: dict[str, Path] = {}
+    for path in images:
+        other = seen.setdefault(path.stem, path)
+        if other is not path:
+            raise DataError(path, f"same name as {other}: anomaly maps and ground truth are matched by name, "
+                                  "so keep only one of them")
+    return images
+
+
 def _require_dir(path: Path, what: str) -> Path:
     if not path.is_dir():
         raise DataError(path, f"missing folder ({what})")
@@ -149,7 +164,7 @@ class CategoryDataset:
 
     def _scan_train(self) -> list[Sample]:
         folder = _require_dir(self.root / "train" / GOOD, "training images of good parts")
-        samples = [Sample(p, self.name, "train", GOOD) for p in list_images(folder)]
+        samples = [Sample(p, self.name, "train", GOOD) for p in _named_images(folder)]
         if not samples:
             raise DataError(folder, "no training images found")
         return samples
@@ -159,7 +174,7 @@ class CategoryDataset:
         samples: list[Sample] = []
         for defect_dir in sorted(p for p in test_dir.iterdir() if p.is_dir()):
             defect = defect_dir.name
-            for image_path in list_images(defect_dir):
+            for image_path in _named_images(defect_dir):
                 truth = () if defect == GOOD else self._ground_truth_files(defect, image_path)
                 samples.append(Sample(image_path, self.name, "test", defect, truth))
         if not samples:
@@ -176,9 +191,11 @@ class CategoryDataset:
             return tuple(files)
         candidates = [defect_dir / f"{image_path.stem}_mask{suffix}" for suffix in IMAGE_SUFFIXES]
         candidates += [defect_dir / f"{image_path.stem}{suffix}" for suffix in IMAGE_SUFFIXES]
-        for candidate in candidates:
-            if candidate.is_file():
-                return (candidate,)
+        found = [candidate for candidate in candidates if candidate.is_file()]
+        if len(found) > 1:
+            raise DataError(image_path, f"ambiguous ground truth: {', '.join(map(str, found))}; keep only one")
+        if found:
+            return (found[0],)
         raise DataError(
             image_path, f"defective test image has no ground truth: expected {candidates[0]}"
         )
@@ -191,7 +208,8 @@ class CategoryDataset:
         """The defect regions of a test sample; ``shape`` is its image's (height, width).
 
         Good samples have none. A defective MVTec-layout image with an empty mask also has none
-        (it then counts for image-level metrics only), with a warning naming the file.
+        (it then counts for image-level metrics only), with a warning naming the file; any non-zero
+        pixel of an MVTec-layout mask is defect (a warning names masks with several non-zero values).
         """
         regions: list[Region] = []
         for path in sample.ground_truth:
@@ -203,7 +221,7 @@ class CategoryDataset:
                     f"{sample.image_path} ({shape[1]}x{shape[0]})",
                 )
             found = self._autovi_regions(path, mask) if self.layout == "autovi" else self._mvtec_regions(
-                mask, sample.defect
+                path, mask, sample.defect
             )
             if not found:
                 warnings.warn(f"{path}: empty ground-truth mask; the image counts for image-level metrics only",
@@ -241,11 +259,16 @@ class CategoryDataset:
         return regions
 
     @staticmethod
-    def _mvtec_regions(mask: np.ndarray, defect: str) -> list[Region]:
+    def _mvtec_regions(path: Path, mask: np.ndarray, defect: str) -> list[Region]:
         if mask.ndim == 3:
             mask = mask.max(axis=2)
-        threshold = 128 if mask.max() > 1 else 1  # 0/255 masks; 0/1 masks also accepted
-        return connected_component_regions(mask >= threshold, defect)
+        values = np.unique(mask)
+        values = values[values != 0]
+        if values.size > 1:
+            shown = ", ".join(str(v) for v in values[:8]) + (f", ... ({values.size} values)" if values.size > 8 else "")
+            warnings.warn(f"{path}: mask is not binary (non-zero values {shown}); every non-zero pixel counts as "
+                          "defect", stacklevel=3)
+        return connected_component_regions(mask != 0, defect)
 
 
 def find_categories(dataset_dir: str | Path) -> list[Path]:
@@ -255,9 +278,16 @@ def find_categories(dataset_dir: str | Path) -> list[Path]:
         raise DataError(dataset_dir, "dataset folder not found")
     if (dataset_dir / "train").is_dir():
         return [dataset_dir]
-    categories = sorted(
-        p for p in dataset_dir.iterdir() if p.is_dir() and not p.name.startswith(".") and (p / "train").is_dir()
-    )
+    categories, others = [], []
+    for folder in sorted(p for p in dataset_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if (folder / "train").is_dir():
+            categories.append(folder)
+        elif (folder / "test").is_dir() or (folder / "ground_truth").is_dir():
+            raise DataError(folder / "train", "missing folder: a category with test/ or ground_truth/ needs train/good")
+        else:
+            others.append(folder)
     if not categories:
         raise DataError(dataset_dir, "no category folder found (a category holds train/ and test/)")
+    for folder in others:
+        warnings.warn(f"{folder}: not a category (no train/ folder); ignored", stacklevel=2)
     return categories
