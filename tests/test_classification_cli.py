@@ -43,7 +43,7 @@ def test_classify_writes_results_and_report(labelled_category: Path, tmp_path: P
     out = tmp_path / "run"
     code = main(["-q", "classify", "--data", str(labelled_category), "--out", str(out), "--model", "cnn",
                  "--clients", "2", "--rounds", "2", "--image-size", "16", "--dp-noise", "1.0", "--local-epochs", "1",
-                 "--obfuscate", "average,shuffle,switch_row", "--obfuscation-key", "1234"])
+                 "--obfuscate", "average+shuffle+switch_row", "--obfuscation-key", "1234"])
     assert code == 0
     results = json.loads((out / "results.json").read_text())
     assert results["classes"] == ["good", "dent", "scratch"]
@@ -99,7 +99,7 @@ def test_bad_input_is_reported_clearly(labelled_category: Path, tmp_path: Path, 
 def test_experiment_writes_tables_and_resumes(labelled_category: Path, tmp_path: Path, capsys) -> None:
     out = tmp_path / "experiment"
     args = ["-q", "classify-experiment", "--data", str(labelled_category), "--out", str(out), "--models", "cnn",
-            "--obfuscations", "none", "average,shuffle,switch_row", "--noise", "0.05", "--target-epsilon", "10",
+            "--obfuscations", "none,average+shuffle+switch_row", "--noise", "0.05", "--target-epsilon", "10",
             "--rounds", "1", "--clients", "2", "--cnn-image-size", "16", "--local-epochs", "1"]
     assert main(args) == 0
     summary = json.loads((out / "experiment.json").read_text())

@@ -295,7 +295,7 @@ def test_federate_with_dp_obfuscation_and_attacks(tiny_dataset: Path, tmp_path: 
     out = tmp_path / "run"
     code = main(["-q", "federate", "--data", str(tiny_dataset), "--out", str(out), "--clients", "2",
                  "--image-size", "64", "--no-centralized", "--no-shared-comparison", "--dp-epsilon", "1",
-                 "--dp-unit", "image", "--obfuscate", "average,shuffle", "--obfuscation-key", "77",
+                 "--dp-unit", "image", "--obfuscate", "average+shuffle", "--obfuscation-key", "77",
                  "--attack-data", str(tiny_dataset)])
     assert code == 0
     results = json.loads((out / "results.json").read_text())

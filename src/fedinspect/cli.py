@@ -1,4 +1,7 @@
-"""The ``fedinspect`` command line. Every command is a thin layer over a Python function."""
+"""The ``fedinspect`` command line. Every command is a thin layer over a Python function.
+
+Option conventions (lists, renamed options, defaults in the help) are in :mod:`fedinspect.options`.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from typing import TYPE_CHECKING
 
 from fedinspect import __version__
 from fedinspect.errors import FedinspectError
+from fedinspect.options import NONE, HelpFormatter, obfuscation, obfuscation_list, split_list
 
 if TYPE_CHECKING:
     from fedinspect.federation.runner import FederationConfig
@@ -19,8 +23,9 @@ if TYPE_CHECKING:
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("PatchCore")
     group.add_argument("--backbone", default="efficientnet_lite0",
-                       help="feature extractor (efficientnet_lite0, efficientnet_lite2, wide_resnet50_2)")
-    group.add_argument("--weights", default=None, help="local weights file for the backbone")
+                       help="feature extractor: efficientnet_lite0, efficientnet_lite2 (weights ship with the "
+                            "package) or wide_resnet50_2 (needs --weights)")
+    group.add_argument("--weights", default=None, help="local weights file of the backbone (none: packaged weights)")
     group.add_argument("--image-size", type=int, default=256, help="short side after resizing (px)")
     group.add_argument("--coreset-ratio", type=float, default=0.1,
                        help="fraction of patches kept (the centralized baseline's when federating)")
@@ -62,7 +67,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fedinspect.evaluation.summary import results_table
     from fedinspect.pipeline import evaluate_category
 
-    results = evaluate_category(args.model, args.data, args.out, progress=not args.quiet)
+    results = evaluate_category(args.model, args.data, args.out, progress=not args.quiet, weights=args.weights)
     print(results_table({results["category"]: results}))
     print(f"results and 16-bit anomaly maps in {args.out}")
     return 0
@@ -72,40 +77,57 @@ def _federation_config(args: argparse.Namespace) -> FederationConfig:
     from fedinspect.federation.client import RoundSettings
     from fedinspect.federation.runner import FederationConfig
 
-    settings = RoundSettings(
-        backbone=args.backbone, image_size=args.image_size, local_coreset_ratio=args.local_coreset_ratio,
-        precision=args.precision, seed=args.seed, **_privacy_settings(args),
-    )
+    try:
+        settings = RoundSettings(
+            backbone=args.backbone, image_size=args.image_size, local_coreset_ratio=args.local_coreset_ratio,
+            precision=args.precision, seed=args.seed, **_privacy_settings(args),
+        )
+    except ValueError as error:  # e.g. --dp-epsilon 0
+        raise FedinspectError(f"invalid settings: {error}") from error
     return FederationConfig(
         clients=args.clients, partition=args.partition, alpha=args.alpha, strategy=args.strategy,
         global_size=args.global_size, global_ratio=args.global_ratio, bank=args.bank,
         min_per_client=args.min_per_client, min_clients=args.min_clients or 1,
-        centralized=not args.no_centralized, centralized_coreset_ratio=args.coreset_ratio,
-        compare_shared=not args.no_shared_comparison, attack_data=args.attack_data, settings=settings,
+        centralized=not getattr(args, "no_centralized", False), centralized_coreset_ratio=args.coreset_ratio,
+        compare_shared=not getattr(args, "no_shared_comparison", False), attack_data=args.attack_data,
+        settings=settings,
     )
 
 
 def _privacy_settings(args: argparse.Namespace) -> dict:
-    """RoundSettings fields for DP and obfuscation; the obfuscation key comes from the flag or the environment."""
-    import os
+    """RoundSettings fields for DP and obfuscation; the obfuscation key comes from the flag or the environment.
 
-    values: dict = {}
-    if args.obfuscate:
-        key = args.obfuscation_key if args.obfuscation_key is not None else os.environ.get("FEDINSPECT_OBFUSCATION_KEY")
-        if key is None:
-            raise FedinspectError("--obfuscate needs the federation's secret key: pass --obfuscation-key N "
-                                  "or set FEDINSPECT_OBFUSCATION_KEY")
-        try:
-            values.update(obfuscation=args.obfuscate, obfuscation_key=int(key))
-        except ValueError as error:
-            raise FedinspectError(f"obfuscation key must be a non-negative integer, got {key!r}") from error
-    if args.dp_epsilon is not None or args.dp_noise is not None:
-        values.update(dp_unit=args.dp_unit, dp_epsilon=args.dp_epsilon or 0.0, dp_noise_multiplier=args.dp_noise or 0.0,
-                      dp_delta=args.dp_delta, dp_clip_norm=args.dp_clip)
+    A command without the single-run options (``privacy-study``, whose grid sets them) leaves them off.
+    """
+    values: dict = {"dp_delta": args.dp_delta, "dp_clip_norm": args.dp_clip}
+    methods = obfuscation(getattr(args, "obfuscate", ""))
+    if methods:
+        values.update(obfuscation=methods, obfuscation_key=_obfuscation_key(args, "--obfuscate"))
+    dp_epsilon, dp_noise = getattr(args, "dp_epsilon", None), getattr(args, "dp_noise", None)
+    if dp_epsilon is not None or dp_noise is not None:
+        values.update(dp_unit=args.dp_unit, dp_epsilon=dp_epsilon or 0.0, dp_noise_multiplier=dp_noise or 0.0)
     return values
 
 
+def _obfuscation_key(args: argparse.Namespace, needed_by: str) -> int:
+    """The federation's secret obfuscation key: ``--obfuscation-key`` or FEDINSPECT_OBFUSCATION_KEY."""
+    import os
+
+    key = args.obfuscation_key if args.obfuscation_key is not None else os.environ.get("FEDINSPECT_OBFUSCATION_KEY")
+    if key is None:
+        raise FedinspectError(f"{needed_by} needs the federation's secret key: pass --obfuscation-key N "
+                              "or set FEDINSPECT_OBFUSCATION_KEY")
+    try:
+        value = int(key)
+    except ValueError as error:
+        raise FedinspectError(f"obfuscation key must be a non-negative integer, got {key!r}") from error
+    if value < 0:
+        raise FedinspectError(f"obfuscation key must be a non-negative integer, got {key!r}")
+    return value
+
+
 def _print_federation(results: dict, out: Path) -> None:
+    from fedinspect.evaluation.report import describe_stages
     from fedinspect.evaluation.summary import results_table
 
     print("federated (global bank per category)" if results["config"]["bank"] == "per_category"
@@ -117,32 +139,34 @@ def _print_federation(results: dict, out: Path) -> None:
             print(f"\n{label}")
             print(results_table(results[name]["categories"]))
     sent = sum(c["bytes_sent"] for c in results["clients"])
-    stages = results["stages"]
-    print(f"\n{len(results['clients'])} clients sent {sent / 1e6:.2f} MB; patches {stages['raw_patches']:,} -> "
-          f"{stages['local_coreset']:,} -> {stages['global_bank']:,}; {results['timing']['total_s']:.0f} s")
+    print(f"\n{len(results['clients'])} clients sent {sent / 1e6:.2f} MB in {results['timing']['total_s']:.0f} s")
+    print(describe_stages(results["stages"], results["config"]))
     if results["missing_clients"]:
         print(f"missing clients: {[m['client'] for m in results['missing_clients']]}")
     print(f"results.json, report.md, report.html and maps/ in {out}")
 
 
-def _cmd_federate(args: argparse.Namespace) -> int:
-    if args.engine == "flower-sim":
+def _federation_runner(engine: str):
+    if engine == "flower-sim":
         from fedinspect.federation.flower_app import run_flower_simulation as run
     else:
         from fedinspect.federation.runner import run_federation as run
+    return run
 
-    results = run(args.data, args.out, _federation_config(args), progress=not args.quiet)
+
+def _cmd_federate(args: argparse.Namespace) -> int:
+    results = _federation_runner(args.engine)(args.data, args.out, _federation_config(args), progress=not args.quiet)
     _print_federation(results, Path(args.out))
     return 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fedinspect.data.synthetic import generate_dataset
-    from fedinspect.federation.runner import run_federation
 
     out = Path(args.out)
+    config = _federation_config(args)  # checked before the data are generated
     data = generate_dataset(out / "data", seed=args.seed, size=args.size, progress=not args.quiet)
-    results = run_federation(data, out / "run", _federation_config(args), progress=not args.quiet)
+    results = _federation_runner(args.engine)(data, out / "run", config, progress=not args.quiet)
     _print_federation(results, out / "run")
     return 0
 
@@ -160,7 +184,8 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 1 if cells["failed"] else 0
 
 
-def _add_federation_options(parser: argparse.ArgumentParser) -> None:
+def _add_federation_options(parser: argparse.ArgumentParser, comparisons: bool = True) -> None:
+    """Federation options; ``comparisons=False`` leaves out the baselines a command does not run."""
     from fedinspect.federation.partition import SCHEMES
     from fedinspect.federation.server import BANK_MODES
     from fedinspect.federation.strategies import STRATEGIES
@@ -169,32 +194,45 @@ def _add_federation_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("federation")
     group.add_argument("--clients", type=int, default=5, help="number of clients (factories)")
     group.add_argument("--partition", choices=SCHEMES, default="iid", help="how training images are split")
-    group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (partition dirichlet)")
-    group.add_argument("--strategy", choices=sorted(STRATEGIES), default="federated_coreset")
+    group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
+    group.add_argument("--strategy", choices=sorted(STRATEGIES), default="federated_coreset",
+                       help="how the server merges the client banks (README 'Aggregation strategies')")
     group.add_argument("--global-size", type=int, default=10_000, help="patches in the global bank(s), total")
     group.add_argument("--global-ratio", type=float, default=None,
                        help="instead of --global-size: fraction of each bank's raw patches")
-    group.add_argument("--bank", choices=BANK_MODES, default="per_category")
-    group.add_argument("--min-per-client", type=int, default=100, help="guarantee of diversity_preserving")
-    group.add_argument("--min-clients", type=int, default=None, help="fewest answering clients to aggregate")
+    group.add_argument("--bank", choices=BANK_MODES, default="per_category",
+                       help="one global bank per category, or one bank shared by all categories")
+    group.add_argument("--min-per-client", type=int, default=100,
+                       help="patches guaranteed to each client (--strategy diversity_preserving)")
+    group.add_argument("--min-clients", type=int, default=None,
+                       help="fewest valid client updates to aggregate (none given: 1)")
     group.add_argument("--precision", choices=PRECISIONS, default="float16", help="embeddings on the wire")
     group.add_argument("--local-coreset-ratio", type=float, default=0.03,
                        help="fraction of its patches each client sends (default 0.03, see README 'Traffic')")
-    group.add_argument("--no-centralized", action="store_true", help="skip the pooled-data baseline")
-    group.add_argument("--no-shared-comparison", action="store_true",
-                       help="skip the comparison with one bank shared by all categories")
+    if comparisons:
+        group.add_argument("--no-centralized", action="store_true", help="skip the pooled-data baseline")
+        group.add_argument("--no-shared-comparison", action="store_true",
+                           help="skip the comparison with one bank shared by all categories")
 
+
+
+def _add_privacy_options(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
+    """DP and obfuscation options; ``single_run=False`` leaves out those a study's grid sets itself."""
     from fedinspect.privacy.bank_dp import DEFAULT_CLIP_NORM, UNITS
 
     privacy = parser.add_argument_group("privacy (README 'Privacy')")
-    privacy.add_argument("--dp-epsilon", type=float, default=None,
-                         help="differentially private banks at this epsilon (noise solved by the accountant)")
-    privacy.add_argument("--dp-noise", type=float, default=None, help="instead of --dp-epsilon: the noise multiplier")
+    if single_run:
+        privacy.add_argument("--dp-epsilon", type=float, default=None,
+                             help="differentially private banks at this epsilon (noise solved by the accountant)")
+        privacy.add_argument("--dp-noise", type=float, default=None,
+                             help="instead of --dp-epsilon: the noise multiplier")
     privacy.add_argument("--dp-unit", choices=UNITS, default="image",
-                         help="what DP protects: one training image (default) or one patch embedding (weaker)")
+                         help="what DP protects: one training image or one patch embedding (weaker)")
     privacy.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the (epsilon, delta) guarantee")
     privacy.add_argument("--dp-clip", type=float, default=DEFAULT_CLIP_NORM, help="L2 clip norm of embeddings")
-    privacy.add_argument("--obfuscate", default="", help="obfuscate images first: average,shuffle,switch_row")
+    if single_run:
+        privacy.add_argument("--obfuscate", default="",
+                             help="obfuscate images first, methods joined by '+': average+shuffle+switch_row")
     privacy.add_argument("--obfuscation-key", type=int, default=None,
                          help="the federation's secret obfuscation key (or FEDINSPECT_OBFUSCATION_KEY)")
     privacy.add_argument("--attack-data", default="",
@@ -207,36 +245,61 @@ def _cmd_privacy_study(args: argparse.Namespace) -> int:
     from fedinspect.federation.privacy_study import PrivacyStudy, run_privacy_study
 
     out = Path(args.out)
+    try:
+        epsilons = split_list(args.epsilons, "--epsilons", _number_or_none)
+        compare = _number_or_none(args.compare_unit_at)
+    except ValueError as error:
+        raise FedinspectError(f"--epsilons / --compare-unit-at take numbers or 'none': {error}") from error
+    obfuscations = obfuscation_list(args.obfuscations)
+    key = _obfuscation_key(args, "--obfuscations") if any(obfuscations) else 0
+    config = _federation_config(args)
+    config.centralized, config.compare_shared, config.write_maps = False, False, False
     attacker = args.attack_data
     if not attacker:  # the attacker generates images of its own
         attacker = generate_dataset(out / "attacker_data", seed=args.seed + 1, size="tiny", progress=not args.quiet)
-    config = _federation_config(args)
-    config.centralized, config.compare_shared, config.write_maps = False, False, False
-    try:
-        epsilons = tuple(None if e.strip() == "none" else float(e) for e in args.epsilons.split(","))
-        compare = None if args.compare_unit_at.lower() == "none" else float(args.compare_unit_at)
-    except ValueError as error:
-        raise FedinspectError(f"--epsilons / --compare-unit-at take numbers or 'none': {error}") from error
-    obfuscations = tuple("" if o.strip() == "none" else o.strip().replace("+", ",")
-                         for o in args.obfuscations.split(";"))
     study = PrivacyStudy(epsilons=epsilons, obfuscations=obfuscations, unit=args.dp_unit, compare_unit_at=compare,
-                         obfuscation_key=args.obfuscation_key if args.obfuscation_key is not None else 20261122)
+                         obfuscation_key=key)
     results = run_privacy_study(args.data, out, attacker, config, study, progress=not args.quiet)
     print(privacy_table(results["rows"]))
     print(f"privacy_study.json, report.md, report.html and privacy_pareto.png in {out}")
     return 0
 
 
+def _number_or_none(text: str) -> float | None:
+    return None if text.strip().lower() == NONE else float(text)
+
+
+DESCRIPTION = """\
+Privacy-preserving federated visual anomaly detection: each factory fits a detector on its own good
+images, only model updates leave the site, results per category with the AutoVI protocol.
+
+Start with `fedinspect demo`; `fedinspect COMMAND --help` describes each command. Lists are
+comma-separated (--epsilons 1,5,none); obfuscation methods applied together are joined by '+'
+(--obfuscate average+shuffle). Errors in the data or settings exit with code 2.
+"""
+
+
+def _finish_commands(commands: argparse._SubParsersAction) -> None:
+    """Every command: a description line (its summary), defaults in its help, and -q accepted after it too."""
+    for choice in commands._choices_actions:
+        command = commands.choices[choice.dest]
+        command.description = command.description or f"{choice.help[0].upper()}{choice.help[1:]}."
+        command.formatter_class = HelpFormatter
+        command.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                             help="no progress bars (also accepted before the command)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedinspect", description=__doc__)
+    parser = argparse.ArgumentParser(prog="fedinspect", description=DESCRIPTION, formatter_class=HelpFormatter)
     parser.add_argument("--version", action="version", version=f"fedinspect {__version__}")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     synth = commands.add_parser("synth", help="generate the synthetic dataset in the AutoVI layout")
     synth.add_argument("--out", required=True, help="folder to write")
-    synth.add_argument("--seed", type=int, default=0)
-    synth.add_argument("--size", choices=("tiny", "small", "full"), default="small")
+    synth.add_argument("--seed", type=int, default=0, help="seed of the generated images and defects")
+    synth.add_argument("--size", choices=("tiny", "small", "full"), default="small",
+                       help="tiny (CI), small (the demo) or full (AutoVI-sized)")
     synth.set_defaults(run=_cmd_synth)
 
     fit = commands.add_parser("fit", help="fit PatchCore on one category's good training images")
@@ -248,36 +311,43 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("evaluate", help="score a category's test split (AutoVI protocol)")
     evaluate.add_argument("--model", required=True, help="model folder written by 'fit'")
     evaluate.add_argument("--data", required=True, help="category folder")
-    evaluate.add_argument("--out", required=True, help="results folder (results.json, maps/)")
+    evaluate.add_argument("--out", required=True, help="results folder (results.json, maps/); replaced when done")
+    evaluate.add_argument("--weights", default=None,
+                          help="the backbone's local weights file the model was fitted with (checked by SHA-256)")
     evaluate.set_defaults(run=_cmd_evaluate)
 
     federate = commands.add_parser("federate", help="federated PatchCore in one round, evaluated per category")
     federate.add_argument("--data", required=True, help="dataset folder (one subfolder per category)")
     federate.add_argument("--out", required=True, help="run folder to write")
-    federate.add_argument("--engine", choices=("in-process", "flower-sim"), default="in-process",
-                          help="run the clients here, or as Flower SuperNodes in the Simulation Engine")
+    _add_engine_option(federate)
     _add_model_options(federate)
     _add_federation_options(federate)
+    _add_privacy_options(federate)
     federate.set_defaults(run=_cmd_federate)
 
     study = commands.add_parser("privacy-study",
                                 help="DP budget x obfuscation grid with inversion and membership attacks")
     study.add_argument("--data", required=True, help="dataset folder (one subfolder per category)")
     study.add_argument("--out", required=True, help="study folder to write")
-    study.add_argument("--epsilons", default="1,5,10,none", help="comma-separated DP budgets; 'none' = no DP")
-    study.add_argument("--obfuscations", default="none;average+shuffle;average+shuffle+switch_row",
-                       help="semicolon-separated obfuscations, methods joined by '+'")
+    study.add_argument("--epsilons", default="1,5,10,none",
+                       help="DP budgets of the grid, comma-separated; 'none' = no DP")
+    study.add_argument("--obfuscations", default="none,average+shuffle,average+shuffle+switch_row",
+                       help="obfuscations of the grid, comma-separated, methods joined by '+'")
     study.add_argument("--compare-unit-at", default="1",
                        help="also run the other DP unit at this epsilon, without obfuscation ('none': skip)")
     _add_model_options(study)
-    _add_federation_options(study)
-    study.set_defaults(run=_cmd_privacy_study)
+    _add_federation_options(study, comparisons=False)
+    _add_privacy_options(study, single_run=False)
+    study.set_defaults(run=_cmd_privacy_study, obfuscation_key=20261122)
 
     demo = commands.add_parser("demo", help="generate the synthetic dataset and federate it (the main job)")
-    demo.add_argument("--out", default="runs/demo", help="run folder (default: runs/demo)")
-    demo.add_argument("--size", choices=("tiny", "small", "full"), default="small")
+    demo.add_argument("--out", default="runs/demo", help="folder of the data and the run")
+    demo.add_argument("--size", choices=("tiny", "small", "full"), default="small",
+                      help="synthetic dataset: tiny (CI), small or full (AutoVI-sized)")
+    _add_engine_option(demo)
     _add_model_options(demo)
     _add_federation_options(demo)
+    _add_privacy_options(demo)
     demo.set_defaults(run=_cmd_demo)
 
     study = commands.add_parser("study", help="a grid of federated runs with statistics and a report (STUDY.toml)")
@@ -287,8 +357,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     from fedinspect.classification.commands import add_classification_commands
 
-    add_classification_commands(commands)  # classify, classify-experiment (seed 000, PIDS)
+    add_classification_commands(commands)  # classify, classify-experiment (the PIDS paper)
+    _finish_commands(commands)
     return parser
+
+
+def _add_engine_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--engine", choices=("in-process", "flower-sim"), default="in-process",
+                        help="run the clients in this process, or as Flower SuperNodes in the Simulation Engine")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -8,13 +8,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fedinspect.options import add_renamed, obfuscation, obfuscation_list, split_list
+
 MODEL_CHOICES = ("cnn", "large", "mobile", "resnet50", "mobilenet_v2")
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("federated training")
-    group.add_argument("--clients", type=int, default=3, help="number of clients (default 3)")
-    group.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (default 5)")
+    group.add_argument("--clients", type=int, default=3, help="number of clients")
+    group.add_argument("--rounds", type=int, default=5, help="FedAvg rounds")
     group.add_argument("--partition", choices=("iid", "dirichlet"), default="iid",
                        help="client shares: iid, or label skew by a Dirichlet over classes")
     group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
@@ -25,8 +27,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--accumulation-steps", type=int, default=4,
                        help="physical batches per optimizer step (logical batch = batch size x this)")
     group.add_argument("--optimizer", choices=("sgd", "adam"), default="adam",
-                       help="local optimizer (the seed: sgd with --lr 0.1 --momentum 0)")
-    group.add_argument("--lr", type=float, default=1e-3, help="learning rate (default 1e-3)")
+                       help="local optimizer (the PIDS paper: sgd with --lr 0.1 --momentum 0)")
+    group.add_argument("--lr", type=float, default=1e-3, help="learning rate")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
     group.add_argument("--fine-tune", action="store_true",
                        help="train the pretrained backbone too (slow on CPU; BatchNorm -> GroupNorm under DP)")
@@ -34,9 +36,12 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--obfuscation-key", type=int, default=None,
                        help="secret key of shuffle / switch_row (default: the seed); never written to results")
     dp = parser.add_argument_group("DP-SGD (Opacus)")
-    dp.add_argument("--max-grad-norm", type=float, default=1.0, help="per-sample L2 clipping bound")
-    dp.add_argument("--delta", type=float, default=None, help="delta (default 1e-5)")
-    dp.add_argument("--accountant", choices=("rdp", "prv", "gdp"), default="rdp")
+    add_renamed(dp, "--dp-clip", ["--max-grad-norm"], type=float, default=1.0,
+                help="per-sample L2 clipping bound of the gradients")
+    add_renamed(dp, "--dp-delta", ["--delta"], type=float, default=1e-5,
+                help="delta of the (epsilon, delta) guarantee")
+    dp.add_argument("--accountant", choices=("rdp", "prv", "gdp"), default="rdp",
+                    help="privacy accountant of Opacus that reports epsilon")
 
 
 def _config(args: argparse.Namespace, **overrides):
@@ -46,12 +51,12 @@ def _config(args: argparse.Namespace, **overrides):
     train = TrainSettings(
         local_epochs=args.local_epochs, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps,
         lr=args.lr, momentum=args.momentum, optimizer=args.optimizer,
-        noise_multiplier=getattr(args, "dp_noise", None), max_grad_norm=args.max_grad_norm, delta=args.delta,
+        noise_multiplier=getattr(args, "dp_noise", None), max_grad_norm=args.dp_clip, delta=args.dp_delta,
         accountant=args.accountant,
     )
     values = dict(
         model=getattr(args, "model", "cnn"), clients=args.clients, rounds=args.rounds, partition=args.partition,
-        alpha=args.alpha, image_size=args.image_size, obfuscate=getattr(args, "obfuscate", "") or (),
+        alpha=args.alpha, image_size=args.image_size, obfuscate=obfuscation(getattr(args, "obfuscate", "")) or (),
         obfuscation_key=args.seed if args.obfuscation_key is None else args.obfuscation_key,
         fine_tune=args.fine_tune, weights=args.weights, seed=args.seed, train=train,
     )
@@ -92,9 +97,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     try:
         plan = ExperimentPlan(
-            base=_config(args), models=tuple(m.strip() for m in args.models.split(",")),
-            obfuscations=tuple(args.obfuscations), transfer_obfuscations=tuple(args.transfer_obfuscations),
-            noise_multipliers=tuple(args.noise), target_epsilons=tuple(args.target_epsilon),
+            base=_config(args), models=split_list(args.models, "--models"),
+            obfuscations=_table_obfuscations(args.obfuscations, "--obfuscations"),
+            transfer_obfuscations=_table_obfuscations(args.transfer_obfuscations, "--transfer-obfuscations"),
+            noise_multipliers=split_list(args.noise, "--noise", float),
+            target_epsilons=split_list(args.target_epsilon, "--target-epsilon", float),
             image_sizes={"cnn": args.cnn_image_size} if args.cnn_image_size else {},
         )
         for model in plan.models:
@@ -108,6 +115,11 @@ def cmd_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
+def _table_obfuscations(values: list[str], option: str) -> tuple[str, ...]:
+    """The experiment's obfuscation list, in its own spelling: ``none`` or methods joined by ','."""
+    return tuple(o or "none" for o in obfuscation_list(values, option))
+
+
 def add_classification_commands(commands: argparse._SubParsersAction) -> None:
     """Add ``classify`` and ``classify-experiment`` to the ``fedinspect`` subcommands."""
     classify = commands.add_parser("classify", help="federated defect classification with DP-SGD and obfuscation")
@@ -117,24 +129,27 @@ def add_classification_commands(commands: argparse._SubParsersAction) -> None:
                           help="cnn, large (EfficientNet-Lite2), mobile (EfficientNet-Lite0), resnet50, "
                                "mobilenet_v2 (last two: local torchvision weights needed)")
     classify.add_argument("--dp-noise", type=float, default=None, help="DP-SGD noise multiplier (default: no DP)")
-    classify.add_argument("--obfuscate", default="", help="e.g. average,shuffle,switch_row (default: none)")
-    classify.add_argument("--engine", choices=("in-process", "flower-sim"), default="in-process")
+    classify.add_argument("--obfuscate", default="",
+                          help="obfuscate images first, methods joined by '+': average+shuffle+switch_row")
+    classify.add_argument("--engine", choices=("in-process", "flower-sim"), default="in-process",
+                          help="run the clients in this process, or as Flower SuperNodes in the Simulation Engine")
     _add_training_options(classify)
     classify.set_defaults(run=cmd_classify)
 
     experiment = commands.add_parser("classify-experiment",
-                                     help="Tables I and III of seed 000: models x obfuscation x DP noise")
+                                     help="Tables I and III of the PIDS paper: models x obfuscation x DP noise")
     experiment.add_argument("--data", required=True, help="category folder")
     experiment.add_argument("--out", required=True, help="experiment folder (resumable)")
-    experiment.add_argument("--models", default="cnn,mobile,large", help="comma-separated models")
-    experiment.add_argument("--obfuscations", nargs="+",
-                            default=["none", "average", "shuffle", "switch_row", "average,shuffle,switch_row"],
-                            help="obfuscations of the CNN in Table I")
-    experiment.add_argument("--transfer-obfuscations", nargs="+", default=["none", "average,shuffle,switch_row"],
+    # nargs="+": the space-separated spelling of the previous release still parses (deprecated)
+    experiment.add_argument("--models", nargs="+", default="cnn,mobile,large", help="models, comma-separated")
+    experiment.add_argument("--obfuscations", nargs="+", default="none,average,shuffle,switch_row,"
+                            "average+shuffle+switch_row",
+                            help="obfuscations of the CNN in Table I, comma-separated, methods joined by '+'")
+    experiment.add_argument("--transfer-obfuscations", nargs="+", default="none,average+shuffle+switch_row",
                             help="obfuscations of the transfer models in Table I")
-    experiment.add_argument("--noise", nargs="*", type=float, default=[0.01, 0.05],
-                            help="noise multipliers of Table III (the seed's)")
-    experiment.add_argument("--target-epsilon", nargs="*", type=float, default=[10.0, 1.0],
+    experiment.add_argument("--noise", nargs="+", default="0.01,0.05",
+                            help="noise multipliers of Table III, comma-separated (the PIDS paper's)")
+    experiment.add_argument("--target-epsilon", nargs="+", default="10,1",
                             help="Table III also runs the noise giving each of these epsilons after all rounds")
     experiment.add_argument("--cnn-image-size", type=int, default=64, help="image size of the CNN (0: --image-size)")
     _add_training_options(experiment)

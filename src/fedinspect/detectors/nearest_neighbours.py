@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import faiss
 import numpy as np
 
 
@@ -14,6 +13,8 @@ class NearestNeighbours:
         if bank.ndim != 2 or bank.shape[0] == 0:
             raise ValueError(f"memory bank must be a non-empty (n, d) array, got shape {bank.shape}")
         self.bank = bank
+        import faiss  # here, not at import: the command line starts without it
+
         self.index = faiss.IndexFlatL2(bank.shape[1])
         self.index.add(bank)
 
