@@ -578,3 +578,239 @@ def test_formatting_helpers():
     assert format_megabytes(1234) == "0.0012 MB"
     assert format_megabytes(None) == "n/a"
     assert [format_percent(x) for x in (1.0, 29850 / 298508, 10000 / 298508, 0.0)] == ["100%", "10%", "3.35%", "0%"]
+
+
+# ----------------------------------------------------------------------------------------------
+# Readability: configuration, budget, signed zeros, scales, empty columns, legends, line styles
+# ----------------------------------------------------------------------------------------------
+
+
+def run_config(**changes) -> dict:
+    """A config block as the runner writes it (FederationConfig.to_dict)."""
+    config = {
+        "clients": 5, "partition": "iid", "alpha": 0.5, "strategy": "federated_coreset", "global_size": 10_000,
+        "global_ratio": None, "bank": "per_category", "min_per_client": 100, "min_clients": 1, "centralized": True,
+        "centralized_coreset_ratio": 0.1, "compare_shared": False, "write_maps": True, "examples_per_category": 3,
+        "attack_data": "",
+        "settings": {"backbone": "efficientnet_lite0", "layers": None, "image_size": 256, "local_coreset_ratio": 0.03,
+                     "projection_dim": 64, "coreset_chunk_size": 16384, "precision": "float16", "seed": 0,
+                     "obfuscation": "", "dp_unit": "", "dp_epsilon": 0.0, "dp_noise_multiplier": 0.0,
+                     "dp_delta": 1e-5, "dp_clip_norm": 1.0, "dp_patches_per_image": 16, "dp_clusters": 8,
+                     "dp_iterations": 2},
+        "seed": 0,
+    }
+    settings = {k: changes.pop(k) for k in list(changes) if k in config["settings"]}
+    config.update(changes)
+    config["settings"].update(settings)
+    return config
+
+
+def test_configuration_is_a_readable_table_of_what_applies(tmp_path: Path):
+    results = make_results()
+    results["config"] = run_config()
+    md, html = write_report(tmp_path, results, None, None)
+    text = md.read_text(encoding="utf-8")
+    table = table_with_header(markdown_tables(text), "Setting")
+    values = dict(table[1:])
+    assert values["Clients"] == "5" and values["Partition of the training images"] == "iid"
+    assert values["Global bank budget (patches, all banks)"] == "10,000"
+    assert values["Centralized baseline"] == "yes" and values["Also evaluate one shared bank"] == "no"
+    assert values["Backbone"] == "efficientnet_lite0" and values["Local coreset ratio"] == "0.03"
+    assert values["Seed"] == "0" and [row[0] for row in table].count("Seed") == 1
+    for absent in ("Dirichlet concentration α", "Minimum patches per client (diversity preserving)",
+                   "Attacker's data (inversion and membership attacks)", "Backbone layers", "Image obfuscation",
+                   "DP unit", "DP δ", "Global bank budget (fraction of each bank's raw patches)"):
+        assert absent not in values, absent
+    for raw in ("None", "True", "False", '{"'):
+        assert raw not in "\n".join(" ".join(row) for row in table), raw
+    assert parse_html(html).tables == markdown_tables(text)
+
+
+def test_configuration_shows_alpha_strategy_option_and_dp_only_when_they_apply():
+    from fedinspect.evaluation.report import config_table
+
+    table = config_table(run_config(partition="dirichlet", strategy="diversity_preserving", global_ratio=0.05,
+                                    dp_unit="image", dp_epsilon=5.0, obfuscation="average,shuffle",
+                                    layers=["blocks.3", "blocks.4"], attack_data="/data/attacker"))
+    values = dict(table.rows)
+    assert values["Dirichlet concentration α"] == "0.5"
+    assert values["Minimum patches per client (diversity preserving)"] == "100"
+    assert values["Global bank budget (fraction of each bank's raw patches)"] == "0.05"
+    assert "Global bank budget (patches, all banks)" not in values  # the ratio replaces it
+    assert values["DP unit"] == "image" and values["DP target ε"] == "5" and values["DP δ"] == "1e-05"
+    assert "DP noise multiplier" not in values  # 0 = not given: the accountant solved it from epsilon
+    assert values["Backbone layers"] == "blocks.3, blocks.4"
+    assert values["Image obfuscation"] == "average,shuffle"
+    assert values["Attacker's data (inversion and membership attacks)"] == "/data/attacker"
+
+
+def test_global_bank_that_kept_everything_says_why(tmp_path: Path):
+    from fedinspect.evaluation.report import describe_stages
+
+    results = make_results()
+    results["config"] = run_config()
+    results["stages"] = {"raw_patches": 115_200, "local_coreset": 3_456, "global_bank": 3_456}
+    md, _ = write_report(tmp_path, results, None, None)
+    text = md.read_text(encoding="utf-8")
+    table = table_with_header(markdown_tables(text), "Stage")
+    assert table[0] == ["Stage", "Patches", "Kept", "Note"]
+    assert row_named(table, "Global bank")["Note"] == "the server kept every sent patch: under the 10,000 budget"
+    assert row_named(table, "Local coreset")["Note"] == ""
+    assert "the server kept every patch the clients sent (under the 10,000 budget)" in text
+    assert describe_stages(results["stages"], results["config"]) == (
+        "patches: 115,200 extracted -> 3,456 sent (local coresets) -> 3,456 in the global banks "
+        "(all kept: under the 10,000 budget)"
+    )
+    shared = run_config(bank="shared", global_ratio=0.05)
+    assert describe_stages(results["stages"], shared).endswith(
+        "3,456 in the global bank (all kept: under the budget of 0.05 of each bank's raw patches)")
+    assert describe_stages(results["stages"], run_config(strategy="concatenate")).endswith(
+        "(all kept: the concatenate strategy keeps every patch)")
+    subsampled = {"raw_patches": 298_508, "local_coreset": 29_850, "global_bank": 10_000}
+    assert describe_stages(subsampled, results["config"]) == (
+        "patches: 298,508 extracted -> 29,850 sent (local coresets) -> 10,000 in the global banks")
+
+
+def test_differences_have_no_signed_zero(tmp_path: Path):
+    from fedinspect.evaluation.report import format_points
+
+    assert format_points(-0.0004) == format_points(0.0004) == format_points(0.0) == "0.0"
+    assert format_points(-0.07) == "-7.0" and format_points(0.1) == "+10.0"
+    results = make_results()
+    results["centralized"]["categories"]["pipe_clip"] = category_block(0.91 + 1e-9, 0.52 - 1e-9)
+    md, _ = write_report(tmp_path, results, None, None)
+    text = md.read_text(encoding="utf-8")
+    comparison = table_with_header(markdown_tables(text), "Category", "Image AUROC central.")
+    row = row_named(comparison, "pipe_clip")
+    assert row["Δ image AUROC (points)"] == row["Δ AUC-sPRO@0.05 (points)"] == "0.0"
+    assert "-0.0" not in text and "+0.0" not in text
+
+
+def test_heatmap_scales_share_one_number_format_and_the_score_is_explained(tmp_path: Path):
+    from fedinspect.evaluation.report import scale_text
+
+    assert scale_text(0.0123, 1.5) == "0.012 to 1.500"
+    assert scale_text(12.5, 40.0) == "12.50 to 40.00"
+    assert scale_text(1200.0, 5400.0) == "1,200 to 5,400"
+    assert scale_text(0.0001, 0.0042) == "0.00010 to 0.00420"
+    md, _ = write_report(tmp_path, make_results(), None, make_examples())
+    text = md.read_text(encoding="utf-8")
+    captions = re.findall(r"\*Examples of \w+ \(heatmap colour scale ([^)]*)\)\.\*", text)
+    assert len(captions) == 2
+    for caption in captions:
+        low, high = caption.split(" to ")
+        assert len(low.split(".")[1]) == len(high.split(".")[1]), caption  # same number of decimals
+    assert "can lie above the map's maximum" in text and "above the top of the colour scale" in text
+
+
+def captured_figures(monkeypatch) -> list:
+    """The matplotlib figures the plot functions save (captured before they are cleared)."""
+    figures = []
+    original = plots._save
+
+    def spy(fig, path):
+        figures.append({
+            "name": Path(path).name,
+            "legends": [ax.get_legend() is not None for ax in fig.axes if ax.get_visible()],
+            "lines": [[(line.get_label(), line.get_linestyle(), line.get_linewidth(), line.get_marker())
+                       for line in ax.get_lines()] for ax in fig.axes],
+            "titles": [ax.get_title() for ax in fig.axes],
+        })
+        return original(fig, path)
+
+    monkeypatch.setattr(plots, "_save", spy)
+    return figures
+
+
+def test_single_model_charts_have_no_legend(tmp_path: Path, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    results = make_results()
+    one = {"federated": {c: results["categories"][c] for c in CATEGORIES}}
+    plots.plot_metric_bars(one, tmp_path / "one.png")
+    two = {**one, "centralized": {c: results["centralized"]["categories"][c] for c in CATEGORIES}}
+    plots.plot_metric_bars(two, tmp_path / "two.png")
+    assert figures[0]["legends"] == [False, False]
+    assert figures[1]["legends"] == [True, True]
+
+
+def test_per_client_results_drop_the_empty_note_column(tmp_path: Path, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    results = make_results()
+    for client in results["clients"]:
+        client.update(test_counts={"test": 6, "test_good": 3, "test_defective": 3}, test_categories={"pipe_clip": 6},
+                      image_auroc=0.9, auc_spro={"0.05": 0.5}, notes={})
+    md, html = write_report(tmp_path / "a", results, None, None)
+    table = table_with_header(markdown_tables(md.read_text(encoding="utf-8")), "Client", "Image AUROC")
+    assert "Note" not in table[0] and parse_html(html).tables == markdown_tables(md.read_text(encoding="utf-8"))
+    chart = next(f for f in figures if f["name"] == "metrics_per_client.png")
+    assert chart["legends"] == [False, False]  # one model (the global one): no one-entry legend
+    results["clients"][1]["notes"] = {"image_auroc": "a single test class"}
+    md, _ = write_report(tmp_path / "b", results, None, None)
+    table = table_with_header(markdown_tables(md.read_text(encoding="utf-8")), "Client", "Image AUROC")
+    assert table[0][-1] == "Note" and row_named(table, "Client 1")["Note"] == "image_auroc: a single test class"
+
+
+def test_coinciding_curves_stay_distinguishable(tmp_path: Path, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    same = make_curves(models=("federated",))["federated"]
+    curves = {"federated": same, "centralized": dict(same)}  # identical curves: one would hide the other
+    plots.plot_spro_curves(curves, tmp_path / "spro.png")
+    plots.plot_roc_curves(curves, tmp_path / "roc.png")
+    for figure in figures:
+        lines = [line for line in figure["lines"][0] if line[0] in ("federated", "centralized")
+                 or line[0].startswith(("federated (", "centralized ("))]
+        assert len(lines) == 2
+        (_, style_a, width_a, _), (_, style_b, width_b, marker_b) = lines
+        assert style_a != style_b and width_a > 1.5 * width_b and marker_b not in ("", "None")
+    assert "Where two curves coincide" in plots.line_style_note(["federated", "centralized"])
+    assert plots.line_style_note(["federated"]) == ""
+
+
+def test_example_titles_give_map_maximum_and_image_score(tmp_path: Path, monkeypatch):
+    figures = captured_figures(monkeypatch)
+    example = make_example("pipe_clip", "scratch", 0.0, 1.0, seed=2)
+    example.score = 1.75  # above the map's maximum (< 1): the reweighted image score
+    plots.plot_examples([example], tmp_path / "examples.png")
+    peak = float(example.anomaly_map.max())
+    assert f"anomaly map (max {peak:.3f})\nimage score 1.750" in figures[0]["titles"]
+
+
+# ----------------------------------------------------------------------------------------------
+# The shared document model
+# ----------------------------------------------------------------------------------------------
+
+
+def test_document_tables_align_numbers_drop_empty_columns_and_reject_ragged_rows(tmp_path: Path):
+    from fedinspect.evaluation.document import Document, Table
+
+    table = Table(["name", "count", "share", "empty", "note"],
+                  [["a", "1,000", "3.35%", "", "x"], ["b", "n/a", "10%", " ", ""]])
+    assert table.numeric == [False, True, True, False, False]
+    shown = table.shown()
+    assert shown.header == ["name", "count", "share", "note"] and shown.rows[1] == ["b", "n/a", "10%", ""]
+    with pytest.raises(ValueError, match="a row of 2 cells in a table of 3 columns"):
+        Table(["a", "b", "c"], [["1", "2"]])
+    doc = Document("Doc <&>")
+    doc.heading("Part")
+    doc.table(["k", "v"], [["<b>", 3]])
+    doc.figure("figures/x.png", 'a "quoted" caption')
+    md, html = doc.write(tmp_path)
+    assert md.read_text(encoding="utf-8").startswith("# Doc <&>\n")
+    source = html.read_text(encoding="utf-8")
+    ET.fromstring(source.removeprefix("<!DOCTYPE html>\n"))
+    assert "<title>Doc &lt;&amp;&gt;</title>" in source and "&lt;b&gt;" in source
+    assert 'alt="a &#34;quoted&#34; caption"' in source
+    assert parse_html(html).tables == [[["k", "v"], ["<b>", "3"]]]
+
+
+def test_every_report_builder_uses_the_shared_document_model():
+    import fedinspect.classification.report as classification
+    import fedinspect.evaluation.privacy_report as privacy
+    import fedinspect.evaluation.report as run
+    import fedinspect.study.report as study
+    from fedinspect.evaluation import document
+
+    assert classification.Document is document.Document
+    for module in (classification, privacy, run, study):
+        source = Path(module.__file__).read_text(encoding="utf-8")
+        assert "<html" not in source.lower() and "class Document" not in source, module.__name__

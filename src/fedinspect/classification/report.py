@@ -1,15 +1,14 @@
 """Figures and reports of classification runs: learning curves, confusion matrix, report.md / report.html.
 
-Both files are rendered from one list of blocks (headings, paragraphs, tables, figures), so they hold
-the same content; figures are PNGs under ``figures/`` referenced by relative paths.
+Both files are rendered from one :class:`fedinspect.evaluation.document.Document` (the document model
+and renderer of every report), so they hold the same content; figures are PNGs under ``figures/``
+referenced by relative paths.
 """
 
 from __future__ import annotations
 
-import html
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,11 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
+
+from fedinspect.evaluation.document import Document  # the one document model of every report
+
+__all__ = ["Document", "fmt", "fmt_epsilon", "plot_confusion", "plot_learning_curves", "plot_obfuscation_examples",
+           "write_run_report"]
 
 
 # ---------------------------------------------------------------- formatting
@@ -118,68 +122,6 @@ def _save(fig: plt.Figure, path: Path) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
-
-
-# ---------------------------------------------------------------- documents
-@dataclass
-class Document:
-    """Blocks rendered to both Markdown and HTML."""
-
-    title: str
-    blocks: list[tuple] = field(default_factory=list)
-
-    def heading(self, text: str) -> None:
-        self.blocks.append(("h2", text))
-
-    def paragraph(self, text: str) -> None:
-        self.blocks.append(("p", text))
-
-    def table(self, headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
-        self.blocks.append(("table", list(headers), [[str(c) for c in row] for row in rows]))
-
-    def figure(self, path: str, caption: str) -> None:
-        self.blocks.append(("img", path, caption))
-
-    def markdown(self) -> str:
-        lines = [f"# {self.title}", ""]
-        for block in self.blocks:
-            if block[0] == "h2":
-                lines += [f"## {block[1]}", ""]
-            elif block[0] == "p":
-                lines += [block[1], ""]
-            elif block[0] == "table":
-                lines.append("| " + " | ".join(block[1]) + " |")
-                lines.append("|" + "|".join("---" for _ in block[1]) + "|")
-                lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in block[2]]
-                lines.append("")
-            else:
-                lines += [f"![{block[2]}]({block[1]})", ""]
-        return "\n".join(lines)
-
-    def html(self) -> str:
-        e = html.escape
-        body = [f"<h1>{e(self.title)}</h1>"]
-        for block in self.blocks:
-            if block[0] == "h2":
-                body.append(f"<h2>{e(block[1])}</h2>")
-            elif block[0] == "p":
-                body.append(f"<p>{e(block[1])}</p>")
-            elif block[0] == "table":
-                head = "".join(f"<th>{e(h)}</th>" for h in block[1])
-                rows = "".join("<tr>" + "".join(f"<td>{e(c)}</td>" for c in row) + "</tr>" for row in block[2])
-                body.append(f"<table><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>")
-            else:
-                body.append(f'<figure><img src="{e(block[1])}" alt="{e(block[2])}">'
-                            f"<figcaption>{e(block[2])}</figcaption></figure>")
-        style = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;padding:0 1em}"
-                 "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #bbb;padding:3px 8px;"
-                 "text-align:right}th{background:#eee}img{max-width:100%}")
-        return (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(self.title)}</title>"
-                f"<style>{style}</style></head><body>{''.join(body)}</body></html>\n")
-
-    def write(self, out_dir: Path) -> None:
-        (out_dir / "report.md").write_text(self.markdown())
-        (out_dir / "report.html").write_text(self.html())
 
 
 # ---------------------------------------------------------------- one run

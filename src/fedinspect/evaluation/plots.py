@@ -47,6 +47,25 @@ SPRO_LIMITS: tuple[float, ...] = (0.01, 0.05, 0.1, 0.3)
 _MODEL_COLORS = {"federated": "#1f77b4", "centralized": "#ff7f0e", "shared_bank": "#2ca02c"}
 _EXTRA_COLORS = ("#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 _MODEL_LABELS = {"federated": "federated", "centralized": "centralized", "shared_bank": "shared bank"}
+# Each model its own line style and width, so that where two curves coincide both stay visible:
+# the wide solid federated line shows on both sides of the dashed, marked centralized one.
+_MODEL_STYLES = {
+    "federated": {"ls": "-", "lw": 3.0, "alpha": 0.75},
+    "centralized": {"ls": "--", "lw": 1.4, "marker": "o", "markersize": 3.0, "markevery": 0.1},
+    "shared_bank": {"ls": "-.", "lw": 1.4, "marker": "^", "markersize": 3.0, "markevery": 0.1},
+}
+_EXTRA_STYLES = ({"ls": (0, (5, 1, 1, 1)), "lw": 1.4, "marker": "s", "markersize": 3.0, "markevery": 0.1},)
+_STYLE_WORDS = {"federated": "wide solid line", "centralized": "dashed with dots",
+                "shared_bank": "dash-dot with triangles"}
+
+
+def line_style_note(models: Sequence[str]) -> str:
+    """How the curve figures tell ``models`` apart, for their captions ("" for a single model)."""
+    if len(models) < 2:
+        return ""
+    words = [f"{model_label(m)}: {_STYLE_WORDS.get(m, 'dash-dot-dot with squares')}" for m in models]
+    return "; ".join(words).capitalize() + ". Where two curves coincide, the thinner one runs inside the wide one."
+
 _HEATMAP_CMAP = "jet"
 _HEATMAP_ALPHA = 0.5
 
@@ -63,6 +82,10 @@ def model_label(model: str) -> str:
 
 def _model_color(model: str, index: int) -> str:
     return _MODEL_COLORS.get(model, _EXTRA_COLORS[index % len(_EXTRA_COLORS)])
+
+
+def _model_style(model: str) -> dict[str, Any]:
+    return dict(_MODEL_STYLES.get(model, _EXTRA_STYLES[0]))
 
 
 def _save(fig: Figure, path: Path | str) -> Path:
@@ -151,7 +174,8 @@ def plot_spro_curves(
             fpr, spro = points
             # Keep the points up to the first one past max_fpr: the line still reaches the frame edge.
             end = min(int(np.searchsorted(fpr, max_fpr, side="right")) + 1, fpr.size)
-            ax.plot(fpr[:end], spro[:end], color=_model_color(model, index), lw=1.6, label=model_label(model))
+            ax.plot(fpr[:end], spro[:end], color=_model_color(model, index), label=model_label(model),
+                    **_model_style(model))
             drawn += 1
         for limit in limits:
             if limit <= max_fpr:
@@ -163,9 +187,9 @@ def plot_spro_curves(
         ax.set_ylabel("sPRO", fontsize=9)
         ax.tick_params(labelsize=8)
         ax.grid(alpha=0.25)
-        if drawn:
+        if drawn and len(curves) > 1:
             ax.legend(loc="lower right", fontsize=8)
-        else:
+        elif not drawn:
             _placeholder(ax, "no sPRO curve\n(no defect region in the test split)")
     _hide_unused(axes, len(names))
     if not names:
@@ -210,7 +234,7 @@ def plot_roc_curves(
             if value is None or not math.isfinite(value):
                 value = _trapezoid_auc(fpr, tpr)
             label = f"{model_label(model)} (AUROC {value:.3f})"
-            ax.plot(fpr, tpr, color=_model_color(model, index), lw=1.6, label=label, drawstyle="default")
+            ax.plot(fpr, tpr, color=_model_color(model, index), label=label, **_model_style(model))
             drawn += 1
         ax.set_title(category, fontsize=10)
         ax.set_xlim(-0.01, 1.01)
@@ -285,7 +309,8 @@ def plot_metric_bars(
         ax.grid(axis="y", alpha=0.3)
         ax.set_axisbelow(True)
         ax.set_title(label, fontsize=10)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+        if len(models) > 1:  # a single model's bars need no legend: the title names them
+            ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
     fig.suptitle(title, fontsize=11)
     return _save(fig, path)
 
@@ -385,7 +410,9 @@ def plot_examples(
         _gt_contour(ax_heat, mask, height, width, "white")
         ax_heat.set_xlim(0, width)
         ax_heat.set_ylim(height, 0)
-        ax_heat.set_title(f"anomaly map, score {example.score:.3f}", fontsize=8.5)
+        finite = scores[np.isfinite(scores)]
+        peak = f"{finite.max():.3f}" if finite.size else "n/a"
+        ax_heat.set_title(f"anomaly map (max {peak})\nimage score {example.score:.3f}", fontsize=8.5)
         colorbar = fig.colorbar(heat, ax=ax_heat, fraction=0.05, pad=0.02)
         colorbar.ax.tick_params(labelsize=7)
 

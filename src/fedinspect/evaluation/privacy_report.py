@@ -10,14 +10,7 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from fedinspect.evaluation.report import (  # the run report's document model and renderers
-    _Document,
-    _Image,
-    _Paragraph,
-    _render_html,
-    _render_markdown,
-    _Table,
-)
+from fedinspect.evaluation.document import Document, Image, Paragraph, Table
 from fedinspect.privacy.obfuscation import Obfuscation
 from fedinspect.study.pareto import pareto_front
 
@@ -101,18 +94,18 @@ def obfuscation_examples(image: np.ndarray, key: int, path: Path, short_side: in
 
 def write_privacy_report(out_dir: Path, results: Mapping[str, Any], example: np.ndarray | None = None,
                          key: int = 0) -> Path:
-    """report.md and report.html of a privacy study (the run report's renderers); ``example``: an image to obfuscate."""
+    """report.md and report.html of a privacy study (the shared document model); ``example``: an image to obfuscate."""
     rows = results["rows"]
     config = results["config"]
-    doc = _Document("Privacy-utility study")
+    doc = Document("Privacy-utility study")
     doc.add(
-        _Paragraph(
+        Paragraph(
             f"{config['clients']} clients, partition {config['partition']}, strategy {config['strategy']}, "
             f"backbone {config['settings']['backbone']} at {config['settings']['image_size']} px, "
             f"local coreset {config['settings']['local_coreset_ratio']}, seed {config['seed']}. "
             f"Attacker's data: {results['study']['attacker_data']} ({results['study']['attack_images']} images). "
             f"Total time {results['time_s']:.0f} s."),
-        _Paragraph(
+        Paragraph(
             "DP unit `image`: one training image of a client (add/remove), everything it contributes to the bank "
             "of one category. DP unit `embedding`: the value of one patch embedding (weaker: an image has "
             "hundreds). ε at δ from the Opacus accountant named in each run's `privacy` block. Inversion "
@@ -121,15 +114,13 @@ def write_privacy_report(out_dir: Path, results: Mapping[str, Any], example: np.
             "average-look PSNR decodes the mean of the client's embeddings (the product's average appearance, "
             "which DP does not hide: it protects individual images). Membership AUC: training versus held-out "
             "good images, from the global bank."),
-        _Table([title for _, title in COLUMNS], [[_cell(k, row.get(k)) for k, _ in COLUMNS] for row in rows],
-               [key not in ("obfuscation", "unit") for key, _ in COLUMNS]),
+        Table([title for _, title in COLUMNS], [[_cell(k, row.get(k)) for k, _ in COLUMNS] for row in rows],
+              [key not in ("obfuscation", "unit") for key, _ in COLUMNS]),
     )
-    doc.add(_Image(pareto_plot(rows, out_dir / "privacy_pareto.png").name,
-                   "Image AUROC against inversion PSNR and against membership AUC; Pareto-optimal runs circled."))
+    doc.add(Image(pareto_plot(rows, out_dir / "privacy_pareto.png").name,
+                  "Image AUROC against inversion PSNR and against membership AUC; Pareto-optimal runs circled."))
     if example is not None:
         path = obfuscation_examples(example, key, out_dir / "obfuscation_examples.png",
                                     config["settings"]["image_size"])
-        doc.add(_Image(path.name, "One test image as the detector sees it under each obfuscation."))
-    (out_dir / "report.md").write_text(_render_markdown(doc), encoding="utf-8")
-    (out_dir / "report.html").write_text(_render_html(doc), encoding="utf-8")
-    return out_dir / "report.md"
+        doc.add(Image(path.name, "One test image as the detector sees it under each obfuscation."))
+    return doc.write(out_dir)[0]

@@ -7,10 +7,10 @@ category and a few example images) and writes, under the run directory::
     report.html          one page, inline CSS, no JavaScript, no external resource
     figures/*.png        referenced by relative paths from both files
 
-Both files are rendered from the same list of blocks, so they hold the same sections, tables, notes and
-figures in the same order:
+Both files are rendered from one :class:`fedinspect.evaluation.document.Document` (the document model and
+renderer of every report), so they hold the same sections, tables, notes and figures in the same order:
 
-1. title, one-paragraph summary, configuration;
+1. title, one-paragraph summary, configuration (a Setting / Value table of what applies to the run);
 2. clients: per-client statistics with a Total/Avg row, and the training images of each client per category;
 3. compression: patches kept at each stage (raw extraction, local coresets, global bank) and bytes sent;
 4. results: the federated model per category (AUC-sPRO at 0.01 / 0.05 / 0.1 / 0.3, image and pixel AUROC,
@@ -30,18 +30,17 @@ separators, bytes in MB (10^6 bytes), percentages with 3 significant digits (100
 
 from __future__ import annotations
 
-import html
-import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypedDict
 
 import numpy as np
 
 from fedinspect.evaluation import plots
+from fedinspect.evaluation.document import Document, Heading, Image, Note, Paragraph, Table
 from fedinspect.evaluation.metrics import FPR_LIMITS
 from fedinspect.evaluation.summary import mean_row, metric_row
 
@@ -184,9 +183,12 @@ def format_metric(value: Any, digits: int = 3) -> str:
 
 
 def format_points(value: Any) -> str:
-    """A difference of two metrics in points (0.01 = 1 point), signed, "n/a" when undefined."""
+    """A difference of two metrics in points (0.01 = 1 point), signed, "n/a" when undefined; no sign on 0.0."""
     number = _number(value)
-    return NA if number is None else f"{100.0 * number:+.1f}"
+    if number is None:
+        return NA
+    text = f"{100.0 * number:+.1f}"
+    return "0.0" if text in ("+0.0", "-0.0") else text
 
 
 def format_count(value: Any) -> str:
@@ -225,6 +227,15 @@ def format_seconds(value: Any) -> str:
     return NA if number is None else f"{number:,.1f} s"
 
 
+def scale_text(low: float, high: float) -> str:
+    """A colour scale's ends in one number format: "0.250 to 3.500", "12.5 to 40.0", "1,200 to 5,400"."""
+    magnitude = max(abs(low), abs(high))
+    digits = 3 if magnitude < 10 else 2 if magnitude < 100 else 1 if magnitude < 1000 else 0
+    if 0 < magnitude < 0.01:
+        digits = 2 - math.floor(math.log10(magnitude))
+    return f"{low:,.{digits}f} to {high:,.{digits}f}"
+
+
 def _difference(a: Any, b: Any) -> float | None:
     x, y = _number(a), _number(b)
     return None if x is None or y is None else x - y
@@ -232,172 +243,6 @@ def _difference(a: Any, b: Any) -> float | None:
 
 def _spro_column(limit: float) -> str:
     return f"spro@{limit:g}"
-
-
-# ----------------------------------------------------------------------------------------------
-# Document blocks, rendered to Markdown and HTML
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Heading:
-    level: int
-    text: str
-
-
-@dataclass
-class _Paragraph:
-    text: str
-
-
-@dataclass
-class _Note:
-    text: str
-
-
-@dataclass
-class _List:
-    items: list[tuple[str, str]]  # (key, value)
-
-
-@dataclass
-class _Table:
-    header: list[str]
-    rows: list[list[str]]
-    numeric: list[bool]  # right-aligned columns
-    emphasize_last: bool = False  # a Total / Mean row
-    caption: str | None = None
-
-
-@dataclass
-class _Image:
-    src: str  # relative to the run directory
-    caption: str
-
-
-@dataclass
-class _Document:
-    title: str
-    blocks: list[Any] = field(default_factory=list)
-
-    def add(self, *blocks: Any) -> None:
-        self.blocks.extend(blocks)
-
-
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
-
-
-def _render_markdown(doc: _Document) -> str:
-    lines: list[str] = [f"# {doc.title}", ""]
-    for block in doc.blocks:
-        if isinstance(block, _Heading):
-            lines += ["#" * block.level + " " + block.text, ""]
-        elif isinstance(block, _Paragraph):
-            lines += [block.text, ""]
-        elif isinstance(block, _Note):
-            lines += [f"> Note: {block.text}", ""]
-        elif isinstance(block, _List):
-            lines += [f"- **{key}**: {value}" for key, value in block.items] + [""]
-        elif isinstance(block, _Table):
-            if block.caption:
-                lines += [f"*{block.caption}*", ""]
-            lines.append("| " + " | ".join(_md_cell(h) for h in block.header) + " |")
-            lines.append("|" + "|".join("---:" if num else ":---" for num in block.numeric) + "|")
-            for index, row in enumerate(block.rows):
-                cells = [_md_cell(c) for c in row]
-                if block.emphasize_last and index == len(block.rows) - 1:
-                    cells[0] = f"**{cells[0]}**"
-                lines.append("| " + " | ".join(cells) + " |")
-            lines.append("")
-        elif isinstance(block, _Image):
-            alt = block.caption.replace("[", "\\[").replace("]", "\\]")
-            lines += [f"![{alt}]({block.src})", "", f"*{block.caption}*", ""]
-        else:  # pragma: no cover - programming error
-            raise TypeError(f"unknown block {block!r}")
-    return "\n".join(lines).rstrip() + "\n"
-
-
-_CSS = """
-body { font-family: -apple-system, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2328; margin: 0;
-       background: #f6f8fa; line-height: 1.45; }
-main { max-width: 1100px; margin: 0 auto; padding: 24px 32px 48px; background: #ffffff; }
-h1 { border-bottom: 2px solid #d0d7de; padding-bottom: 8px; }
-h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 4px; margin-top: 36px; }
-h3 { margin-top: 24px; }
-table { border-collapse: collapse; margin: 8px 0 18px; font-size: 14px; }
-caption { caption-side: top; text-align: left; font-style: italic; padding-bottom: 4px; }
-th, td { border: 1px solid #d0d7de; padding: 4px 10px; }
-th { background: #f0f3f6; }
-td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
-tr.total td { font-weight: bold; background: #f6f8fa; }
-p.note { color: #57606a; font-style: italic; border-left: 3px solid #d0d7de; padding-left: 10px; }
-figure { margin: 12px 0 28px; }
-figure img { max-width: 100%; height: auto; border: 1px solid #d0d7de; }
-figcaption { color: #57606a; font-size: 14px; }
-ul.config { columns: 2; }
-""".strip()
-
-
-def _e(text: str) -> str:
-    return html.escape(text, quote=True)
-
-
-def _render_html(doc: _Document) -> str:
-    out: list[str] = [
-        "<!DOCTYPE html>",
-        '<html lang="en">',
-        "<head>",
-        '<meta charset="utf-8" />',
-        '<meta name="viewport" content="width=device-width, initial-scale=1" />',
-        f"<title>{_e(doc.title)}</title>",
-        f"<style>\n{_CSS}\n</style>",
-        "</head>",
-        "<body>",
-        "<main>",
-        f"<h1>{_e(doc.title)}</h1>",
-    ]
-    for block in doc.blocks:
-        if isinstance(block, _Heading):
-            out.append(f"<h{block.level}>{_e(block.text)}</h{block.level}>")
-        elif isinstance(block, _Paragraph):
-            out.append(f"<p>{_e(block.text)}</p>")
-        elif isinstance(block, _Note):
-            out.append(f'<p class="note">Note: {_e(block.text)}</p>')
-        elif isinstance(block, _List):
-            out.append('<ul class="config">')
-            out += [f"<li><strong>{_e(key)}</strong>: {_e(value)}</li>" for key, value in block.items]
-            out.append("</ul>")
-        elif isinstance(block, _Table):
-            out.append("<table>")
-            if block.caption:
-                out.append(f"<caption>{_e(block.caption)}</caption>")
-            out.append("<thead>")
-            cells = "".join(
-                f'<th class="num">{_e(h)}</th>' if num else f"<th>{_e(h)}</th>"
-                for h, num in zip(block.header, block.numeric, strict=True)
-            )
-            out.append(f"<tr>{cells}</tr>")
-            out.append("</thead>")
-            out.append("<tbody>")
-            for index, row in enumerate(block.rows):
-                total = block.emphasize_last and index == len(block.rows) - 1
-                cells = "".join(
-                    f'<td class="num">{_e(c)}</td>' if num else f"<td>{_e(c)}</td>"
-                    for c, num in zip(row, block.numeric, strict=True)
-                )
-                out.append(f'<tr class="total">{cells}</tr>' if total else f"<tr>{cells}</tr>")
-            out.append("</tbody>")
-            out.append("</table>")
-        elif isinstance(block, _Image):
-            out.append("<figure>")
-            out.append(f'<img src="{_e(block.src)}" alt="{_e(block.caption)}" />')
-            out.append(f"<figcaption>{_e(block.caption)}</figcaption>")
-            out.append("</figure>")
-        else:  # pragma: no cover - programming error
-            raise TypeError(f"unknown block {block!r}")
-    out += ["</main>", "</body>", "</html>"]
-    return "\n".join(out) + "\n"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,6 +283,38 @@ def compression_rows(stages: Mapping[str, Any]) -> list[tuple[str, int | None, f
         label = labels.get(key, str(key).replace("_", " ").capitalize())
         rows.append((label, None if count is None else round(count), fraction))
     return rows
+
+
+def all_kept_reason(stages: Mapping[str, Any], config: Mapping[str, Any]) -> str | None:
+    """Why the global bank(s) hold every patch the clients sent, or None when the server subsampled.
+
+    Equal local-coreset and global-bank counts mean the server kept everything: the strategy keeps all
+    (concatenate) or the sent patches already fit in the budget (``global_size`` or ``global_ratio``).
+    """
+    local, bank = _number(stages.get("local_coreset")), _number(stages.get("global_bank"))
+    if local is None or bank is None or round(local) != round(bank):
+        return None
+    if config.get("strategy") == "concatenate":
+        return "the concatenate strategy keeps every patch"
+    ratio = _number(config.get("global_ratio"))
+    if ratio is not None:
+        return f"under the budget of {ratio:g} of each bank's raw patches"
+    size = _number(config.get("global_size"))
+    return f"under the {format_count(size)} budget" if size is not None else "within the budget"
+
+
+def describe_stages(stages: Mapping[str, Any], config: Mapping[str, Any]) -> str:
+    """One console line naming each stage, e.g. "patches: 115,200 extracted -> 3,456 sent (local coresets) ->
+    3,456 in the global banks (all kept: under the 10,000 budget)"."""
+    banks = "global bank" if config.get("bank") == "shared" else "global banks"
+    parts = []
+    for key, text in (("raw_patches", "extracted"), ("local_coreset", "sent (local coresets)"),
+                      ("global_bank", f"in the {banks}")):
+        if _number(stages.get(key)) is not None:
+            parts.append(f"{format_count(stages[key])} {text}")
+    line = "patches: " + " -> ".join(parts) if parts else "patches: no stage counts"
+    reason = all_kept_reason(stages, config)
+    return line + (f" (all kept: {reason})" if reason else "")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -497,29 +374,113 @@ def _summary(results: Mapping[str, Any], categories: Sequence[str]) -> str:
     if raw and bank:
         local = _number(stages.get("local_coreset"))
         chain = " → ".join(format_count(v) for v in (raw, local, bank) if v is not None)
+        reason = all_kept_reason(stages, config)
+        kept = f"; the server kept every patch the clients sent ({reason})" if reason else ""
         sentences.append(
             f"Compression: {chain} patches, a {format_percent(1.0 - bank / raw)} reduction "
-            f"({raw / bank:,.1f}× fewer patches in the global bank than extracted)."
+            f"({raw / bank:,.1f}× fewer patches in the global bank than extracted){kept}."
         )
     return " ".join(sentences)
 
 
-def _config_items(config: Mapping[str, Any]) -> list[tuple[str, str]]:
-    items = []
+_CONFIG_LABELS = {
+    "clients": "Clients",
+    "partition": "Partition of the training images",
+    "alpha": "Dirichlet concentration α",
+    "min_per_client": "Minimum patches per client (diversity preserving)",
+    "strategy": "Aggregation strategy",
+    "global_size": "Global bank budget (patches, all banks)",
+    "global_ratio": "Global bank budget (fraction of each bank's raw patches)",
+    "bank": "Memory banks",
+    "min_clients": "Minimum answering clients",
+    "centralized": "Centralized baseline",
+    "centralized_coreset_ratio": "Centralized coreset ratio",
+    "compare_shared": "Also evaluate one shared bank",
+    "write_maps": "Anomaly maps written",
+    "examples_per_category": "Example heatmaps per category",
+    "attack_data": "Attacker's data (inversion and membership attacks)",
+    "seed": "Seed",
+    "backbone": "Backbone",
+    "layers": "Backbone layers",
+    "image_size": "Image size (px, short side)",
+    "local_coreset_ratio": "Local coreset ratio",
+    "projection_dim": "Coreset projection dimension",
+    "coreset_chunk_size": "Coreset chunk size",
+    "precision": "Precision of the sent embeddings",
+    "obfuscation": "Image obfuscation",
+    "dp_unit": "DP unit",
+    "dp_epsilon": "DP target ε",
+    "dp_noise_multiplier": "DP noise multiplier",
+    "dp_delta": "DP δ",
+    "dp_clip_norm": "DP clipping norm",
+    "dp_patches_per_image": "DP patches per image",
+    "dp_clusters": "DP clusters",
+    "dp_iterations": "DP iterations",
+}
+
+
+def _config_value(value: Any) -> str:
+    """A setting as a reader writes it: yes/no, thousands separators, lists joined; "" when unset."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}" if abs(value) >= 10_000 else str(value)
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_config_value(v) for v in value)
+    return str(value).strip()
+
+
+def _config_applies(key: str, config: Mapping[str, Any]) -> bool:
+    """Whether a setting matters for this run (alpha only for a Dirichlet partition, DP fields only with DP...)."""
+    dp_on = bool(config.get("dp_unit"))
+    rules = {
+        "alpha": config.get("partition") == "dirichlet",
+        "min_per_client": config.get("strategy") == "diversity_preserving",
+        "global_size": config.get("global_ratio") is None and config.get("strategy") != "concatenate",
+        "global_ratio": config.get("strategy") != "concatenate",
+        "centralized_coreset_ratio": config.get("centralized") is not False,
+        # 0 means "not given" for the DP budget: the other of epsilon and noise multiplier was set.
+        "dp_epsilon": dp_on and bool(_number(config.get("dp_epsilon"))),
+        "dp_noise_multiplier": dp_on and bool(_number(config.get("dp_noise_multiplier"))),
+    }
+    if key in rules:
+        return rules[key]
+    return dp_on if key.startswith("dp_") else True
+
+
+def config_table(config: Mapping[str, Any]) -> Table:
+    """The run's configuration as a Setting / Value table: readable labels, only what applies, no empty values.
+
+    The nested ``settings`` block (the round settings sent to the clients) is flattened into the same
+    table; a setting given at both levels (the seed) is shown once.
+    """
+    flat: dict[str, Any] = {}
     for key, value in config.items():
-        if isinstance(value, (Mapping, list, tuple)):
-            text = json.dumps(value, default=str)
+        if key == "settings" and isinstance(value, Mapping):
+            for inner, inner_value in value.items():
+                flat.setdefault(str(inner), inner_value)
         else:
-            text = str(value)
-        items.append((str(key), text))
-    return items
+            flat[str(key)] = value
+    rows = []
+    for key, value in flat.items():
+        if isinstance(value, Mapping):
+            text = "; ".join(f"{k}: {_config_value(v)}" for k, v in value.items() if _config_value(v))
+        else:
+            text = _config_value(value)
+        if text and _config_applies(key, flat):
+            rows.append([_CONFIG_LABELS.get(key, key.replace("_", " ").capitalize()), text])
+    return Table(["Setting", "Value"], rows, [False, False])
 
 
-def _client_sections(doc: _Document, results: Mapping[str, Any], categories: Sequence[str]) -> None:
-    doc.add(_Heading(2, "Clients"))
+def _client_sections(doc: Document, results: Mapping[str, Any], categories: Sequence[str]) -> None:
+    doc.add(Heading(2, "Clients"))
     clients = [c for c in results.get("clients") or [] if isinstance(c, Mapping)]
     if not clients:
-        doc.add(_Note("no client statistics in results.json; section skipped."))
+        doc.add(Note("no client statistics in results.json; section skipped."))
         return
     header = ["Client", "Samples", "Patches", "Coreset", "Weight", "Bytes sent"]
     rows = []
@@ -549,12 +510,12 @@ def _client_sections(doc: _Document, results: Mapping[str, Any], categories: Seq
         ]
     )
     doc.add(
-        _Paragraph(
+        Paragraph(
             "Training images, extracted patch embeddings and local coreset size of each client, its weight in "
             "the aggregation and the bytes it sent to the server (MB = 10^6 bytes). The last row sums the "
             "columns (the weights sum to 1)."
         ),
-        _Table(header, rows, [False, True, True, True, True, True], emphasize_last=True),
+        Table(header, rows, [False, True, True, True, True, True], emphasize_last=True),
     )
 
     per_client = [_mapping(c.get("categories")) for c in clients]
@@ -571,7 +532,7 @@ def _client_sections(doc: _Document, results: Mapping[str, Any], categories: Seq
         column_sums = [sum(_number(m.get(name)) or 0.0 for m in per_client) for name in names]
         rows.append(["Total", *map(format_count, column_sums), format_count(sum(column_sums))])
         doc.add(
-            _Table(
+            Table(
                 header,
                 rows,
                 [False, *([True] * (len(names) + 1))],
@@ -581,25 +542,28 @@ def _client_sections(doc: _Document, results: Mapping[str, Any], categories: Seq
         )
 
 
-def _compression_section(doc: _Document, results: Mapping[str, Any]) -> None:
-    doc.add(_Heading(2, "Compression"))
+def _compression_section(doc: Document, results: Mapping[str, Any]) -> None:
+    doc.add(Heading(2, "Compression"))
     stages = _mapping(results.get("stages"))
     if not stages:
-        doc.add(_Note("no stage counts in results.json; section skipped."))
+        doc.add(Note("no stage counts in results.json; section skipped."))
         return
+    reason = all_kept_reason(stages, _mapping(results.get("config")))
     rows = [
-        [label, format_count(count), format_percent(fraction)] for label, count, fraction in compression_rows(stages)
+        [label, format_count(count), format_percent(fraction),
+         f"the server kept every sent patch: {reason}" if reason and label == "Global bank" else ""]
+        for label, count, fraction in compression_rows(stages)
     ]
     doc.add(
-        _Paragraph(
+        Paragraph(
             "Patch embeddings at each stage: extracted on the clients, kept in their local coresets (sent to the "
             "server), kept in the global memory bank. Kept is relative to the raw extraction."
         ),
-        _Table(["Stage", "Patches", "Kept"], rows, [False, True, True]),
+        Table(["Stage", "Patches", "Kept", "Note"], rows, [False, True, True, False]),
     )
 
 
-def _model_table(block: Mapping[str, Any], categories: Sequence[str], with_counts: bool) -> _Table:
+def _model_table(block: Mapping[str, Any], categories: Sequence[str], with_counts: bool) -> Table:
     header = ["Category", *[f"AUC-sPRO@{limit:g}" for limit in TABLE_LIMITS], "Image AUROC", "Pixel AUROC"]
     per_category = _categories_of(block)
     show_counts = with_counts and any("counts" in r for r in per_category.values())
@@ -627,12 +591,12 @@ def _model_table(block: Mapping[str, Any], categories: Sequence[str], with_count
     if show_counts:
         cells.append("")
     rows.append(cells)
-    return _Table(header, rows, [False, *([True] * (len(header) - 1))], emphasize_last=True)
+    return Table(header, rows, [False, *([True] * (len(header) - 1))], emphasize_last=True)
 
 
 def _comparison_table(
     first: Mapping[str, Any], second: Mapping[str, Any], names: tuple[str, str], categories: Sequence[str]
-) -> _Table:
+) -> Table:
     """Image AUROC and AUC-sPRO@0.05 of two models side by side, with first minus second in points."""
     spro_key = _spro_column(HEADLINE_LIMIT)
     a_name, b_name = names
@@ -662,39 +626,39 @@ def _comparison_table(
         if name in a_cats or name in b_cats:
             rows.append(cells(name, metric_row(a_cats.get(name, {})), metric_row(b_cats.get(name, {}))))
     rows.append(cells("Mean", _mean_of(first), _mean_of(second)))
-    return _Table(header, rows, [False, *([True] * 6)], emphasize_last=True)
+    return Table(header, rows, [False, *([True] * 6)], emphasize_last=True)
 
 
-def _results_sections(doc: _Document, results: Mapping[str, Any], categories: Sequence[str]) -> None:
-    doc.add(_Heading(2, "Results per category"))
+def _results_sections(doc: Document, results: Mapping[str, Any], categories: Sequence[str]) -> None:
+    doc.add(Heading(2, "Results per category"))
     limits = ", ".join(f"{limit:g}" for limit in TABLE_LIMITS)
     doc.add(
-        _Paragraph(
+        Paragraph(
             f"AutoVI protocol: AUC-sPRO normalized to [0, 1] at the pixel-FPR limits {limits}; image AUROC "
             "(good versus defective images); pixel AUROC. n/a: undefined (e.g. a test split with a single class)."
         )
     )
-    doc.add(_Heading(3, "Federated model"))
+    doc.add(Heading(3, "Federated model"))
     if _categories_of(results):
         doc.add(_model_table(results, categories, with_counts=True))
     else:
-        doc.add(_Note("no per-category results in results.json."))
+        doc.add(Note("no per-category results in results.json."))
 
     central = results.get("centralized")
-    doc.add(_Heading(3, "Centralized baseline"))
+    doc.add(Heading(3, "Centralized baseline"))
     if isinstance(central, Mapping) and _categories_of(central):
         doc.add(_model_table(central, categories, with_counts=False))
-        doc.add(_Heading(3, "Federated versus centralized"))
-        doc.add(_Paragraph("Δ: federated minus centralized, in points (0.01 of a metric)."))
+        doc.add(Heading(3, "Federated versus centralized"))
+        doc.add(Paragraph("Δ: federated minus centralized, in points (0.01 of a metric)."))
         doc.add(_comparison_table(results, central, ("fed.", "central."), categories))
     else:
-        doc.add(_Note("no centralized baseline in results.json; the comparison with it is skipped."))
+        doc.add(Note("no centralized baseline in results.json; the comparison with it is skipped."))
 
     shared = results.get("shared_bank")
     if isinstance(shared, Mapping) and _categories_of(shared):
-        doc.add(_Heading(3, "Per-category bank versus shared bank"))
+        doc.add(Heading(3, "Per-category bank versus shared bank"))
         doc.add(
-            _Paragraph(
+            Paragraph(
                 "The same federation with one memory bank per category (the model above) and with one bank "
                 "shared by all categories. Δ: per-category minus shared, in points."
             )
@@ -702,14 +666,14 @@ def _results_sections(doc: _Document, results: Mapping[str, Any], categories: Se
         doc.add(_comparison_table(results, shared, ("per-cat.", "shared"), categories))
 
 
-def _client_results_section(doc: _Document, run_dir: Path, results: Mapping[str, Any]) -> None:
+def _client_results_section(doc: Document, run_dir: Path, results: Mapping[str, Any]) -> None:
     """Each client's metrics on its own test share, the fairness block, and a bar chart per client."""
     clients = [c for c in results.get("clients") or [] if isinstance(c, Mapping) and "test_counts" in c]
     if not clients:
         return
     spro_key = str(HEADLINE_LIMIT)
-    doc.add(_Heading(2, "Results per client"))
-    doc.add(_Paragraph(
+    doc.add(Heading(2, "Results per client"))
+    doc.add(Paragraph(
         "Each client evaluates the global model on its share of the test split, taken by the rule that gave it "
         "its training images (per category, in proportion to its training images of that category); its metric "
         "is the mean over its categories. n/a: undefined, with the reason in the last column."
@@ -725,11 +689,11 @@ def _client_results_section(doc: _Document, run_dir: Path, results: Mapping[str,
             format_metric(client.get("image_auroc")), format_metric(_mapping(client.get("auc_spro")).get(spro_key)),
             "; ".join(f"{k}: {v}" for k, v in notes.items()),
         ])
-    doc.add(_Table(["Client", "Categories", "Test images (good / defective)", "Image AUROC",
+    doc.add(Table(["Client", "Categories", "Test images (good / defective)", "Image AUROC",
                     f"AUC-sPRO@{HEADLINE_LIMIT:g}", "Note"], rows, [False, False, True, True, True, False]))
     fairness = _mapping(results.get("fairness"))
     if fairness:
-        doc.add(_Paragraph(
+        doc.add(Paragraph(
             "Fairness: worst and best value, gap = best - worst, CV = population standard deviation / mean, "
             "Jain's index = (sum x)^2 / (n sum x^2) (1: all equal, 1/n: one takes all)."
         ))
@@ -743,21 +707,21 @@ def _client_results_section(doc: _Document, run_dir: Path, results: Mapping[str,
                     rows.append([label, over, f"{format_metric(summary.get('worst'))} ({summary.get('worst_of', NA)})",
                                  format_metric(summary.get("best")), format_metric(summary.get("gap")),
                                  format_metric(summary.get("cv")), format_metric(summary.get("jain"))])
-        doc.add(_Table(["Metric", "Over", "Worst (who)", "Best", "Gap", "CV", "Jain"], rows,
+        doc.add(Table(["Metric", "Over", "Worst (who)", "Best", "Gap", "CV", "Jain"], rows,
                        [False, False, True, True, True, True, True]))
     per_client = {_client_label(c, i): c for i, c in enumerate(clients)}
     path = plots.plot_metric_bars({"federated": per_client}, run_dir / "figures" / "metrics_per_client.png",
                                   categories=list(per_client), title="Per-client results (own test share)")
-    doc.add(_Image(path.relative_to(run_dir).as_posix(),
+    doc.add(Image(path.relative_to(run_dir).as_posix(),
                    f"Image AUROC and AUC-sPRO@{HEADLINE_LIMIT:g} of the global model on each client's test share."))
 
 
-def _timing_section(doc: _Document, results: Mapping[str, Any]) -> None:
+def _timing_section(doc: Document, results: Mapping[str, Any]) -> None:
     fed = _mapping(results.get("timing"))
     central = _mapping(_mapping(results.get("centralized")).get("timing"))
     if not fed and not central:
         return
-    doc.add(_Heading(2, "Timing"))
+    doc.add(Heading(2, "Timing"))
     keys = list(fed) + [k for k in central if k not in fed]
     keys = [k for k in keys if k != "total_s"] + (["total_s"] if "total_s" in keys else [])
     header = ["Step", "Federated"] + (["Centralized"] if central else [])
@@ -768,7 +732,7 @@ def _timing_section(doc: _Document, results: Mapping[str, Any]) -> None:
         if central:
             row.append(format_seconds(central.get(key)))
         rows.append(row)
-    doc.add(_Table(header, rows, [False, *([True] * (len(header) - 1))], emphasize_last="total_s" in keys))
+    doc.add(Table(header, rows, [False, *([True] * (len(header) - 1))], emphasize_last="total_s" in keys))
 
 
 def _slug(name: str) -> str:
@@ -782,32 +746,32 @@ def _single_class(results: Mapping[str, Any], category: str) -> bool:
 
 
 def _figure_sections(
-    doc: _Document,
+    doc: Document,
     run_dir: Path,
     results: Mapping[str, Any],
     curves: Mapping[str, Mapping[str, Curves]],
     examples: Sequence[Example],
     categories: Sequence[str],
 ) -> None:
-    doc.add(_Heading(2, "Figures"))
+    doc.add(Heading(2, "Figures"))
     figures = run_dir / "figures"
 
     def add_image(path: Path, caption: str) -> None:
-        doc.add(_Image(path.relative_to(run_dir).as_posix(), caption))
+        doc.add(Image(path.relative_to(run_dir).as_posix(), caption))
 
     curve_categories = [c for c in categories if any(c in per_cat for per_cat in curves.values())]
-    doc.add(_Heading(3, "FPR-sPRO curves"))
+    doc.add(Heading(3, "FPR-sPRO curves"))
     if curve_categories:
         path = plots.plot_spro_curves(curves, figures / "spro_curves.png", categories=curve_categories)
         add_image(
             path,
             "FPR-sPRO curves per category, pixel FPR from 0 to 0.3; dotted lines at the AUC-sPRO limits "
-            "0.01, 0.05, 0.1 and 0.3.",
+            f"0.01, 0.05, 0.1 and 0.3. {plots.line_style_note(list(curves))}".rstrip(),
         )
     else:
-        doc.add(_Note("no curves were given; figure skipped."))
+        doc.add(Note("no curves were given; figure skipped."))
 
-    doc.add(_Heading(3, "ROC curves"))
+    doc.add(Heading(3, "ROC curves"))
     if curve_categories:
         skipped = [
             c
@@ -815,7 +779,7 @@ def _figure_sections(
             if _single_class(results, c) or not any(plots.roc_available(per.get(c)) for per in curves.values())
         ]
         if skipped:
-            doc.add(_Note(f"ROC skipped for {', '.join(skipped)}: a single test class (or no ROC curve given)."))
+            doc.add(Note(f"ROC skipped for {', '.join(skipped)}: a single test class (or no ROC curve given)."))
         if len(skipped) < len(curve_categories):
             aurocs = {
                 model: {c: metric_row(r)["image_auroc"] for c, r in _categories_of(block).items()}
@@ -824,11 +788,12 @@ def _figure_sections(
             plottable = {model: {c: cv for c, cv in per.items() if c not in skipped} for model, per in curves.items()}
             shown = [c for c in curve_categories if c not in skipped]
             path = plots.plot_roc_curves(plottable, figures / "roc_curves.png", categories=shown, aurocs=aurocs)
-            add_image(path, "Image-level ROC curves per category (AUROC in the legend).")
+            note = plots.line_style_note(list(plottable))
+            add_image(path, f"Image-level ROC curves per category (AUROC in the legend). {note}".rstrip())
     else:
-        doc.add(_Note("no curves were given; figure skipped."))
+        doc.add(Note("no curves were given; figure skipped."))
 
-    doc.add(_Heading(3, "Image AUROC and AUC-sPRO per category"))
+    doc.add(Heading(3, "Image AUROC and AUC-sPRO per category"))
     blocks = {model: _categories_of(block) for model, block in _model_blocks(results).items()}
     blocks = {model: per for model, per in blocks.items() if per}
     if blocks:
@@ -836,17 +801,20 @@ def _figure_sections(
         titles = ", ".join(plots.model_label(m) for m in blocks)
         add_image(path, f"Image AUROC and AUC-sPRO@{HEADLINE_LIMIT:g} per category ({titles}).")
     else:
-        doc.add(_Note("no per-category results; figure skipped."))
+        doc.add(Note("no per-category results; figure skipped."))
 
-    doc.add(_Heading(3, "Examples"))
+    doc.add(Heading(3, "Examples"))
     if not examples:
-        doc.add(_Note("no example images were given; figure skipped."))
+        doc.add(Note("no example images were given; figure skipped."))
         return
     doc.add(
-        _Paragraph(
+        Paragraph(
             "Per row: the test image, its anomaly map over it (one colour scale per category, from the lowest "
-            "to the highest score of that category's examples; white contour: ground truth) and the ground "
-            "truth in red."
+            "to the highest patch score of that category's examples; white contour: ground truth) and the ground "
+            "truth in red. The image score above each map is PatchCore's image anomaly score: the score of the "
+            "most anomalous patch, reweighted by how isolated its nearest neighbour is in the memory bank; the "
+            "map is upsampled and smoothed. So the image score can lie above the map's maximum (also printed) "
+            "and above the top of the colour scale."
         )
     )
     ranges = plots.heatmap_ranges(examples)
@@ -862,7 +830,7 @@ def _figure_sections(
         used_slugs.add(slug)
         path = plots.plot_examples(selected, figures / f"examples_{slug}.png", ranges=ranges)
         vmin, vmax = ranges[category]
-        add_image(path, f"Examples of {category} (heatmap scale {vmin:.3g} to {vmax:.3g}).")
+        add_image(path, f"Examples of {category} (heatmap colour scale {scale_text(vmin, vmax)}).")
 
 
 def _model_blocks(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
@@ -919,14 +887,15 @@ def write_report(
     examples = list(examples or [])
     categories = _unique(_category_order(results, curves))
 
-    doc = _Document(title)
-    doc.add(_Heading(2, "Summary"), _Paragraph(_summary(results, list(_categories_of(results)))))
+    doc = Document(title)
+    doc.add(Heading(2, "Summary"), Paragraph(_summary(results, list(_categories_of(results)))))
     config = _mapping(results.get("config"))
-    doc.add(_Heading(2, "Configuration"))
+    doc.add(Heading(2, "Configuration"))
     if config:
-        doc.add(_List(_config_items(config)))
+        doc.add(Paragraph("What was set for this run (settings that do not apply to it are left out)."),
+                config_table(config))
     else:
-        doc.add(_Note("no configuration in results.json."))
+        doc.add(Note("no configuration in results.json."))
     _client_sections(doc, results, categories)
     _compression_section(doc, results)
     _results_sections(doc, results, categories)
@@ -934,8 +903,4 @@ def write_report(
     _timing_section(doc, results)
     _figure_sections(doc, run_dir, results, curves, examples, categories)
 
-    markdown_path = run_dir / "report.md"
-    html_path = run_dir / "report.html"
-    markdown_path.write_text(_render_markdown(doc), encoding="utf-8")
-    html_path.write_text(_render_html(doc), encoding="utf-8")
-    return markdown_path, html_path
+    return doc.write(run_dir)

@@ -3,7 +3,7 @@
 The report has the table (mean over seeds and 95% bootstrap interval per group), the paired tests
 against the baseline (test, n, p-values), the Pareto fronts of accuracy against the worst client and
 against bytes sent (figures per situation), and the recommendations generated from the numbers. It is
-rendered with the run report's blocks, so both reports look alike.
+rendered with the shared document model (fedinspect.evaluation.document), like every report.
 """
 
 from __future__ import annotations
@@ -17,16 +17,15 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from fedinspect.evaluation.report import (  # the run report's document model and renderers
-    _Document,
-    _Heading,
-    _Image,
-    _List,
-    _Note,
-    _Paragraph,
-    _render_html,
-    _render_markdown,
-    _Table,
+from fedinspect.evaluation.document import (
+    Document,
+    Heading,
+    Image,
+    KeyValues,
+    Note,
+    Paragraph,
+    Table,
+    render_markdown_table,
 )
 from fedinspect.study.analysis import FRONTS, METRICS, STRATEGY_AXIS, Findings
 from fedinspect.study.pareto import pareto_front
@@ -65,26 +64,30 @@ def write_tables(out_dir: Path, findings: Findings) -> tuple[Path, Path]:
     return csv_path, md_path
 
 
-def _table_block(findings: Findings) -> _Table:
+def _table_block(findings: Findings) -> Table:
     header = [*findings.axes, "n", *[_LABELS[k] for k in TABLE_METRICS]]
     rows = [[*[row["levels"][a] for a in findings.axes], str(len(row["seeds"])),
              *[_cell(row[k], 2 if k == "mb_sent" else 3) for k in TABLE_METRICS]] for row in findings.rows]
-    return _Table(header, rows, [False] * len(findings.axes) + [True] * (1 + len(TABLE_METRICS)))
+    return Table(header, rows, [False] * len(findings.axes) + [True] * (1 + len(TABLE_METRICS)))
 
 
 def _markdown_table(findings: Findings) -> str:
-    table = _table_block(findings)
-    lines = ["| " + " | ".join(table.header) + " |",
-             "|" + "|".join("---:" if n else ":---" for n in table.numeric) + "|"]
-    lines += ["| " + " | ".join(row) + " |" for row in table.rows]
-    return "\n".join(lines)
+    return "\n".join(render_markdown_table(_table_block(findings)))
+
+
+def _points(difference: float | None) -> str:
+    """A mean difference in points, signed; 0.00 without a sign (no "-0.00" beside "+0.00")."""
+    if difference is None:
+        return "n/a"
+    text = f"{100 * difference:+.2f}"
+    return "0.00" if float(text) == 0 else text
 
 
 def _p(test: Mapping[str, Any]) -> str:
     return "n/a" if test["p_value"] is None else f"{test['p_value']:.3g}"
 
 
-def _tests_block(tests: Sequence[Mapping[str, Any]]) -> _Table:
+def _tests_block(tests: Sequence[Mapping[str, Any]]) -> Table:
     header = ["strategy", "vs", "where", "metric", "pairs", "n", "mean Δ (points)", "Wilcoxon p",
               "permutation p", "note"]
     rows = []
@@ -93,9 +96,9 @@ def _tests_block(tests: Sequence[Mapping[str, Any]]) -> _Table:
         where = ", ".join(f"{k}={v}" for k, v in test["context"].items()) or "-"
         mean = w["mean_difference"]
         rows.append([test["strategy"], test["baseline"], where, test["metric"], test["pairs"], str(w["n"]),
-                     "n/a" if mean is None else f"{100 * mean:+.2f}", _p(w), _p(perm),
+                     _points(mean), _p(w), _p(perm),
                      "; ".join(n for n in (w["note"], perm["note"]) if n)])
-    return _Table(header, rows, [False] * 5 + [True] * 4 + [False])
+    return Table(header, rows, [False] * 5 + [True] * 4 + [False])
 
 
 def _colors(labels: Sequence[str]) -> dict[str, str]:
@@ -173,8 +176,8 @@ def write_study_report(out_dir: Path, summary: Mapping[str, Any], findings: Find
     """Write the tables and ``report.md`` / ``report.html`` (figures under ``figures/``)."""
     write_tables(out_dir, findings)
     cells = summary["cells"]
-    doc = _Document(f"Study: {summary['study']}")
-    doc.add(_Heading(2, "Set-up"), _List([
+    doc = Document(f"Study: {summary['study']}")
+    doc.add(Heading(2, "Set-up"), KeyValues([
         ("config", summary["config_file"]), ("data", summary["data"]), ("seeds", str(summary["seeds"])),
         ("axes", "; ".join(f"{a}: {', '.join(levels)}" for a, levels in summary["axes"].items())),
         ("baseline", summary["baseline"]), ("situation axis", str(summary["situation"])),
@@ -184,29 +187,27 @@ def write_study_report(out_dir: Path, summary: Mapping[str, Any], findings: Find
                  f"{summary['cells_time_s']:.0f} s"),
     ]))
     for failure in summary["failed"]:
-        doc.add(_Note(f"failed: {failure['cell']}: {failure['error']}"))
-    doc.add(_Heading(2, "Recommendations"))
-    doc.add(_List([(f"{i}", text.replace("**", "")) for i, text in enumerate(findings.recommendations, 1)]))
-    doc.add(_Heading(2, "Results"), _Paragraph(
+        doc.add(Note(f"failed: {failure['cell']}: {failure['error']}"))
+    doc.add(Heading(2, "Recommendations"))
+    doc.add(KeyValues([(f"{i}", text.replace("**", "")) for i, text in enumerate(findings.recommendations, 1)]))
+    doc.add(Heading(2, "Results"), Paragraph(
         "Mean over seeds [95% percentile bootstrap interval of the mean, 10,000 resamples, seeded]. Worst client, "
         "gap and Jain's index are over the clients' own test shares; worst category over the categories."),
         _table_block(findings))
-    doc.add(_Heading(2, "Paired tests against the baseline"), _Paragraph(
+    doc.add(Heading(2, "Paired tests against the baseline"), Paragraph(
         "Each strategy against the baseline on the same partition and seed (per-category metrics also paired by "
         "category). Two-sided Wilcoxon signed-rank test (scipy, zero differences dropped) and sign-flip permutation "
         "test of the mean difference (exact up to 16 pairs). Δ in points (0.01)."), _tests_block(findings.tests))
-    doc.add(_Heading(2, "Pareto fronts"))
+    doc.add(Heading(2, "Pareto fronts"))
     for level, fronts in findings.fronts.items():
-        doc.add(_Paragraph(f"{level}: " + "; ".join(f"{name}: {', '.join(labels) or 'none'}"
+        doc.add(Paragraph(f"{level}: " + "; ".join(f"{name}: {', '.join(labels) or 'none'}"
                                                    for name, labels in fronts.items())))
     if findings.rows:
         figures = out_dir / "figures"
         path = plot_fronts(findings.rows, summary["situation"], figures / "pareto.png")
-        doc.add(_Image(path.relative_to(out_dir).as_posix(),
+        doc.add(Image(path.relative_to(out_dir).as_posix(),
                        "Group means over seeds with 95% intervals; dashed: the Pareto front per situation."))
         path = plot_worst_client(findings.rows, summary["situation"], figures / "worst_client.png")
-        doc.add(_Image(path.relative_to(out_dir).as_posix(),
+        doc.add(Image(path.relative_to(out_dir).as_posix(),
                        "Worst client's image AUROC per situation and strategy (mean over seeds, 95% interval)."))
-    (out_dir / "report.md").write_text(_render_markdown(doc), encoding="utf-8")
-    (out_dir / "report.html").write_text(_render_html(doc), encoding="utf-8")
-    return out_dir / "report.md", out_dir / "report.html"
+    return doc.write(out_dir)
