@@ -27,3 +27,7 @@ class WeightsNotFoundError(FedinspectError, FileNotFoundError):
 
 class ModelFileError(FedinspectError, ValueError):
     """A saved model is missing, corrupt or was written by an incompatible version."""
+
+
+class SettingsError(FedinspectError, ValueError):
+    """A setting from the command line, a configuration or a model file is out of range."""

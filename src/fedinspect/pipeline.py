@@ -24,8 +24,10 @@ from fedinspect.data.dataset import CategoryDataset, Sample
 from fedinspect.data.images import image_size
 from fedinspect.data.regions import Region
 from fedinspect.detectors.patchcore import PatchCore
+from fedinspect.errors import FedinspectError
 from fedinspect.evaluation import anomaly_maps
 from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions
+from fedinspect.run_folder import staged_output
 
 RESULTS_FILE = "results.json"
 
@@ -44,15 +46,25 @@ def _images(dataset: CategoryDataset, samples: list[Sample]) -> Iterator[np.ndar
 def fit_category(
     data_dir: str | Path, model_dir: str | Path | None = None, progress: bool = True, **params: Any
 ) -> PatchCore:
-    """Fit PatchCore on a category's good training images; save it to ``model_dir`` if given."""
+    """Fit PatchCore on a category's good training images; save it to ``model_dir`` if given.
+
+    ``model_dir`` is locked for the whole fit and written all at once (:func:`staged_output`): a
+    failed fit leaves a previous model there untouched, and a second fit into it at the same time fails.
+    """
+    model = PatchCore(progress=progress, **params)  # settings checked before the data are read
     dataset = CategoryDataset(data_dir)
-    model = PatchCore(progress=progress, **params)
+    if model_dir is None:
+        return _fit(model, dataset)
+    with staged_output(model_dir) as staging:
+        _fit(model, dataset).save(staging)
+    return model
+
+
+def _fit(model: PatchCore, dataset: CategoryDataset) -> PatchCore:
     start = time.perf_counter()
     model.fit(_images(dataset, dataset.train), total=len(dataset.train))
     model.fit_seconds_ = time.perf_counter() - start
     model.n_train_images_ = len(dataset.train)
-    if model_dir is not None:
-        model.save(model_dir)
     return model
 
 
@@ -74,13 +86,29 @@ def evaluate_category(
     out_dir: str | Path | None = None,
     progress: bool = True,
     write_maps: bool = True,
+    weights: str | Path | None = None,
 ) -> dict[str, Any]:
     """Score a category's test split with the AutoVI protocol; write results.json and 16-bit maps.
 
-    Returns the results dictionary (also written to ``out_dir/results.json`` when given).
+    Returns the results dictionary (also written to ``out_dir/results.json`` when given). ``out_dir``
+    is written all at once and replaces a previous evaluation there (no old maps stay beside new
+    results); a failure leaves it untouched. ``weights``: the backbone's weights file, for a model
+    folder (which names none); it must be the file the model was fitted with.
     """
+    if out_dir is None:
+        return _evaluate(model, data_dir, None, progress, write_maps, weights)
+    if not isinstance(model, PatchCore) and Path(out_dir).resolve() in (Path(model).resolve(),
+                                                                        *Path(model).resolve().parents):
+        raise FedinspectError(f"{out_dir}: holds the model {model} and would be replaced by the results: "
+                              "choose another results folder")
+    with staged_output(out_dir) as staging:
+        return _evaluate(model, data_dir, staging, progress, write_maps, weights)
+
+
+def _evaluate(model: PatchCore | str | Path, data_dir: str | Path, out_dir: Path | None, progress: bool,
+              write_maps: bool, weights: str | Path | None) -> dict[str, Any]:
     if not isinstance(model, PatchCore):
-        model = PatchCore.load(model, progress=progress)
+        model = PatchCore.load(model, progress=progress, weights=weights)
     model.progress = progress
     dataset = CategoryDataset(data_dir)
     timings: dict[str, float] = {}
@@ -106,7 +134,6 @@ def evaluate_category(
     low, high = anomaly_maps.score_range(maps)
     if out_dir is not None and write_maps:
         start = time.perf_counter()
-        out_dir = Path(out_dir)
         anomaly_maps.write_maps([(out_dir / "maps" / sample.defect / f"{sample.stem}.png", anomaly_map)
                                  for sample, anomaly_map in zip(dataset.test, maps, strict=True)], low, high)
         timings["write_maps_s"] = time.perf_counter() - start
@@ -132,8 +159,6 @@ def evaluate_category(
         }
     )
     if out_dir is not None:
-        out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     return results
 

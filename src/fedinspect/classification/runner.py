@@ -50,6 +50,7 @@ from fedinspect.classification.models import (
 from fedinspect.classification.training import LocalResult, TrainSettings, epsilon_of, evaluate, train_local
 from fedinspect.errors import DataError, FedinspectError
 from fedinspect.privacy.obfuscation import Obfuscation, parse_methods
+from fedinspect.run_folder import staged_output
 
 RESULTS_FORMAT = "fedinspect-classification/1"
 PRIVACY_UNIT = "one training image of one client"
@@ -270,13 +271,22 @@ def privacy_summary(config: ClassifyConfig, split: Split, histories: dict[str, l
 def conclude(config: ClassifyConfig, split: Split, history: list[RoundRecord], final: dict,
              histories: dict[str, list], out_dir: str | Path, *, engine: str, timing: dict[str, float],
              write_report: bool = True, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    """results.json (and report.md / report.html with the plots) of a finished run."""
+    """results.json (and report.md / report.html with the plots) of a finished run, written all at once.
+
+    ``out_dir`` is replaced only when everything is written (:func:`staged_output`); a failure leaves it untouched.
+    """
+    with staged_output(out_dir) as staging:
+        return _conclude(config, split, history, final, histories, staging, engine=engine, timing=timing,
+                         write_report=write_report, extra=extra)
+
+
+def _conclude(config: ClassifyConfig, split: Split, history: list[RoundRecord], final: dict,
+              histories: dict[str, list], out_dir: Path, *, engine: str, timing: dict[str, float],
+              write_report: bool, extra: dict[str, Any] | None) -> dict[str, Any]:
     import opacus
 
     from fedinspect import __version__
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     classes = list(split.view.classes)
     from sklearn.metrics import precision_recall_fscore_support
 

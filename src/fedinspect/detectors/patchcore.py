@@ -9,6 +9,7 @@ a federated server simply hands it a memory bank through :meth:`PatchCore.set_me
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -19,7 +20,8 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import load as load_tensors
+from safetensors.numpy import save as save_tensors
 from tqdm.auto import tqdm
 
 from fedinspect import __version__
@@ -28,11 +30,30 @@ from fedinspect.detectors.coreset import coreset_size, greedy_coreset
 from fedinspect.detectors.nearest_neighbours import NearestNeighbours
 from fedinspect.detectors.patch_features import PatchFeatures
 from fedinspect.detectors.preprocessing import Letterbox, gaussian_blur
-from fedinspect.errors import ModelFileError
+from fedinspect.errors import ModelFileError, SettingsError
 
 MODEL_FORMAT = "fedinspect.patchcore/1"
 CONFIG_FILE = "patchcore.json"
 BANK_FILE = "memory_bank.safetensors"
+# Smallest short side accepted: a few cells of the coarsest feature map (stride 16 or 32); smaller
+# images give a bank of one or two patches that scores nothing.
+MIN_IMAGE_SIZE = 32
+
+
+def check_image_size(image_size: Any) -> int:
+    """``image_size`` if it is an integer of at least :data:`MIN_IMAGE_SIZE` pixels, else SettingsError."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
+        raise SettingsError(f"image size must be an integer of at least {MIN_IMAGE_SIZE} px, got {image_size!r}")
+    return image_size
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes (identifies a backbone's weights without naming their path)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -56,9 +77,11 @@ class PatchCore:
     ----------
     backbone, layers, weights:
         Feature extractor from :mod:`fedinspect.backbones` (default: ImageNet EfficientNet-Lite0,
-        its stride-8 and stride-16 stages).
+        its stride-8 and stride-16 stages). ``weights`` is a local file of the user's; a saved model
+        keeps only its SHA-256, never the path.
     image_size:
-        Length in pixels of the image's short side after resizing; the aspect ratio is kept.
+        Length in pixels of the image's short side after resizing (at least :data:`MIN_IMAGE_SIZE`);
+        the aspect ratio is kept.
     coreset_ratio:
         Fraction of the training patches kept in the memory bank (greedy k-center coreset).
     projection_dim, coreset_chunk_size:
@@ -89,7 +112,7 @@ class PatchCore:
         self.backbone = backbone
         self.layers = tuple(layers) if layers is not None else None
         self.weights = weights
-        self.image_size = image_size
+        self.image_size = check_image_size(image_size)
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
         self.coreset_chunk_size = coreset_chunk_size
@@ -310,43 +333,101 @@ class PatchCore:
         index = self._check_fitted()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({"memory_bank": index.bank}, str(directory / BANK_FILE))
+        params = self.get_params()
+        del params["weights"]  # a model file never names a file to open; the hash identifies the weights
         config = {
             "format": MODEL_FORMAT,
             "fedinspect_version": __version__,
-            "params": self.get_params(),
+            "params": params,
+            "weights_sha256": file_sha256(self.features.extractor.weights_path),
             "memory_bank_shape": list(index.bank.shape),
             "n_train_patches": self.n_train_patches_,
         }
+        # Both files through Python's open(): the same mode (the umask's default) for the bank and the JSON.
+        (directory / BANK_FILE).write_bytes(save_tensors({"memory_bank": index.bank}))
         (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2))
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, progress: bool = False) -> PatchCore:
-        """Read a model written by :meth:`save`, checking every file for consistency."""
+    def load(cls, directory: str | Path, progress: bool = False, weights: str | Path | None = None) -> PatchCore:
+        """Read a model written by :meth:`save`, checking every file and the backbone against it.
+
+        A model folder is untrusted: it names no file to open. ``weights`` (the user's own file, else
+        the backbone's usual search) must hash to the SHA-256 recorded at fitting time, and the bank's
+        width must be the backbone's feature dimension; every mismatch is a ModelFileError.
+        """
         directory = Path(directory)
         config_path, bank_path = directory / CONFIG_FILE, directory / BANK_FILE
         for path in (config_path, bank_path):
             if not path.is_file():
                 raise ModelFileError(f"{path}: missing (is {directory} a fedinspect PatchCore model folder?)")
-        try:
-            config = json.loads(config_path.read_text())
-        except (OSError, json.JSONDecodeError) as error:
-            raise ModelFileError(f"{config_path}: corrupt settings file ({error})") from error
-        if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
-            found = config.get("format") if isinstance(config, dict) else None
-            raise ModelFileError(f"{config_path}: format {found!r}, expected {MODEL_FORMAT!r}")
-        try:
-            bank = load_file(str(bank_path))["memory_bank"]
-        except (SafetensorError, KeyError, OSError) as error:
-            raise ModelFileError(f"{bank_path}: corrupt memory bank ({error})") from error
+        config = _read_config(config_path)
+        bank = _read_bank(bank_path)
         if list(bank.shape) != config.get("memory_bank_shape"):
             raise ModelFileError(
                 f"{bank_path}: memory bank shape {list(bank.shape)} does not match "
                 f"{config.get('memory_bank_shape')} recorded in {config_path}"
             )
+        params = dict(config["params"])
+        if params.pop("weights", None) is not None:
+            raise ModelFileError(f"{config_path}: names a weights file; a model file may not choose a file to "
+                                 "open: pass the backbone's weights on the command line (--weights FILE)")
         try:
-            model = cls(**config["params"], progress=progress)
-        except TypeError as error:
-            raise ModelFileError(f"{config_path}: unknown settings ({error})") from error
+            model = cls(**params, weights=weights, progress=progress)
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(f"{config_path}: invalid settings ({error})") from error
+        if bank.shape[1] != model.features.dim:
+            raise ModelFileError(
+                f"{bank_path}: memory bank has {bank.shape[1]}-d embeddings but backbone {model.backbone} "
+                f"(layers {list(model.features.extractor.layers)}) gives {model.features.dim}-d: "
+                f"{config_path} does not describe the model that made this bank"
+            )
+        _check_weights(config, config_path, model.features.extractor.weights_path)
         return model.set_memory_bank(bank, n_train_patches=config.get("n_train_patches"))
+
+
+def _read_config(path: Path) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot read settings file ({error.strerror})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{path}: corrupt settings file ({error})") from error
+    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else None
+        raise ModelFileError(f"{path}: format {found!r}, expected {MODEL_FORMAT!r}")
+    if not isinstance(config.get("params"), dict):
+        raise ModelFileError(f"{path}: no 'params' object (the detector's settings)")
+    return config
+
+
+def _read_bank(path: Path) -> np.ndarray:
+    """The memory bank: a non-empty, finite float32 (n, d) array, exactly as written (never cast)."""
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot read memory bank ({error.strerror})") from error
+    try:
+        bank = load_tensors(data)["memory_bank"]
+    except (SafetensorError, KeyError, ValueError) as error:
+        raise ModelFileError(f"{path}: corrupt memory bank ({type(error).__name__}: {error})") from error
+    if bank.dtype != np.float32:
+        raise ModelFileError(f"{path}: memory bank is {bank.dtype}, expected float32")
+    if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
+        raise ModelFileError(f"{path}: memory bank must be a non-empty (n, d) array, got shape {list(bank.shape)}")
+    if not np.isfinite(bank).all():
+        raise ModelFileError(f"{path}: memory bank contains NaN or infinite values")
+    return bank
+
+
+def _check_weights(config: dict[str, Any], config_path: Path, weights_path: Path) -> None:
+    """The backbone's weights file must be the one the model was fitted with."""
+    expected = config.get("weights_sha256")
+    if not isinstance(expected, str):
+        raise ModelFileError(f"{config_path}: no weights_sha256 (written by an older fedinspect, or edited): refit")
+    found = file_sha256(weights_path)
+    if found != expected:
+        raise ModelFileError(
+            f"{config_path}: fitted with backbone weights of SHA-256 {expected[:16]}..., but {weights_path} has "
+            f"{found[:16]}...: pass the weights file the model was fitted with (--weights FILE)"
+        )

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from fedinspect.data.images import read_image
-from fedinspect.detectors.patchcore import PatchCore
+from fedinspect.detectors.patchcore import PatchCore, check_image_size
 from fedinspect.federation.update import CategoryUpdate, ClientUpdate
 from fedinspect.privacy.bank_dp import DEFAULT_CLIP_NORM, BankPrivacy, private_centres, privatize_embeddings
 from fedinspect.privacy.obfuscation import Obfuscation
@@ -56,6 +56,7 @@ class RoundSettings:
     dp_iterations: int = 2
 
     def __post_init__(self) -> None:
+        check_image_size(self.image_size)
         self.obfuscator()  # validate early: a bad method name or DP setting fails before any work
         self.bank_privacy()
 

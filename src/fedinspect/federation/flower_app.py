@@ -370,15 +370,19 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
 
 def serve_round(grid: Grid, data_dir: str | Path, out_dir: str | Path, config: FederationConfig,
                 options: Mapping[str, Any]) -> dict[str, Any]:
-    """The whole server side over Flower: plan, collect, then :func:`conclude_round` (results.json, report)."""
+    """The whole server side over Flower: plan, collect, then :func:`conclude_round` (results.json, report).
+
+    ``out_dir`` is locked and written all at once (:func:`staged_output`): a failed round leaves it untouched.
+    """
     from fedinspect.federation.runner import conclude_round, plan_round
+    from fedinspect.run_folder import staged_output
 
     started = time.perf_counter()
-    out_dir = Path(out_dir)
-    plan = plan_round(data_dir, config, out_dir)
-    replies, missing = collect_over_flower(grid, plan, config, options)
-    return conclude_round(plan, replies, missing, config, out_dir, started=started,
-                          progress=bool(options["progress"]))
+    with staged_output(out_dir) as staging:
+        plan = plan_round(data_dir, config, staging)
+        replies, missing = collect_over_flower(grid, plan, config, options)
+        return conclude_round(plan, replies, missing, config, staging, started=started,
+                              progress=bool(options["progress"]))
 
 
 def make_server_app(config: FederationConfig | None = None, options: Mapping[str, Any] | None = None,

@@ -36,6 +36,7 @@ from fedinspect.federation.server import SHARED, FederatedServer
 from fedinspect.federation.strategies import CoresetSettings
 from fedinspect.federation.update import ClientUpdate
 from fedinspect.pipeline import load_ground_truth, peak_memory_mb
+from fedinspect.run_folder import staged_output
 
 RESULTS_FILE = "results.json"
 PARTITION_FILE = "partition.json"
@@ -137,16 +138,17 @@ def run_federation(data_dir: str | Path, out_dir: str | Path, config: Federation
 
     ``cache`` (training embeddings) and ``test_cache`` (test embedding grids), keyed by image path, let
     a study reuse embeddings across runs with the same feature settings; ``report=False`` skips the report.
+    ``out_dir`` is locked and written all at once (:func:`staged_output`): a failed run leaves it untouched.
     """
     config = config or FederationConfig()
-    out_dir = Path(out_dir)
     started = time.perf_counter()
-    plan = plan_round(data_dir, config, out_dir)
-    detector = config.settings.detector(progress=False)
-    cache = {} if cache is None else cache
-    replies, missing = collect_in_process(plan, config, detector, cache, progress)
-    return conclude_round(plan, replies, missing, config, out_dir, detector, cache, started, progress,
-                          test_cache=test_cache, report=report)
+    with staged_output(out_dir) as staging:
+        plan = plan_round(data_dir, config, staging)
+        detector = config.settings.detector(progress=False)
+        cache = {} if cache is None else cache
+        replies, missing = collect_in_process(plan, config, detector, cache, progress)
+        return conclude_round(plan, replies, missing, config, staging, detector, cache, started, progress,
+                              test_cache=test_cache, report=report)
 
 
 def collect_in_process(plan: RoundPlan, config: FederationConfig, detector: PatchCore, cache: EmbeddingCache,

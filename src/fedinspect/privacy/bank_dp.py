@@ -65,8 +65,10 @@ class BankPrivacy:
     def __post_init__(self) -> None:
         if self.unit not in UNITS:
             raise ValueError(f"unknown DP unit {self.unit!r}; choose from {list(UNITS)}")
-        if (self.epsilon is None) == (self.noise_multiplier is None):
-            raise ValueError("give exactly one of epsilon and noise_multiplier")
+        if self.epsilon is None and self.noise_multiplier is None:  # RoundSettings and the CLI read 0 as "not given"
+            raise ValueError("epsilon must be positive (or give a positive noise multiplier instead)")
+        if self.epsilon is not None and self.noise_multiplier is not None:
+            raise ValueError("give epsilon or the noise multiplier, not both")
         if self.epsilon is not None and not self.epsilon > 0:
             raise ValueError(f"epsilon must be > 0, got {self.epsilon}")
         if self.noise_multiplier is not None and not self.noise_multiplier > 0:
