@@ -695,7 +695,8 @@ def test_heatmap_scales_share_one_number_format_and_the_score_is_explained(tmp_p
     assert scale_text(0.0001, 0.0042) == "0.00010 to 0.00420"
     md, _ = write_report(tmp_path, make_results(), None, make_examples())
     text = md.read_text(encoding="utf-8")
-    captions = re.findall(r"\*Examples of \w+ \(heatmap colour scale ([^)]*)\)\.\*", text)
+    captions = re.findall(r"\*Examples of \w+ \(heatmap colour scale ([-\d.,]+ to [-\d.,]+); an image score is "
+                          r"reweighted and can lie above the scale's top\)\.\*", text)
     assert len(captions) == 2
     for caption in captions:
         low, high = caption.split(" to ")

@@ -223,10 +223,10 @@ h2 { border-bottom: 1px solid #d0d7de; padding-bottom: 4px; margin-top: 36px; }
 h3 { margin-top: 24px; }
 div.table { max-width: 100%; overflow-x: auto; margin: 8px 0 18px; }
 table { border-collapse: collapse; font-size: 13px; }
-caption { caption-side: top; text-align: left; font-style: italic; padding-bottom: 4px; }
+p.caption { font-style: italic; margin: 12px 0 4px; }
 th, td { border: 1px solid #d0d7de; padding: 3px 8px; vertical-align: top; }
-th { background: #f0f3f6; font-weight: 600; }
-td { overflow-wrap: anywhere; }
+th { background: #f0f3f6; font-weight: 600; text-align: left; }
+td { overflow-wrap: break-word; }
 td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
 td.num { white-space: nowrap; }
 tr.total td { font-weight: bold; background: #f6f8fa; }
@@ -266,11 +266,11 @@ _TEMPLATE = """\
 {% elif block.kind == "table" %}
 {% set table = block.shown() %}
 {% set align = table.alignments() %}
+{% if table.caption %}
+<p class="caption">{{ table.caption }}</p>
+{% endif %}
 <div class="table">
 <table>
-{% if table.caption %}
-<caption>{{ table.caption }}</caption>
-{% endif %}
 <thead>
 <tr>{% for cell in table.header %}<th class="{{ align[loop.index0] }}">{{ cell }}</th>{% endfor %}</tr>
 </thead>

@@ -676,7 +676,7 @@ def _client_results_section(doc: Document, run_dir: Path, results: Mapping[str, 
     doc.add(Paragraph(
         "Each client evaluates the global model on its share of the test split, taken by the rule that gave it "
         "its training images (per category, in proportion to its training images of that category); its metric "
-        "is the mean over its categories. n/a: undefined, with the reason in the last column."
+        "is the mean over its categories. n/a: undefined, with the reason in a Note column."
     ))
     rows = []
     for index, client in enumerate(clients):
@@ -830,7 +830,8 @@ def _figure_sections(
         used_slugs.add(slug)
         path = plots.plot_examples(selected, figures / f"examples_{slug}.png", ranges=ranges)
         vmin, vmax = ranges[category]
-        add_image(path, f"Examples of {category} (heatmap colour scale {scale_text(vmin, vmax)}).")
+        add_image(path, f"Examples of {category} (heatmap colour scale {scale_text(vmin, vmax)}; an image score is "
+                        "reweighted and can lie above the scale's top).")
 
 
 def _model_blocks(results: Mapping[str, Any]) -> dict[str, Mapping[str, Any]]:
