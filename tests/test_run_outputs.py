@@ -54,6 +54,8 @@ def test_staged_output_replaces_on_success_and_keeps_the_target_on_failure(tmp_p
     assert _tree(target) == {"results.json": b'{"run": "new"}'}  # no old map beside the new results
     assert _leftovers(tmp_path) == []
 
+    with pytest.raises(FedinspectError, match="which this run reads"), staged_output(target, inputs=[target / "a"]):
+        pass
     documents = tmp_path / "documents"
     (documents / "thesis.tex").parent.mkdir()
     (documents / "thesis.tex").write_text("mine")

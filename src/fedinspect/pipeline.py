@@ -24,7 +24,6 @@ from fedinspect.data.dataset import CategoryDataset, Sample
 from fedinspect.data.images import image_size
 from fedinspect.data.regions import Region
 from fedinspect.detectors.patchcore import PatchCore
-from fedinspect.errors import FedinspectError
 from fedinspect.evaluation import anomaly_maps
 from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions
 from fedinspect.run_folder import staged_output
@@ -55,7 +54,7 @@ def fit_category(
     dataset = CategoryDataset(data_dir)
     if model_dir is None:
         return _fit(model, dataset)
-    with staged_output(model_dir) as staging:
+    with staged_output(model_dir, inputs=[data_dir]) as staging:
         _fit(model, dataset).save(staging)
     return model
 
@@ -97,11 +96,8 @@ def evaluate_category(
     """
     if out_dir is None:
         return _evaluate(model, data_dir, None, progress, write_maps, weights)
-    if not isinstance(model, PatchCore) and Path(out_dir).resolve() in (Path(model).resolve(),
-                                                                        *Path(model).resolve().parents):
-        raise FedinspectError(f"{out_dir}: holds the model {model} and would be replaced by the results: "
-                              "choose another results folder")
-    with staged_output(out_dir) as staging:
+    inputs = [data_dir] if isinstance(model, PatchCore) else [data_dir, model]
+    with staged_output(out_dir, inputs=inputs) as staging:
         return _evaluate(model, data_dir, staging, progress, write_maps, weights)
 
 

@@ -17,7 +17,7 @@ import fcntl
 import os
 import secrets
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -57,14 +57,20 @@ def _remove_leftovers(target: Path) -> None:
 
 
 @contextmanager
-def staged_output(target: str | Path) -> Iterator[Path]:
+def staged_output(target: str | Path, inputs: Iterable[str | Path] = ()) -> Iterator[Path]:
     """Yield an empty staging folder; on success it becomes ``target`` (replacing a previous run there).
+
+    ``inputs`` (the run's data, its model) may not lie inside ``target``: replacing it would delete them.
 
     Raises:
         FolderBusyError: another process holds ``target``'s lock.
-        FedinspectError: ``target`` is a file, or a folder of other files (it would be deleted).
+        FedinspectError: ``target`` is a file, a folder of other files, or holds one of ``inputs``.
     """
     target = Path(target).resolve()
+    for source in inputs:
+        if target in (Path(source).resolve(), *Path(source).resolve().parents):
+            raise FedinspectError(f"{target}: holds {source}, which this run reads and would replace: "
+                                  "choose another output folder")
     target.parent.mkdir(parents=True, exist_ok=True)
     with open(lock_path(target), "a") as lock:
         try:

@@ -275,7 +275,7 @@ def conclude(config: ClassifyConfig, split: Split, history: list[RoundRecord], f
 
     ``out_dir`` is replaced only when everything is written (:func:`staged_output`); a failure leaves it untouched.
     """
-    with staged_output(out_dir) as staging:
+    with staged_output(out_dir, inputs=[split.view.root]) as staging:
         return _conclude(config, split, history, final, histories, staging, engine=engine, timing=timing,
                          write_report=write_report, extra=extra)
 

@@ -378,7 +378,7 @@ def serve_round(grid: Grid, data_dir: str | Path, out_dir: str | Path, config: F
     from fedinspect.run_folder import staged_output
 
     started = time.perf_counter()
-    with staged_output(out_dir) as staging:
+    with staged_output(out_dir, inputs=[data_dir, *([config.attack_data] if config.attack_data else [])]) as staging:
         plan = plan_round(data_dir, config, staging)
         replies, missing = collect_over_flower(grid, plan, config, options)
         return conclude_round(plan, replies, missing, config, staging, started=started,

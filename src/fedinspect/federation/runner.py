@@ -142,7 +142,7 @@ def run_federation(data_dir: str | Path, out_dir: str | Path, config: Federation
     """
     config = config or FederationConfig()
     started = time.perf_counter()
-    with staged_output(out_dir) as staging:
+    with staged_output(out_dir, inputs=[data_dir, *([config.attack_data] if config.attack_data else [])]) as staging:
         plan = plan_round(data_dir, config, staging)
         detector = config.settings.detector(progress=False)
         cache = {} if cache is None else cache
