@@ -32,6 +32,7 @@ from fedinspect.evaluation.summary import mean_row, metric_row
 from fedinspect.federation.client import EmbeddingCache, FederatedClient, RoundSettings
 from fedinspect.federation.client_evaluation import ClientEvaluation, client_test_shares
 from fedinspect.federation.partition import Partition, partition
+from fedinspect.federation.poisoning import DefectSource, Poisoning
 from fedinspect.federation.server import SHARED, FederatedServer
 from fedinspect.federation.strategies import CoresetSettings
 from fedinspect.federation.update import ClientUpdate
@@ -63,7 +64,19 @@ class FederationConfig:
     # Folder of the attacker's own images (any dataset in our layouts): when set, the inversion and
     # membership attacks run against this round and results.json gains an ``attacks`` block.
     attack_data: str = ""
+    # Poisoning (federation/poisoning.py): the last `poisoned_clients` clients send updates altered by the
+    # attack `poison` ("noise", "scale" or "defects"; "" = none) of strength `poison_strength` (0 = default).
+    poison: str = ""
+    poisoned_clients: int = 0
+    poison_strength: float = 0.0
     settings: RoundSettings = field(default_factory=RoundSettings)
+
+    def __post_init__(self) -> None:
+        self.poisoning().poisoned(self.clients)  # a bad attack name, strength or count fails before any work
+
+    def poisoning(self) -> Poisoning:
+        """The poisoning attack of this run (inactive when ``poison`` or ``poisoned_clients`` is unset)."""
+        return Poisoning(self.poison, self.poisoned_clients, self.poison_strength, self.settings.seed)
 
     def server(self, bank: str | None = None) -> FederatedServer:
         options = {"min_per_client": self.min_per_client} if self.strategy == "diversity_preserving" else {}
@@ -156,11 +169,15 @@ def collect_in_process(plan: RoundPlan, config: FederationConfig, detector: Patc
     """Run every client here; a client whose data fails drops out with its reason recorded."""
     replies: list[ClientReply] = []
     missing: list[dict[str, str]] = []
+    poisoning = config.poisoning()
+    defects = DefectSource(plan.datasets, detector, config.settings, cache)
     for index in tqdm(range(config.clients), desc="clients", unit="client", disable=not progress):
         name = client_id(index)
         try:
             update, stats = FederatedClient(name, plan.client_images(index), read_image).fit(
                 config.settings, detector, cache)
+            if index in poisoning.poisoned(config.clients):
+                update = poisoning.apply(update, defects)
         except FedinspectError as error:  # a client with bad data drops out; the round goes on without it
             print(f"warning: {name} dropped out: {error}", file=sys.stderr)
             missing.append({"client": name, "reason": str(error)})

@@ -16,17 +16,27 @@ A strategy sees only embeddings and counts: it knows nothing of images or backbo
   it scales with the bank. The rest of the target is drawn by the tempered weights with oversampling
   and a global greedy coreset that extends the guaranteed set. With ``power=1`` and ``floor=0`` it
   is exactly ``federated_coreset``.
+- ``robust_coreset``: screens out poisoned contributions before ``federated_coreset``. Each row of
+  client i is scored by its nearest-neighbour distance to every OTHER client's bank separately; the
+  score is the lower median of those distances (the ``ceil((n-1)/2)``-th smallest), so up to
+  ``floor((n-1)/2)`` colluding clients can neither vouch for each other's rows nor, by being far from
+  everyone, make honest rows look odd. Rows whose log score lies more than ``threshold`` robust
+  spreads above the clients' typical score are dropped (injected foreign rows, e.g. embeddings of
+  defects), and a client whose median row is such an outlier is dropped whole (noise, scaling). With
+  fewer than 3 clients there is nothing to compare and every row is kept. :func:`screen_updates` says
+  what was dropped.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fedinspect.detectors.coreset import greedy_coreset
+from fedinspect.detectors.nearest_neighbours import NearestNeighbours
 from fedinspect.federation.update import CategoryUpdate
 
 
@@ -136,12 +146,94 @@ def fair_coreset(updates: Sequence[CategoryUpdate], target: int, settings: Cores
     return np.concatenate([pinned, candidates[chosen]])
 
 
+@dataclass
+class Screening:
+    """What :func:`screen_updates` kept of each client's rows (in the order of the updates), and why."""
+
+    kept: list[np.ndarray]  # boolean mask over each client's rows
+    dropped_clients: list[int] = field(default_factory=list)
+    row_scores: list[np.ndarray] = field(default_factory=list)  # each row's lower-median distance to the others
+    client_scores: list[float] = field(default_factory=list)  # each client's median row score
+    note: str = ""
+    cut: float | None = None  # the score above which a row was dropped (None: nothing compared)
+
+    @property
+    def dropped_rows(self) -> list[int]:
+        """Rows dropped per client (a dropped client's rows all count)."""
+        return [int((~mask).sum()) for mask in self.kept]
+
+    def apply(self, updates: Sequence[CategoryUpdate]) -> list[CategoryUpdate]:
+        """The updates with the dropped rows removed (clients left with no row are left out)."""
+        return [CategoryUpdate(u.embeddings[mask], u.n_samples, u.n_patches)
+                for u, mask in zip(updates, self.kept, strict=True) if mask.any()]
+
+    def to_dict(self) -> dict[str, object]:
+        return {"dropped_clients": self.dropped_clients, "dropped_rows": self.dropped_rows,
+                "rows": [len(mask) for mask in self.kept], "client_scores": self.client_scores, "cut": self.cut,
+                "note": self.note}
+
+
+def leave_one_out_scores(updates: Sequence[CategoryUpdate]) -> list[np.ndarray]:
+    """Each row's lower median, over the other clients, of its nearest-neighbour distance to their bank."""
+    indexes = [NearestNeighbours(u.embeddings) if len(u.embeddings) else None for u in updates]
+    scores = []
+    for i, update in enumerate(updates):
+        others = [index for j, index in enumerate(indexes) if j != i and index is not None]
+        if not len(update.embeddings) or not others:
+            scores.append(np.zeros(len(update.embeddings)))
+            continue
+        distances = np.stack([index.search(update.embeddings, 1)[0][:, 0] for index in others], axis=1)
+        rank = math.ceil(len(others) / 2) - 1  # lower median: robust to floor((n-1)/2) colluders either way
+        scores.append(np.partition(distances, rank, axis=1)[:, rank].astype(np.float64))
+    return scores
+
+
+def screen_updates(updates: Sequence[CategoryUpdate], threshold: float = 3.0) -> Screening:
+    """Find the clients and rows the other clients do not vouch for (see ``robust_coreset`` above).
+
+    Scores are compared on a log scale against a reference no minority of clients can move: the
+    median over clients of each client's median log score, and the median over clients of each
+    client's robust spread (1.4826 MAD). A row is dropped when its log score exceeds the reference by
+    more than ``threshold`` spreads; a client whose median row is such an outlier is dropped whole.
+    """
+    if not threshold > 0:
+        raise ValueError(f"threshold must be positive, got {threshold}")
+    kept = [np.ones(len(u.embeddings), dtype=bool) for u in updates]
+    if sum(len(u.embeddings) > 0 for u in updates) < 3:
+        return Screening(kept, note=f"{len(updates)} client(s) with rows: nothing to compare, every row kept")
+    scores = leave_one_out_scores(updates)
+    logs = [np.log(np.maximum(s, 1e-12)) for s in scores]
+    present = [row_logs for row_logs in logs if len(row_logs)]
+    centre = float(np.median([np.median(row_logs) for row_logs in present]))
+    spread = float(np.median([1.4826 * np.median(np.abs(row_logs - np.median(row_logs))) for row_logs in present]))
+    cut = centre + threshold * spread
+    client_scores = [float(np.median(s)) if len(s) else 0.0 for s in scores]
+    dropped = [i for i, row_logs in enumerate(logs) if len(row_logs) and np.median(row_logs) > cut]
+    for i, row_logs in enumerate(logs):
+        kept[i] &= row_logs <= cut
+        if i in dropped:
+            kept[i][:] = False
+    note = f"dropped {len(dropped)} client(s) and {sum(int((~k).sum()) for k in kept)} row(s) in all"
+    return Screening(kept, dropped, scores, client_scores, note, cut=float(np.exp(cut)))
+
+
+def robust_coreset(updates: Sequence[CategoryUpdate], target: int, settings: CoresetSettings = CoresetSettings(),
+                   threshold: float = 3.0, oversample: float = 2.0,
+                   screening: list[Screening] | None = None) -> np.ndarray:
+    """:func:`federated_coreset` on what :func:`screen_updates` keeps; ``screening`` (a list) receives the decision."""
+    decision = screen_updates(updates, threshold)
+    if screening is not None:
+        screening.append(decision)
+    return federated_coreset(decision.apply(updates), target, settings, oversample)
+
+
 Strategy = Callable[..., np.ndarray]
 STRATEGIES: dict[str, Strategy] = {
     "federated_coreset": federated_coreset,
     "concatenate": concatenate,
     "diversity_preserving": diversity_preserving,
     "fair_coreset": fair_coreset,
+    "robust_coreset": robust_coreset,
 }
 
 

@@ -44,6 +44,7 @@ from typing import Any
 from fedinspect.errors import FedinspectError
 from fedinspect.federation.client import RoundSettings
 from fedinspect.federation.partition import SCHEMES
+from fedinspect.federation.poisoning import ATTACKS
 from fedinspect.federation.runner import FederationConfig
 from fedinspect.federation.server import BANK_MODES
 from fedinspect.federation.strategies import STRATEGIES
@@ -58,6 +59,7 @@ STUDY_KEYS = {"name", "data", "synthetic", "synthetic_seed", "seeds", "baseline"
 SYNTHETIC_SIZES = ("tiny", "small", "full")
 _CHOICES: dict[str, tuple[str, ...]] = {
     "partition": SCHEMES, "strategy": tuple(sorted(STRATEGIES)), "bank": BANK_MODES, "precision": PRECISIONS,
+    "poison": ("", *ATTACKS),
 }
 
 
