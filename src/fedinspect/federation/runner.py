@@ -35,7 +35,8 @@ from fedinspect.federation.partition import Partition, partition
 from fedinspect.federation.poisoning import DefectSource, Poisoning
 from fedinspect.federation.server import SHARED, FederatedServer
 from fedinspect.federation.strategies import CoresetSettings
-from fedinspect.federation.update import ClientUpdate
+from fedinspect.federation.update import ClientUpdate, UpdateError
+from fedinspect.federation.validation import UpdateSpec, receive
 from fedinspect.pipeline import load_ground_truth, peak_memory_mb
 from fedinspect.run_folder import staged_output
 
@@ -123,6 +124,7 @@ class ClientReply:
     client_id: str
     payload: bytes
     timing: dict[str, float] = field(default_factory=dict)
+    partition: int | None = None  # the plan's client index when the plan chose its images (counts checked)
 
 
 def client_id(index: int) -> str:
@@ -187,7 +189,7 @@ def collect_in_process(plan: RoundPlan, config: FederationConfig, detector: Patc
         replies.append(ClientReply(name, payload, {
             "feature_extraction_s": stats.feature_extraction_s, "local_coreset_s": stats.local_coreset_s,
             "serialization_s": time.perf_counter() - start,
-        }))
+        }, partition=index))
     return replies, missing
 
 
@@ -200,17 +202,21 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
     started = time.perf_counter() if started is None else started
     detector = detector or config.settings.detector(progress=False)
     cache = {} if cache is None else cache
-    if len(replies) < config.min_clients:
-        raise FedinspectError(
-            f"only {len(replies)} of {config.clients} clients answered (minimum {config.min_clients}); "
-            f"missing: {missing}"
-        )
     timing: dict[str, float] = {"feature_extraction_s": 0.0, "local_coreset_s": 0.0, "serialization_s": 0.0}
     updates: list[ClientUpdate] = []
     rows: list[dict[str, Any]] = []
+    spec = round_spec(plan, replies, config.settings, detector)
+    missing = list(missing)
     for reply in replies:
         start = time.perf_counter()
-        update = ClientUpdate.from_bytes(reply.payload, source=reply.client_id)
+        try:  # an update that does not fit the round is dropped like a client that did not answer
+            if any(row["client"] == reply.client_id for row in rows):
+                raise UpdateError(f"{reply.client_id}: update rejected: a second update from the same client")
+            update = receive(reply.payload, reply.client_id, spec)
+        except UpdateError as error:
+            print(f"warning: {reply.client_id} dropped out: {error}", file=sys.stderr)
+            missing.append({"client": reply.client_id, "reason": str(error)})
+            continue
         timing["serialization_s"] += time.perf_counter() - start
         for key in timing:
             timing[key] += reply.timing.get(key, 0.0)
@@ -220,6 +226,11 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
             "coreset": update.n_coreset, "bytes_sent": len(reply.payload),
             "categories": {name: part.n_samples for name, part in update.categories.items()},
         })
+    if len(updates) < config.min_clients:
+        raise FedinspectError(
+            f"only {len(updates)} of {config.clients} clients answered (minimum {config.min_clients}); "
+            f"missing: {missing}"
+        )
     total = sum(row["samples"] for row in rows)
     for row in rows:
         row["weight"] = row["samples"] / total
@@ -265,6 +276,14 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
         write_report(out_dir, results, evaluation["curves"], evaluation["examples"],
                      title=f"Federated PatchCore: {config.clients} clients, {config.partition}, {config.strategy}")
     return results
+
+
+def round_spec(plan: RoundPlan, replies: list[ClientReply], settings: RoundSettings,
+               detector: PatchCore) -> UpdateSpec:
+    """What the round's updates must look like; counts are pinned for clients whose images the plan chose."""
+    assigned = {reply.client_id: {name: len(paths) for name, paths in plan.client_images(reply.partition).items()}
+                for reply in replies if reply.partition is not None}
+    return UpdateSpec.for_round(settings, detector, plan.datasets, assigned)
 
 
 def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray], shared: dict[str, np.ndarray] | None,
