@@ -15,8 +15,10 @@ What a real federation runs, in separate processes, with Flower's own components
 
 The script waits for the run to finish (bounded by ``--timeout``), prints the results and always
 stops every process it started (and their children). ``--kill-client client_1`` kills that SuperNode
-(and its ClientApp) 2 s (``--kill-after``) after it received the round's ``train`` message, to see the
-server wait up to ``--round-timeout``, record it as missing and aggregate the others.
+(and its ClientApp) 2 s (``--kill-after``) after it received the round's ``train`` message: the
+SuperLink notices the missing heartbeats (Flower 1.41: within 60 s, 2 x the SuperNode's fixed 30 s
+interval) and answers for it with an error, so the server records it as missing and aggregates the
+others well before ``--round-timeout``.
 
 Work folder (``--work``, default ``OUT/deployment``)::
 
@@ -134,73 +136,116 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _children() -> dict[int, list[int]]:
-    tree: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-            tree.setdefault(ppid, []).append(int(entry.name))
-    return tree
+TAG = "FEDINSPECT_DEPLOY_PROCESS"  # environment variable marking every process a Processes started, and its children
+
+
+def _stat(pid: int) -> tuple[str, int, int] | None:
+    """(state, parent pid, start time in clock ticks) of a process; None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[1]), int(fields[19])
+
+
+def _pids() -> list[int]:
+    return [int(entry.name) for entry in Path("/proc").iterdir() if entry.name.isdigit()]
+
+
+def _tag_of(pid: int) -> str | None:
+    """The value of TAG in a process's environment (inherited by every child that keeps its environment)."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes()
+    except OSError:
+        return None
+    prefix = f"{TAG}=".encode()
+    for item in environ.split(b"\0"):
+        if item.startswith(prefix):
+            return item[len(prefix):].decode(errors="replace")
+    return None
 
 
 class Processes:
-    """The processes this script starts; each in its own session, stopped with all its descendants."""
+    """The processes this script starts, and every process they start in turn, until all are gone.
+
+    Flower's components spawn children (the SuperLink its SuperExec, in a session of its own; a
+    SuperNode its ClientApp processes) that outlive a parent killed first. So a process belongs to
+    us if it descends from one we started (walking /proc) or carries our tag in its environment
+    (a child that the parent's death re-parented to init); each is remembered with its start time,
+    so a reused pid is never signalled. :meth:`stop` and :meth:`kill` signal, then WAIT until every
+    one is gone (a zombie counts as gone: it runs nothing and holds no port), SIGKILL after a grace.
+    """
 
     def __init__(self, logs: Path) -> None:
         self.logs = logs
+        self.run = f"{os.getpid()}-{time.monotonic_ns()}"
         self.started: dict[str, subprocess.Popen] = {}
-        self.known: set[int] = set()
+        self.known: dict[int, tuple[str, int]] = {}  # pid -> (name of the process it belongs to, start time)
 
     def start(self, name: str, command: list[str], env: dict[str, str]) -> subprocess.Popen:
         self.logs.mkdir(parents=True, exist_ok=True)
         log = (self.logs / f"{name}.log").open("wb")
-        process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                   start_new_session=True, cwd=ROOT)
+        process = subprocess.Popen(command, env={**env, TAG: f"{self.run}/{name}"}, stdout=log,
+                                   stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
+                                   cwd=ROOT)
+        log.close()  # the child holds its own descriptor
         self.started[name] = process
+        self.refresh()
         return process
 
-    def descendants(self, pid: int) -> list[int]:
-        """``pid``'s descendants now (the SuperExec and app processes Flower spawns), remembered for stop()."""
-        tree, found, todo = _children(), [], [pid]
-        while todo:
-            for child in tree.get(todo.pop(), []):
-                found.append(child)
-                todo.append(child)
-        self.known.update(found)
-        return found
+    def refresh(self) -> dict[int, str]:
+        """Every live process of ours now (pid -> the name of the started process it belongs to)."""
+        stats = {pid: stat for pid in _pids() if (stat := _stat(pid)) is not None}
+        children: dict[int, list[int]] = {}
+        for pid, (_, parent, _) in stats.items():
+            children.setdefault(parent, []).append(pid)
+        for name, process in self.started.items():
+            # a started process that was reaped may have its pid reused: its orphans are found by their tag
+            todo = [process.pid] if process.poll() is None else []
+            while todo:
+                pid = todo.pop()
+                if pid in stats and pid not in self.known:
+                    self.known[pid] = (name, stats[pid][2])
+                todo.extend(children.get(pid, []))
+        for pid, stat in stats.items():
+            tag = _tag_of(pid) if pid not in self.known else None
+            if tag is not None and tag.startswith(f"{self.run}/"):
+                self.known[pid] = (tag.split("/", 1)[1], stat[2])
+        alive = {}
+        for pid, (name, started) in list(self.known.items()):
+            stat = stats.get(pid)
+            if stat is None or stat[2] != started:
+                del self.known[pid]  # gone (and its pid perhaps reused by a process not ours)
+            elif stat[0] not in "ZX":
+                alive[pid] = name
+        return alive
 
-    def refresh(self) -> None:
-        for process in self.started.values():
-            self.descendants(process.pid)
+    def kill(self, name: str, patience: float = 10.0) -> None:
+        """SIGKILL one started process and all of its own, and wait until they are gone."""
+        self._end({name}, [(signal.SIGKILL, patience)])
 
-    def kill(self, name: str) -> None:
-        process = self.started[name]
-        for pid in [*self.descendants(process.pid), process.pid]:
-            _signal(pid, signal.SIGKILL)
-        process.wait(timeout=10)
+    def stop(self, grace: float = 5.0, patience: float = 10.0) -> None:
+        """SIGTERM every process of ours, wait up to ``grace`` s, SIGKILL the rest; wait until all are gone."""
+        left = self._end(set(self.started), [(signal.SIGTERM, grace), (signal.SIGKILL, patience)])
+        if left:
+            print(f"warning: processes still alive after SIGKILL: {sorted(left)}", file=sys.stderr)
 
-    def stop(self, grace: float = 5.0) -> None:
-        self.refresh()
-        for process in self.started.values():
-            if process.poll() is None:
-                _signal(process.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for process in self.started.values():
-            try:
-                process.wait(timeout=max(0.1, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for pid in [*self.known, *(p.pid for p in self.started.values())]:
-            _signal(pid, signal.SIGKILL)
-        for process in self.started.values():
-            try:
-                process.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                print(f"warning: process {process.pid} did not stop", file=sys.stderr)
+    def _end(self, names: set[str], steps: list[tuple[int, float]]) -> dict[int, str]:
+        alive: dict[int, str] = {}
+        for sig, wait in steps:
+            deadline = time.monotonic() + wait
+            signalled: set[int] = set()
+            while True:
+                alive = {pid: name for pid, name in self.refresh().items() if name in names}
+                if not alive:
+                    return alive
+                for pid in alive.keys() - signalled:  # new ones too: a process may spawn while stopping
+                    _signal(pid, sig)
+                    signalled.add(pid)
+                if time.monotonic() >= deadline:
+                    break
+                time.sleep(0.1)
+        return alive
 
 
 def _signal(pid: int, sig: int) -> None:
@@ -361,7 +406,13 @@ def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, r
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
-    from fedinspect.cli import _add_federation_options, _add_model_options, _federation_config, _print_federation
+    from fedinspect.cli import (
+        _add_federation_options,
+        _add_model_options,
+        _add_privacy_options,
+        _federation_config,
+        _print_federation,
+    )
     from fedinspect.errors import FedinspectError
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -377,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true")
     _add_model_options(parser)
     _add_federation_options(parser)
+    _add_privacy_options(parser)
     args = parser.parse_args(argv)
     config = _federation_config(args)
     config.write_maps = not args.no_maps

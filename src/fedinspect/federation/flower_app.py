@@ -17,9 +17,13 @@ One round, two message exchanges (Flower's message API, ``Grid.send_and_receive`
    client's timings (``MetricRecord``).
 
 Faults: the server waits up to ``round-timeout`` seconds; a client whose ClientApp raised (or whose
-data is bad) or that did not answer in time is listed in results.json ``missing_clients`` with the
-reason, and the round goes on if at least ``min-clients`` answered (else a clear
-:class:`FedinspectError`).
+data is bad), whose update does not fit the round (:mod:`fedinspect.federation.validation`, checked
+in :func:`runner.conclude_round` as for the in-process runner) or that did not answer in time is
+listed in results.json ``missing_clients`` with the reason, and the round goes on if at least
+``min-clients`` answered (else a clear :class:`FedinspectError`). A SuperNode that dies mid-round is
+noticed before ``round-timeout``: Flower 1.41's SuperNode sends a heartbeat every 30 s (fixed in
+its code, no option changes it) and the SuperLink, after 2 missed intervals (60 s), answers the
+pending message with a "Node Unavailable" error reply, recorded as that client's reason.
 
 Entry points: :data:`server_app` / :data:`client_app` (read by ``flwr run`` and the SuperNodes,
 see ``[tool.flwr.app]`` in pyproject.toml), and :func:`run_flower_simulation` (Flower's Simulation
@@ -270,6 +274,18 @@ def _order(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else sys.maxsize, name)
 
 
+def _exchange(grid: Grid, asks: list[Message], timeout: float) -> list[tuple[int, Message]]:
+    """Send ``asks``, gather the replies, each with the node it answers for.
+
+    That node is found through the reply's ``reply_to_message_id``, not its source: when a node stops
+    sending heartbeats, the SuperLink answers for it with an error reply whose source is the SuperLink.
+    """
+    replies = list(grid.send_and_receive(asks, timeout=timeout))
+    node_of = {ask.metadata.message_id: ask.metadata.dst_node_id for ask in asks}  # ids set when pushed
+    return [(node_of.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id), reply)
+            for reply in replies]
+
+
 def _wait_for_nodes(grid: Grid, expected: int, timeout: float, progress: bool) -> list[int]:
     deadline = time.monotonic() + timeout
     nodes = sorted(grid.get_node_ids())
@@ -301,8 +317,7 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
     asks = [Message(content, node, IDENTIFY, group_id=GROUP, ttl=connect_timeout + 60) for node in nodes]
     members: dict[int, dict[str, Any]] = {}
     failed: dict[int, str] = {}  # nodes whose ClientApp could not even say who they are
-    for reply in grid.send_and_receive(asks, timeout=connect_timeout):
-        node = reply.metadata.src_node_id
+    for node, reply in _exchange(grid, asks, connect_timeout):
         if reply.has_error():
             failed[node] = _reason(reply)
             _log(f"node {node} failed to identify: {failed[node]}", progress)
@@ -344,8 +359,7 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
     _log(f"round sent to {len(asks)} client(s); waiting up to {round_timeout:g} s", progress)
     replies: list[ClientReply] = []
     answered: set[int] = set()
-    for reply in grid.send_and_receive(asks, timeout=round_timeout):
-        node = reply.metadata.src_node_id
+    for node, reply in _exchange(grid, asks, round_timeout):
         if node not in sent or node in answered:
             continue
         answered.add(node)
@@ -357,7 +371,10 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
             continue
         payload = reply.content["update"]["update"].numpy().tobytes()
         timing = {key: float(value) for key, value in reply.content["timing"].items()}
-        replies.append(ClientReply(name, payload, timing))
+        # the counts of a node fed by the plan must be the plan's; a node with its own data-dir is checked by bounds
+        info = members[node]
+        replies.append(ClientReply(name, payload, timing,
+                                   partition=None if info["own-data"] else int(info["partition-id"])))
     for node, name in sent.items():
         if node not in answered:
             print(f"warning: {name} dropped out: no reply within {round_timeout:g} s", file=sys.stderr)
