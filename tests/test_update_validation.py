@@ -16,7 +16,7 @@ from fedinspect.federation.strategies import client_weights
 from fedinspect.federation.update import WIRE_FORMAT, CategoryUpdate, ClientUpdate, UpdateError
 from fedinspect.federation.validation import UpdateSpec, receive
 
-# image size 64 at stride 8: 8 x 8 = 64 patches per square image, 8 x 32 = 256 at most (aspect 4)
+# image size 64 at stride 8: 8 x 8 = 64 patches per square image, 8 x 128 = 1024 at most (aspect 16)
 SPEC = UpdateSpec(categories=frozenset({"pipe_clip", "tank_screw"}), dim=8, precision="float32", image_size=64,
                   stride=8, coreset_ratio=0.1)
 
@@ -115,8 +115,8 @@ MALFORMED = {
                                         "40 rows.*has 19"),
     "fewer patches than its images give": (lambda: forge({"c0": rows(6)}, {"pipe_clip": entry(patches=60)}),
                                            "n_patches 60 is impossible for 3 images"),
-    "more patches than its images can give": (lambda: forge({"c0": rows(100)}, {"pipe_clip": entry(patches=1000)}),
-                                              "n_patches 1000 is impossible"),
+    "more patches than its images can give": (lambda: forge({"c0": rows(400)}, {"pipe_clip": entry(patches=4000)}),
+                                              "n_patches 4000 is impossible"),
     "a billion images": (lambda: forge({"c0": rows(19)}, {"pipe_clip": entry(samples=10**9, patches=10**9)}),
                          "impossible"),
     "zero images": (lambda: forge({"c0": rows(1)}, {"pipe_clip": entry(samples=0, patches=1)}), "at least 1"),

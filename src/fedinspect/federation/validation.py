@@ -44,8 +44,10 @@ if TYPE_CHECKING:
     from fedinspect.federation.client import RoundSettings
 
 # Widest image (long side / short side) whose patch count an honest client may report. AutoVI's
-# images are about 16:9, KolektorSDD2's about 1:2.7; a wider one is refused as implausible.
-MAX_ASPECT_RATIO = 4.0
+# images are about 16:9, KolektorSDD2's about 1:2.7, and the letterbox keeps strips of 5:1 and more,
+# so the bound is generous: it buys a liar no weight (more patches per image means fewer images), it
+# only refuses claims no camera makes, and refusing an honest factory's strips would be worse.
+MAX_ASPECT_RATIO = 16.0
 
 
 @dataclass(frozen=True)
