@@ -141,8 +141,8 @@ def _print_federation(results: dict, out: Path) -> None:
     sent = sum(c["bytes_sent"] for c in results["clients"])
     print(f"\n{len(results['clients'])} clients sent {sent / 1e6:.2f} MB in {results['timing']['total_s']:.0f} s")
     print(describe_stages(results["stages"], results["config"]))
-    if results["missing_clients"]:
-        print(f"missing clients: {[m['client'] for m in results['missing_clients']]}")
+    for missing in results["missing_clients"]:  # dropped out, or its update was rejected
+        print(f"missing {missing['client']}: {missing['reason']}")
     print(f"results.json, report.md, report.html and maps/ in {out}")
 
 
