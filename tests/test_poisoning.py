@@ -215,20 +215,12 @@ def test_leave_one_out_score_is_the_lower_median_of_the_distances_to_the_others(
 def test_robust_keeps_what_federated_coreset_keeps_on_clean_clients() -> None:
     updates = honest_clients()
     screening = screen_updates(updates)
-    assert screening.dropped_clients == []
-    assert sum(screening.dropped_rows) <= 0.01 * sum(len(u.embeddings) for u in updates)
+    assert screening.dropped_clients == [] and screening.suspects == []
+    assert screening.dropped_rows == [0, 0, 0, 0, 0]  # each client's rarest rows are outlying, but not suspect
+    assert sum(s > screening.cut for scores in screening.row_scores for s in scores) > 0
     robust = robust_coreset(updates, 300, SETTINGS)
     plain = federated_coreset(updates, 300, SETTINGS)
-    assert robust.shape == plain.shape
-    if sum(screening.dropped_rows) == 0:
-        np.testing.assert_array_equal(robust, plain)
-    # both banks cover unseen normal rows equally well (what the detector's scores depend on)
-    from fedinspect.detectors.nearest_neighbours import NearestNeighbours
-
-    unseen = normal_rows(np.random.default_rng(99), 3000)
-    covered = [NearestNeighbours(bank).search(unseen)[0][:, 0] for bank in (robust, plain)]
-    assert covered[0].mean() == pytest.approx(covered[1].mean(), rel=0.03)
-    assert np.quantile(covered[0], 0.99) == pytest.approx(np.quantile(covered[1], 0.99), rel=0.05)
+    np.testing.assert_array_equal(robust, plain)
 
 
 @pytest.mark.parametrize("attack", [Poisoning("noise", 1, 1.0), Poisoning("scale", 1, 10.0),
@@ -277,18 +269,24 @@ def test_robust_keeps_everything_with_one_or_two_clients(count: int) -> None:
     np.testing.assert_array_equal(robust_coreset(updates, 150, SETTINGS), federated_coreset(updates, 150, SETTINGS))
 
 
-def test_screening_rejects_a_meaningless_threshold() -> None:
+def test_screening_rejects_meaningless_thresholds() -> None:
     for threshold in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="threshold must be positive"):
             screen_updates(honest_clients(), threshold=threshold)
+    with pytest.raises(ValueError, match="suspicion at least 1"):
+        screen_updates(honest_clients(), suspicion=0.5)
 
 
 def test_a_client_without_rows_for_a_category_is_skipped() -> None:
     updates = honest_clients(4)
     updates.append(CategoryUpdate(np.zeros((0, DIM), np.float32), 0, 0))
     screening = screen_updates(updates)
-    assert screening.dropped_rows[:4] == [0, 0, 0, 0] or sum(screening.dropped_rows) <= 4
+    assert len(screening.kept[4]) == 0 and screening.dropped_clients == []
+    assert sum(screening.dropped_rows) <= 0.01 * 800
     assert robust_coreset(updates, 200, SETTINGS).shape == (200, DIM)
+    # with only two clients holding rows there is nothing to compare
+    pair = [*honest_clients(2), CategoryUpdate(np.zeros((0, DIM), np.float32), 0, 0)]
+    assert "nothing to compare" in screen_updates(pair).note
 
 
 # ---------------------------------------------------------------------- in the runner

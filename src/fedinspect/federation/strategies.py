@@ -20,11 +20,12 @@ A strategy sees only embeddings and counts: it knows nothing of images or backbo
   client i is scored by its nearest-neighbour distance to every OTHER client's bank separately; the
   score is the lower median of those distances (the ``ceil((n-1)/2)``-th smallest), so up to
   ``floor((n-1)/2)`` colluding clients can neither vouch for each other's rows nor, by being far from
-  everyone, make honest rows look odd. Rows whose log score lies more than ``threshold`` robust
-  spreads above the clients' typical score are dropped (injected foreign rows, e.g. embeddings of
-  defects), and a client whose median row is such an outlier is dropped whole (noise, scaling). With
-  fewer than 3 clients there is nothing to compare and every row is kept. :func:`screen_updates` says
-  what was dropped.
+  everyone, make honest rows look odd. A row is outlying when its log score lies more than
+  ``threshold`` robust spreads above the clients' typical score. Every client has a few outlying rows
+  (its rarest normal patches, which the detector needs), so only a suspect client, one with several
+  times the typical share of outlying rows (e.g. slipped-in embeddings of defects), loses them; a
+  client whose median row is outlying is dropped whole (noise, scaling). With fewer than 3 clients
+  there is nothing to compare and every row is kept. :func:`screen_updates` says what was dropped.
 """
 
 from __future__ import annotations
@@ -155,7 +156,8 @@ class Screening:
     row_scores: list[np.ndarray] = field(default_factory=list)  # each row's lower-median distance to the others
     client_scores: list[float] = field(default_factory=list)  # each client's median row score
     note: str = ""
-    cut: float | None = None  # the score above which a row was dropped (None: nothing compared)
+    cut: float | None = None  # the score above which a row is outlying (None: nothing compared)
+    suspects: list[int] = field(default_factory=list)  # clients with an excess of outlying rows (those dropped)
 
     @property
     def dropped_rows(self) -> list[int]:
@@ -170,7 +172,7 @@ class Screening:
     def to_dict(self) -> dict[str, object]:
         return {"dropped_clients": self.dropped_clients, "dropped_rows": self.dropped_rows,
                 "rows": [len(mask) for mask in self.kept], "client_scores": self.client_scores, "cut": self.cut,
-                "note": self.note}
+                "suspects": self.suspects, "note": self.note}
 
 
 def leave_one_out_scores(updates: Sequence[CategoryUpdate]) -> list[np.ndarray]:
@@ -188,16 +190,22 @@ def leave_one_out_scores(updates: Sequence[CategoryUpdate]) -> list[np.ndarray]:
     return scores
 
 
-def screen_updates(updates: Sequence[CategoryUpdate], threshold: float = 3.0) -> Screening:
+MIN_OUTLYING_SHARE = 0.005  # the smallest typical share of outlying rows a client is compared against
+
+
+def screen_updates(updates: Sequence[CategoryUpdate], threshold: float = 3.0, suspicion: float = 4.0) -> Screening:
     """Find the clients and rows the other clients do not vouch for (see ``robust_coreset`` above).
 
     Scores are compared on a log scale against a reference no minority of clients can move: the
     median over clients of each client's median log score, and the median over clients of each
-    client's robust spread (1.4826 MAD). A row is dropped when its log score exceeds the reference by
-    more than ``threshold`` spreads; a client whose median row is such an outlier is dropped whole.
+    client's robust spread (1.4826 MAD). A row is outlying when its log score exceeds the reference
+    by more than ``threshold`` spreads. Every client has a few outlying rows (its rarest normal
+    patches, which the detector needs), so rows are dropped only from a suspect client: one whose
+    share of outlying rows exceeds ``suspicion`` times the clients' median share (at least
+    :data:`MIN_OUTLYING_SHARE`). A client whose median row is outlying is dropped whole.
     """
-    if not threshold > 0:
-        raise ValueError(f"threshold must be positive, got {threshold}")
+    if not threshold > 0 or not suspicion >= 1:
+        raise ValueError(f"threshold must be positive and suspicion at least 1, got {threshold}, {suspicion}")
     kept = [np.ones(len(u.embeddings), dtype=bool) for u in updates]
     if sum(len(u.embeddings) > 0 for u in updates) < 3:
         return Screening(kept, note=f"{len(updates)} client(s) with rows: nothing to compare, every row kept")
@@ -207,21 +215,26 @@ def screen_updates(updates: Sequence[CategoryUpdate], threshold: float = 3.0) ->
     centre = float(np.median([np.median(row_logs) for row_logs in present]))
     spread = float(np.median([1.4826 * np.median(np.abs(row_logs - np.median(row_logs))) for row_logs in present]))
     cut = centre + threshold * spread
-    client_scores = [float(np.median(s)) if len(s) else 0.0 for s in scores]
+    shares = [float((row_logs > cut).mean()) if len(row_logs) else 0.0 for row_logs in logs]
+    typical = max(float(np.median([share for share, row_logs in zip(shares, logs, strict=True) if len(row_logs)])),
+                  MIN_OUTLYING_SHARE)
+    suspects = [i for i, share in enumerate(shares) if share > suspicion * typical]
     dropped = [i for i, row_logs in enumerate(logs) if len(row_logs) and np.median(row_logs) > cut]
-    for i, row_logs in enumerate(logs):
-        kept[i] &= row_logs <= cut
-        if i in dropped:
-            kept[i][:] = False
-    note = f"dropped {len(dropped)} client(s) and {sum(int((~k).sum()) for k in kept)} row(s) in all"
-    return Screening(kept, dropped, scores, client_scores, note, cut=float(np.exp(cut)))
+    for i in suspects:
+        kept[i] &= logs[i] <= cut
+    for i in dropped:
+        kept[i][:] = False
+    client_scores = [float(np.median(s)) if len(s) else 0.0 for s in scores]
+    note = (f"dropped {len(dropped)} client(s) and {sum(int((~k).sum()) for k in kept)} row(s) in all; "
+            f"suspect clients {suspects}")
+    return Screening(kept, dropped, scores, client_scores, note, cut=float(np.exp(cut)), suspects=suspects)
 
 
 def robust_coreset(updates: Sequence[CategoryUpdate], target: int, settings: CoresetSettings = CoresetSettings(),
-                   threshold: float = 3.0, oversample: float = 2.0,
+                   threshold: float = 3.0, suspicion: float = 4.0, oversample: float = 2.0,
                    screening: list[Screening] | None = None) -> np.ndarray:
     """:func:`federated_coreset` on what :func:`screen_updates` keeps; ``screening`` (a list) receives the decision."""
-    decision = screen_updates(updates, threshold)
+    decision = screen_updates(updates, threshold, suspicion)
     if screening is not None:
         screening.append(decision)
     return federated_coreset(decision.apply(updates), target, settings, oversample)
