@@ -357,7 +357,6 @@ def test_runner_poisons_exactly_the_last_f_clients_reproducibly(tiles: Path, til
         assert p.embeddings.shape == c.embeddings.shape and (p.n_samples, p.n_patches) == (c.n_samples, c.n_patches)
 
 
-@pytest.mark.slow
 def test_defects_attack_hurts_federated_coreset_and_robust_coreset_recovers(tiles: Path, tiles_embeddings,
                                                                             tmp_path: Path) -> None:
     """The CI form of benchmarks/bench_poisoning.py: clean, then 1 and 2 of 5 clients sending defect rows."""
