@@ -364,12 +364,16 @@ def test_defects_attack_hurts_federated_coreset_and_robust_coreset_recovers(tile
 
     cache, test_cache = tiles_embeddings
 
+    screenings: dict[str, dict] = {}
+
     def metrics(name: str, **options) -> tuple[float, float]:
         results = run_federation(tiles, tmp_path / name, tiles_config(**options), progress=False, cache=cache,
                                  test_cache=test_cache, report=False)
         assert results["config"]["poison"] == options.get("poison", "")
         assert results["config"]["poisoned_clients"] == options.get("poisoned_clients", 0)
         assert results["missing_clients"] == []  # the poisoned updates pass the server's validation
+        assert ("screening" in results) == (options.get("strategy") == "robust_coreset")
+        screenings[name] = results.get("screening", {}).get("tiles", {})
         return results["mean"]["image_auroc"], results["mean"]["auc_spro"]["0.05"]
 
     clean_auroc, clean_spro = metrics("clean")
@@ -383,3 +387,8 @@ def test_defects_attack_hurts_federated_coreset_and_robust_coreset_recovers(tile
         assert attacked_auroc < clean_auroc - 0.2 and attacked_spro < 0.5 * clean_spro, f"{f} client(s): no harm"
         assert defended_auroc >= clean_auroc - 0.05, f"{f} client(s): robust AUROC {defended_auroc} vs {clean_auroc}"
         assert defended_spro >= 0.8 * clean_spro, f"{f} client(s): robust sPRO {defended_spro} vs {clean_spro}"
+        # results.json names the suspects, and the honest clients lose nothing
+        poisoned = [f"client_{i}" for i in range(5 - f, 5)]
+        assert screenings[f"robust-{f}"]["suspects"] == poisoned
+        assert all(screenings[f"robust-{f}"]["dropped_rows"][c] == 0 for c in ("client_0", "client_1", "client_2"))
+        assert all(screenings[f"robust-{f}"]["dropped_rows"][c] > 0 for c in poisoned)

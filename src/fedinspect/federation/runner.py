@@ -34,7 +34,7 @@ from fedinspect.federation.client_evaluation import ClientEvaluation, client_tes
 from fedinspect.federation.partition import Partition, partition
 from fedinspect.federation.poisoning import DefectSource, Poisoning
 from fedinspect.federation.server import SHARED, FederatedServer
-from fedinspect.federation.strategies import CoresetSettings
+from fedinspect.federation.strategies import CoresetSettings, Screening
 from fedinspect.federation.update import ClientUpdate, UpdateError
 from fedinspect.federation.validation import UpdateSpec, receive
 from fedinspect.pipeline import load_ground_truth, peak_memory_mb
@@ -79,8 +79,13 @@ class FederationConfig:
         """The poisoning attack of this run (inactive when ``poison`` or ``poisoned_clients`` is unset)."""
         return Poisoning(self.poison, self.poisoned_clients, self.poison_strength, self.settings.seed)
 
-    def server(self, bank: str | None = None) -> FederatedServer:
-        options = {"min_per_client": self.min_per_client} if self.strategy == "diversity_preserving" else {}
+    def server(self, bank: str | None = None, screening: list | None = None) -> FederatedServer:
+        """The server of this round; ``screening`` (a list) receives ``robust_coreset``'s decision per bank."""
+        options: dict[str, Any] = {}
+        if self.strategy == "diversity_preserving":
+            options["min_per_client"] = self.min_per_client
+        if self.strategy == "robust_coreset" and screening is not None:
+            options["screening"] = screening
         return FederatedServer(
             strategy=self.strategy, global_size=self.global_size, global_ratio=self.global_ratio,
             bank=bank or self.bank, strategy_options=options,
@@ -236,7 +241,8 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
         row["weight"] = row["samples"] / total
 
     start = time.perf_counter()
-    banks = config.server().aggregate(updates)
+    screening: list[Screening] = []
+    banks = config.server(screening=screening).aggregate(updates)
     shared = config.server("shared").aggregate(updates) if config.compare_shared and config.bank != "shared" else None
     timing["aggregation_s"] = time.perf_counter() - start
 
@@ -256,6 +262,10 @@ def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[di
     test_labels = {name: [s.label for s in dataset.test] for name, dataset in plan.datasets.items()}
     per_client = ClientEvaluation(client_test_shares(test_labels, {row["client"]: row["categories"] for row in rows},
                                                      config.settings.seed))
+    if screening:  # what robust_coreset dropped, per global bank, with the clients named
+        results["screening"] = {name: _named_screening(decision, [u.client_id for u in updates
+                                                                  if name == SHARED or name in u.categories])
+                                for name, decision in zip(banks, screening, strict=True)}
     if (privacy := config.settings.bank_privacy()) is not None:
         results["privacy"] = privacy.report()
     if (obfuscation := config.settings.obfuscator()) is not None:
@@ -284,6 +294,16 @@ def round_spec(plan: RoundPlan, replies: list[ClientReply], settings: RoundSetti
     assigned = {reply.client_id: {name: len(paths) for name, paths in plan.client_images(reply.partition).items()}
                 for reply in replies if reply.partition is not None}
     return UpdateSpec.for_round(settings, detector, plan.datasets, assigned)
+
+
+def _named_screening(decision: Screening, clients: list[str]) -> dict[str, Any]:
+    """A screening decision with client names instead of positions."""
+    record = decision.to_dict()
+    for key in ("dropped_clients", "suspects"):
+        record[key] = [clients[i] for i in record[key]]
+    for key in ("dropped_rows", "rows", "client_scores"):
+        record[key] = dict(zip(clients, record[key], strict=True))
+    return record
 
 
 def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray], shared: dict[str, np.ndarray] | None,
