@@ -392,3 +392,14 @@ def test_defects_attack_hurts_federated_coreset_and_robust_coreset_recovers(tile
         assert screenings[f"robust-{f}"]["suspects"] == poisoned
         assert all(screenings[f"robust-{f}"]["dropped_rows"][c] == 0 for c in ("client_0", "client_1", "client_2"))
         assert all(screenings[f"robust-{f}"]["dropped_rows"][c] > 0 for c in poisoned)
+
+
+def test_the_command_line_runs_the_drill_in_process_only(tmp_path: Path, capsys) -> None:
+    from fedinspect.cli import main
+
+    base = ["-q", "federate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--clients", "3"]
+    assert main([*base, "--poison", "defects", "--engine", "flower-sim"]) == 2
+    assert "drill of the in-process runner" in capsys.readouterr().err
+    assert main([*base, "--poison", "noise", "--poisoned-clients", "4"]) == 2
+    assert "poisoned_clients (4) exceeds the number of clients (3)" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

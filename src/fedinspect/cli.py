@@ -82,16 +82,17 @@ def _federation_config(args: argparse.Namespace) -> FederationConfig:
             backbone=args.backbone, image_size=args.image_size, local_coreset_ratio=args.local_coreset_ratio,
             precision=args.precision, seed=args.seed, **_privacy_settings(args),
         )
-    except ValueError as error:  # e.g. --dp-epsilon 0
+        return FederationConfig(
+            clients=args.clients, partition=args.partition, alpha=args.alpha, strategy=args.strategy,
+            global_size=args.global_size, global_ratio=args.global_ratio, bank=args.bank,
+            min_per_client=args.min_per_client, min_clients=args.min_clients or 1,
+            centralized=not getattr(args, "no_centralized", False), centralized_coreset_ratio=args.coreset_ratio,
+            compare_shared=not getattr(args, "no_shared_comparison", False), attack_data=args.attack_data,
+            poison=getattr(args, "poison", ""), poison_strength=getattr(args, "poison_strength", 0.0),
+            poisoned_clients=args.poisoned_clients if getattr(args, "poison", "") else 0, settings=settings,
+        )
+    except ValueError as error:  # e.g. --dp-epsilon 0, more poisoned clients than clients
         raise FedinspectError(f"invalid settings: {error}") from error
-    return FederationConfig(
-        clients=args.clients, partition=args.partition, alpha=args.alpha, strategy=args.strategy,
-        global_size=args.global_size, global_ratio=args.global_ratio, bank=args.bank,
-        min_per_client=args.min_per_client, min_clients=args.min_clients or 1,
-        centralized=not getattr(args, "no_centralized", False), centralized_coreset_ratio=args.coreset_ratio,
-        compare_shared=not getattr(args, "no_shared_comparison", False), attack_data=args.attack_data,
-        settings=settings,
-    )
 
 
 def _privacy_settings(args: argparse.Namespace) -> dict:
@@ -155,6 +156,8 @@ def _federation_runner(engine: str):
 
 
 def _cmd_federate(args: argparse.Namespace) -> int:
+    if args.engine == "flower-sim" and args.poison:
+        raise FedinspectError("--poison is a drill of the in-process runner: use --engine in-process")
     results = _federation_runner(args.engine)(args.data, args.out, _federation_config(args), progress=not args.quiet)
     _print_federation(results, Path(args.out))
     return 0
@@ -214,6 +217,20 @@ def _add_federation_options(parser: argparse.ArgumentParser, comparisons: bool =
         group.add_argument("--no-shared-comparison", action="store_true",
                            help="skip the comparison with one bank shared by all categories")
 
+
+
+def _add_poisoning_options(parser: argparse.ArgumentParser) -> None:
+    """A drill: the last clients send poisoned updates (README 'Poisoned clients and robust aggregation')."""
+    from fedinspect.federation.poisoning import ATTACKS, DEFAULT_STRENGTH
+
+    drill = parser.add_argument_group("poisoning drill (in-process engine)")
+    drill.add_argument("--poison", choices=ATTACKS, default="",
+                       help="the last --poisoned-clients clients send poisoned updates: noise, scaled embeddings, "
+                            "or embeddings of defective images")
+    drill.add_argument("--poisoned-clients", type=int, default=1, help="how many clients --poison makes malicious")
+    drill.add_argument("--poison-strength", type=float, default=0.0,
+                       help="0: the attack's default (" + ", ".join(f"{k} {v:g}" for k, v in DEFAULT_STRENGTH.items())
+                            + ")")
 
 
 def _add_privacy_options(parser: argparse.ArgumentParser, single_run: bool = True) -> None:
@@ -323,6 +340,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(federate)
     _add_federation_options(federate)
     _add_privacy_options(federate)
+    _add_poisoning_options(federate)
     federate.set_defaults(run=_cmd_federate)
 
     study = commands.add_parser("privacy-study",

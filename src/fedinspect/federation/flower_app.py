@@ -394,6 +394,9 @@ def serve_round(grid: Grid, data_dir: str | Path, out_dir: str | Path, config: F
     from fedinspect.federation.runner import conclude_round, plan_round
     from fedinspect.run_folder import staged_output
 
+    if config.poisoning().active:
+        raise FedinspectError("poisoning (poison, poisoned-clients) is a drill of the in-process runner; "
+                              "Flower clients are not poisoned: unset it")
     started = time.perf_counter()
     with staged_output(out_dir, inputs=[data_dir, *([config.attack_data] if config.attack_data else [])]) as staging:
         plan = plan_round(data_dir, config, staging)

@@ -27,15 +27,18 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from fedinspect.data.dataset import CategoryDataset
 from fedinspect.data.images import read_image
 from fedinspect.detectors.coreset import greedy_coreset
-from fedinspect.detectors.patchcore import PatchCore
-from fedinspect.federation.client import EmbeddingCache, RoundSettings, derived_seed
 from fedinspect.federation.update import CategoryUpdate, ClientUpdate
+
+if TYPE_CHECKING:
+    from fedinspect.data.dataset import CategoryDataset
+    from fedinspect.detectors.patchcore import PatchCore
+    from fedinspect.federation.client import EmbeddingCache, RoundSettings
 
 ATTACKS = ("noise", "scale", "defects")
 DEFAULT_STRENGTH = {"noise": 1.0, "scale": 10.0, "defects": 0.5}
@@ -107,6 +110,8 @@ class DefectSource:
         Greedy selection takes the patches farthest from those already taken first: the defects
         themselves, before the normal surroundings they share with good images.
         """
+        from fedinspect.federation.client import derived_seed  # the client role loads torch: only when used
+
         patches = self.patches(category)
         count = min(count, len(patches))
         if count <= 0:
@@ -158,6 +163,8 @@ class Poisoning:
 
     def apply(self, update: ClientUpdate, defects: DefectSource | None = None) -> ClientUpdate:
         """The update a poisoned client sends instead of ``update`` (which is left unchanged)."""
+        from fedinspect.federation.client import derived_seed  # the client role loads torch: only when used
+
         if not self.active:
             return update
         if self.attack == "defects" and defects is None:
