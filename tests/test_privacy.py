@@ -187,7 +187,7 @@ def test_budget_resolution_uses_the_accountant() -> None:
     block = BankPrivacy(unit="image", epsilon=5.0).report()
     assert block["unit"] == "image" and block["epsilon"] <= 5.0 and block["accountant"] == "rdp"
     assert {"mechanism", "epsilon", "delta", "noise_multiplier", "clip_norm"} <= set(block)
-    with pytest.raises(ValueError, match="exactly one"):
+    with pytest.raises(ValueError, match="epsilon must be positive"):
         BankPrivacy(unit="image")
     with pytest.raises(ValueError, match="unit"):
         BankPrivacy(unit="pixel", epsilon=1.0)
