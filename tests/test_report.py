@@ -644,6 +644,16 @@ def test_configuration_shows_alpha_strategy_option_and_dp_only_when_they_apply()
     assert values["Attacker's data (inversion and membership attacks)"] == "/data/attacker"
 
 
+def test_configuration_shows_the_poisoning_drill_only_when_it_runs():
+    from fedinspect.evaluation.report import config_table
+
+    off = dict(config_table(run_config(poison="", poisoned_clients=0, poison_strength=0.0)).rows)
+    assert not [label for label in off if label.startswith("Poisoning")]
+    on = dict(config_table(run_config(poison="defects", poisoned_clients=2, poison_strength=0.0)).rows)
+    assert on["Poisoning drill: attack"] == "defects"
+    assert on["Poisoning drill: poisoned clients (the last ones)"] == "2"
+
+
 def test_global_bank_that_kept_everything_says_why(tmp_path: Path):
     from fedinspect.evaluation.report import describe_stages
 

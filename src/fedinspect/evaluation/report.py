@@ -416,6 +416,9 @@ _CONFIG_LABELS = {
     "dp_patches_per_image": "DP patches per image",
     "dp_clusters": "DP clusters",
     "dp_iterations": "DP iterations",
+    "poison": "Poisoning drill: attack",
+    "poisoned_clients": "Poisoning drill: poisoned clients (the last ones)",
+    "poison_strength": "Poisoning drill: strength (0: the attack's default)",
 }
 
 
@@ -437,6 +440,7 @@ def _config_value(value: Any) -> str:
 def _config_applies(key: str, config: Mapping[str, Any]) -> bool:
     """Whether a setting matters for this run (alpha only for a Dirichlet partition, DP fields only with DP...)."""
     dp_on = bool(config.get("dp_unit"))
+    poisoned = bool(config.get("poison")) and bool(config.get("poisoned_clients"))
     rules = {
         "alpha": config.get("partition") == "dirichlet",
         "min_per_client": config.get("strategy") == "diversity_preserving",
@@ -449,6 +453,8 @@ def _config_applies(key: str, config: Mapping[str, Any]) -> bool:
     }
     if key in rules:
         return rules[key]
+    if key.startswith("poison"):
+        return poisoned
     return dp_on if key.startswith("dp_") else True
 
 
