@@ -1,0 +1,105 @@
+"""The one-class detectors by name, the protocol they share, and loading a saved one by its format.
+
+Importing this module is cheap (no torch): a detector's module is imported when its class is first
+asked for, so the command line can list names and descriptions without loading a backbone.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedinspect.errors import ModelFileError, SettingsError
+
+
+class Detector(Protocol):
+    """What the pipeline needs of a detector: fit on good images, score test images, save and load."""
+
+    progress: bool
+
+    def fit(self, images: Iterable[np.ndarray], total: int | None = None) -> Detector: ...
+
+    def predict(self, images: Iterable[np.ndarray],
+                total: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]: ...
+
+    def save(self, directory: str | Path) -> Path: ...
+
+    def get_params(self) -> dict[str, Any]: ...
+
+
+# name -> (module, class, settings file, model format, one-line description)
+_ENTRIES: dict[str, tuple[str, str, str, str, str]] = {
+    "patchcore": ("fedinspect.detectors.patchcore", "PatchCore", "patchcore.json", "fedinspect.patchcore/1",
+                  "memory bank of patch features, nearest-neighbour distance (Roth et al., CVPR 2022)"),
+    "padim": ("fedinspect.detectors.padim", "Padim", "padim.json", "fedinspect.padim/1",
+              "one Gaussian per patch position, Mahalanobis distance (Defard et al., ICPR 2021)"),
+}
+
+DESCRIPTIONS: dict[str, str] = {name: entry[4] for name, entry in _ENTRIES.items()}
+
+
+class _Classes(Mapping[str, type]):
+    """name -> detector class, importing the class's module on first use."""
+
+    def __getitem__(self, name: str) -> type:
+        module, cls = _ENTRIES[name][:2]
+        return getattr(importlib.import_module(module), cls)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(_ENTRIES)
+
+    def __len__(self) -> int:
+        return len(_ENTRIES)
+
+
+DETECTORS: Mapping[str, type] = _Classes()
+
+
+def get_detector(name: str, **params: Any) -> Detector:
+    """A new detector ``name`` with these constructor parameters (SettingsError for an unknown name)."""
+    if name not in _ENTRIES:
+        raise SettingsError(f"unknown detector {name!r}: choose from {', '.join(_ENTRIES)}")
+    return DETECTORS[name](**params)
+
+
+def detector_name(model: Detector) -> str:
+    """The registry name of a detector instance."""
+    for name, (module, cls) in ((n, e[:2]) for n, e in _ENTRIES.items()):
+        if type(model).__module__ == module and type(model).__name__ == cls:
+            return name
+    raise KeyError(f"{type(model).__name__} is not a registered detector")
+
+
+def load_detector(directory: str | Path, weights: str | Path | None = None, progress: bool = False) -> Detector:
+    """Load a saved model of any registered detector, chosen by the ``format`` of its settings file.
+
+    Exactly one detector settings file must be in ``directory``; an unknown format is a ModelFileError
+    naming the file (the detector's own ``load`` then checks everything else).
+    """
+    directory = Path(directory)
+    found = [directory / entry[2] for entry in _ENTRIES.values() if (directory / entry[2]).is_file()]
+    if not found:
+        expected = " or ".join(entry[2] for entry in _ENTRIES.values())
+        raise ModelFileError(f"{directory}: no detector settings file ({expected}): is it a model folder "
+                             "written by 'fedinspect fit'?")
+    if len(found) > 1:
+        raise ModelFileError(f"{directory}: holds several detectors' settings ({', '.join(p.name for p in found)}): "
+                             "one model per folder")
+    path = found[0]
+    try:
+        config = json.loads(path.read_text())
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot read settings file ({error.strerror})") from error
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ModelFileError(f"{path}: corrupt settings file ({error})") from error
+    fmt = config.get("format") if isinstance(config, dict) else None
+    for name, entry in _ENTRIES.items():
+        if entry[3] == fmt:
+            return DETECTORS[name].load(directory, progress=progress, weights=weights)
+    known = ", ".join(entry[3] for entry in _ENTRIES.values())
+    raise ModelFileError(f"{path}: unknown model format {fmt!r} (this fedinspect reads {known})")
