@@ -51,15 +51,42 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
+# Options of `fit` that only one detector has: given for another detector, they are refused.
+DETECTOR_OPTIONS = {"coreset_ratio": ("--coreset-ratio", "patchcore"), "n_features": ("--n-features", "padim")}
+
+
+def _fit_params(args: argparse.Namespace) -> dict:
+    """The detector's settings from `fit`'s options; an option of another detector is an error."""
+    params = _model_params(args)
+    for dest, (flag, detector) in DETECTOR_OPTIONS.items():
+        value = getattr(args, dest)
+        if value is not None and detector != args.detector:
+            raise FedinspectError(f"{flag} applies to {detector} only, not to --detector {args.detector}")
+        params[dest] = value
+    return {name: value for name, value in params.items() if value is not None or name == "weights"}
+
+
 def _cmd_fit(args: argparse.Namespace) -> int:
     from fedinspect.pipeline import fit_category, peak_memory_mb
 
-    model = fit_category(args.data, args.out, progress=not args.quiet, **_model_params(args))
-    print(
-        f"fitted {Path(args.data).name}: {model.n_train_images_} images, {model.n_train_patches_} patches "
-        f"-> memory bank {model.memory_bank_.shape[0]} x {model.memory_bank_.shape[1]} "
-        f"in {model.fit_seconds_:.1f} s (peak memory {peak_memory_mb():.0f} MiB); saved to {args.out}"
-    )
+    model = fit_category(args.data, args.out, progress=not args.quiet, detector=args.detector, **_fit_params(args))
+    if args.detector == "padim":
+        fitted = (f"PaDiM Gaussians on a {model.grid_shape_[0]} x {model.grid_shape_[1]} grid of "
+                  f"{model.n_features} features")
+    else:
+        fitted = (f"{model.n_train_patches_} patches -> memory bank {model.memory_bank_.shape[0]} x "
+                  f"{model.memory_bank_.shape[1]}")
+    print(f"fitted {Path(args.data).name}: {model.n_train_images_} images, {fitted} in {model.fit_seconds_:.1f} s "
+          f"(peak memory {peak_memory_mb():.0f} MiB); saved to {args.out}")
+    return 0
+
+
+def _cmd_detectors(args: argparse.Namespace) -> int:
+    from fedinspect.detectors.registry import DESCRIPTIONS
+
+    width = max(map(len, DESCRIPTIONS))
+    for name, description in DESCRIPTIONS.items():
+        print(f"{name:<{width}}  {description}")
     return 0
 
 
@@ -319,11 +346,24 @@ def build_parser() -> argparse.ArgumentParser:
                        help="tiny (CI), small (the demo) or full (AutoVI-sized)")
     synth.set_defaults(run=_cmd_synth)
 
-    fit = commands.add_parser("fit", help="fit PatchCore on one category's good training images")
+    from fedinspect.detectors.registry import DESCRIPTIONS
+
+    fit = commands.add_parser("fit", help="fit a detector on one category's good training images")
     fit.add_argument("--data", required=True, help="category folder (AutoVI or MVTec AD layout)")
     fit.add_argument("--out", required=True, help="model folder to write")
+    fit.add_argument("--detector", choices=tuple(DESCRIPTIONS), default="patchcore",
+                     help="one-class detector ('fedinspect detectors' lists them)")
     _add_model_options(fit)
+    fit._action_groups[-1].title = "detector"  # the model options serve every detector here
+    for action in fit._actions:
+        if action.dest == "coreset_ratio":  # fit's own rule: patchcore only, its default when not given
+            action.default, action.help = None, "fraction of patches kept in the memory bank (patchcore only; 0.1)"
+    fit.add_argument("--n-features", type=int, default=None,
+                     help="random feature channels modelled per position (padim only; 100)")
     fit.set_defaults(run=_cmd_fit)
+
+    detectors = commands.add_parser("detectors", help="list the one-class detectors 'fit --detector' takes")
+    detectors.set_defaults(run=_cmd_detectors)
 
     evaluate = commands.add_parser("evaluate", help="score a category's test split (AutoVI protocol)")
     evaluate.add_argument("--model", required=True, help="model folder written by 'fit'")

@@ -24,6 +24,7 @@ from fedinspect.data.dataset import CategoryDataset, Sample
 from fedinspect.data.images import image_size
 from fedinspect.data.regions import Region
 from fedinspect.detectors.patchcore import PatchCore
+from fedinspect.detectors.registry import Detector, detector_name, get_detector, load_detector
 from fedinspect.evaluation import anomaly_maps
 from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions
 from fedinspect.run_folder import staged_output
@@ -43,14 +44,15 @@ def _images(dataset: CategoryDataset, samples: list[Sample]) -> Iterator[np.ndar
 
 
 def fit_category(
-    data_dir: str | Path, model_dir: str | Path | None = None, progress: bool = True, **params: Any
-) -> PatchCore:
-    """Fit PatchCore on a category's good training images; save it to ``model_dir`` if given.
+    data_dir: str | Path, model_dir: str | Path | None = None, progress: bool = True, detector: str = "patchcore",
+    **params: Any,
+) -> Detector:
+    """Fit a detector (by registry name) on a category's good training images; save it to ``model_dir`` if given.
 
     ``model_dir`` is locked for the whole fit and written all at once (:func:`staged_output`): a
     failed fit leaves a previous model there untouched, and a second fit into it at the same time fails.
     """
-    model = PatchCore(progress=progress, **params)  # settings checked before the data are read
+    model = get_detector(detector, progress=progress, **params)  # settings checked before the data are read
     dataset = CategoryDataset(data_dir)
     if model_dir is None:
         return _fit(model, dataset)
@@ -59,7 +61,7 @@ def fit_category(
     return model
 
 
-def _fit(model: PatchCore, dataset: CategoryDataset) -> PatchCore:
+def _fit(model: Detector, dataset: CategoryDataset) -> Detector:
     start = time.perf_counter()
     model.fit(_images(dataset, dataset.train), total=len(dataset.train))
     model.fit_seconds_ = time.perf_counter() - start
@@ -80,7 +82,7 @@ def load_ground_truth(
 
 
 def evaluate_category(
-    model: PatchCore | str | Path,
+    model: Detector | str | Path,
     data_dir: str | Path,
     out_dir: str | Path | None = None,
     progress: bool = True,
@@ -96,15 +98,15 @@ def evaluate_category(
     """
     if out_dir is None:
         return _evaluate(model, data_dir, None, progress, write_maps, weights)
-    inputs = [data_dir] if isinstance(model, PatchCore) else [data_dir, model]
+    inputs = [data_dir, model] if isinstance(model, str | Path) else [data_dir]
     with staged_output(out_dir, inputs=inputs) as staging:
         return _evaluate(model, data_dir, staging, progress, write_maps, weights)
 
 
-def _evaluate(model: PatchCore | str | Path, data_dir: str | Path, out_dir: Path | None, progress: bool,
+def _evaluate(model: Detector | str | Path, data_dir: str | Path, out_dir: Path | None, progress: bool,
               write_maps: bool, weights: str | Path | None) -> dict[str, Any]:
-    if not isinstance(model, PatchCore):
-        model = PatchCore.load(model, progress=progress, weights=weights)
+    if isinstance(model, str | Path):
+        model = load_detector(model, weights=weights, progress=progress)
     model.progress = progress
     dataset = CategoryDataset(data_dir)
     timings: dict[str, float] = {}
@@ -123,7 +125,7 @@ def _evaluate(model: PatchCore | str | Path, data_dir: str | Path, out_dir: Path
 
     start = time.perf_counter()
     labels = np.array([s.label for s in dataset.test])
-    results: dict[str, Any] = {"category": dataset.name, "layout": dataset.layout}
+    results: dict[str, Any] = {"category": dataset.name, "layout": dataset.layout, "detector": detector_name(model)}
     results.update(score_predictions(labels, scores, maps, regions))
     timings["metrics_s"] = time.perf_counter() - start
 
@@ -142,7 +144,7 @@ def _evaluate(model: PatchCore | str | Path, data_dir: str | Path, out_dir: Path
                 "test_good": int((labels == 0).sum()),
                 "test_defective": int(labels.sum()),
                 "regions": sum(len(r) for r in regions),
-                "memory_bank": int(model.memory_bank_.shape[0]),
+                "memory_bank": int(model.memory_bank_.shape[0]) if isinstance(model, PatchCore) else None,
             },
             "per_defect_image_auroc": per_defect_image_auroc(labels, scores, [s.defect for s in dataset.test]),
             "map_score_range": [low, high],
