@@ -224,3 +224,15 @@ def test_patchcore_stays_the_default_and_is_named_in_the_results(mvtec_category:
     assert isinstance(model, PatchCore) and isinstance(load_detector(tmp_path / "model"), PatchCore)
     results = evaluate_category(tmp_path / "model", mvtec_category, progress=False, write_maps=False)
     assert results["detector"] == "patchcore" and results["counts"]["memory_bank"] == model.memory_bank_.shape[0]
+
+
+def test_a_category_of_mixed_aspect_ratios_names_the_image_padim_refuses(mvtec_category: Path, tmp_path: Path,
+                                                                        capsys) -> None:
+    from .conftest import save_png
+
+    wide = save_png(mvtec_category / "train" / "good" / "100.png", textured_image(np.random.default_rng(4), 48, 150))
+    assert main(["-q", "fit", "--data", str(mvtec_category), "--out", str(tmp_path / "m"), "--detector", "padim",
+                 "--image-size", "64", "--n-features", "30"]) == 2
+    error = capsys.readouterr().err
+    assert f"fedinspect: error: {wide}: PaDiM models one Gaussian per position of a 8x12 feature grid" in error
+    assert not (tmp_path / "m").exists()

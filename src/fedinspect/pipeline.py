@@ -11,7 +11,7 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +23,10 @@ from fedinspect import __version__
 from fedinspect.data.dataset import CategoryDataset, Sample
 from fedinspect.data.images import image_size
 from fedinspect.data.regions import Region
+from fedinspect.detectors.padim import GridMismatchError
 from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.detectors.registry import Detector, detector_name, get_detector, load_detector
+from fedinspect.errors import DataError
 from fedinspect.evaluation import anomaly_maps
 from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions
 from fedinspect.run_folder import staged_output
@@ -38,9 +40,19 @@ def peak_memory_mb() -> float:
     return peak / 1024.0 / (1024.0 if sys.platform == "darwin" else 1.0)
 
 
-def _images(dataset: CategoryDataset, samples: list[Sample]) -> Iterator[np.ndarray]:
-    for sample in samples:
-        yield dataset.load_image(sample)
+def _naming_the_image(dataset: CategoryDataset, samples: list[Sample], run: Callable[[Iterator[np.ndarray]], Any]):
+    """``run(images)``, an image a detector refuses (PaDiM: another grid) becoming a DataError naming its file."""
+    current: list[Path] = []
+
+    def images() -> Iterator[np.ndarray]:
+        for sample in samples:
+            current[:] = [sample.image_path]
+            yield dataset.load_image(sample)
+
+    try:
+        return run(images())
+    except GridMismatchError as error:  # raised as the image is read, so `current` is the image at fault
+        raise DataError(current[0], str(error)) from error
 
 
 def fit_category(
@@ -63,7 +75,7 @@ def fit_category(
 
 def _fit(model: Detector, dataset: CategoryDataset) -> Detector:
     start = time.perf_counter()
-    model.fit(_images(dataset, dataset.train), total=len(dataset.train))
+    _naming_the_image(dataset, dataset.train, lambda images: model.fit(images, total=len(dataset.train)))
     model.fit_seconds_ = time.perf_counter() - start
     model.n_train_images_ = len(dataset.train)
     return model
@@ -116,7 +128,8 @@ def _evaluate(model: Detector | str | Path, data_dir: str | Path, out_dir: Path 
     timings["ground_truth_s"] = time.perf_counter() - start
 
     start = time.perf_counter()
-    scores, maps = model.predict(_images(dataset, dataset.test), total=len(dataset.test))
+    scores, maps = _naming_the_image(dataset, dataset.test,
+                                     lambda images: model.predict(images, total=len(dataset.test)))
     timings["inference_s"] = time.perf_counter() - start
     timings["inference_ms_per_image"] = 1000.0 * timings["inference_s"] / len(dataset.test)
     for sample, shape, anomaly_map in zip(dataset.test, shapes, maps, strict=True):

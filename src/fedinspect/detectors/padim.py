@@ -44,6 +44,10 @@ CONFIG_FILE = "padim.json"
 GAUSSIANS_FILE = "gaussians.safetensors"
 
 
+class GridMismatchError(FedinspectError, ValueError):
+    """An image whose feature grid is not the one the Gaussians were (or are being) fitted on."""
+
+
 def select_channels(dim: int, n_features: int, seed: int) -> np.ndarray:
     """Sorted random subset of ``n_features`` of ``dim`` channels (the paper's random dimension reduction)."""
     if isinstance(n_features, bool) or not isinstance(n_features, int) or not 1 <= n_features <= dim:
@@ -161,16 +165,29 @@ class Padim:
         return padded_h // stride, padded_w // stride
 
     # ------------------------------------------------------------------ embedding
-    def _embed_batches(self, images: Iterable[np.ndarray], total: int | None,
-                       desc: str) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
-        """Batches of images sharing a resized shape, with their (B, D, h, w) patch features."""
+    def _embed_batches(self, images: Iterable[np.ndarray], total: int | None, desc: str,
+                       grid: tuple[int, int] | None) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
+        """Batches of images with their (B, D, h, w) patch features, every image on the same grid.
+
+        ``grid``: the grid every image must give (None: the first image's). An image on another grid is
+        refused as soon as it is read, so a caller reading images from files knows which one it was.
+        """
         letterbox = self.letterbox
 
         def batches() -> Iterator[list[np.ndarray]]:
+            expected = grid
             batch: list[np.ndarray] = []
             for image in images:
-                if batch and (letterbox.padded_shape(*image.shape[:2]) != letterbox.padded_shape(*batch[0].shape[:2])
-                              or len(batch) == self.batch_size):
+                found = self.grid_shape(image.shape[:2])
+                expected = expected or found
+                if found != expected:
+                    raise GridMismatchError(
+                        f"PaDiM models one Gaussian per position of a {expected[0]}x{expected[1]} feature grid, but "
+                        f"an image of {image.shape[1]}x{image.shape[0]} px gives a {found[0]}x{found[1]} grid at "
+                        f"image size {self.image_size}: every image of a category must have the same aspect ratio "
+                        "(use PatchCore for mixed shapes)"
+                    )
+                if len(batch) == self.batch_size:
                     yield batch
                     batch = []
                 batch.append(image)
@@ -179,33 +196,23 @@ class Padim:
 
         with tqdm(total=total, desc=desc, unit="img", disable=not self.progress) as bar:
             for batch in batches():
+                # one grid, but images of one grid may differ in size: the letterbox resizes each
                 yield batch, self.features(torch.stack([letterbox(image) for image in batch]))
                 bar.update(len(batch))
-
-    def _check_grid(self, grid: tuple[int, int], expected: tuple[int, int] | None,
-                    image_shape: tuple[int, ...]) -> None:
-        if expected is not None and grid != expected:
-            raise FedinspectError(
-                f"PaDiM models one Gaussian per position of a {expected[0]}x{expected[1]} feature grid, but an image "
-                f"of {image_shape[1]}x{image_shape[0]} px gives a {grid[0]}x{grid[1]} grid at image size "
-                f"{self.image_size}: every image of a category must have the same aspect ratio (use PatchCore "
-                "for mixed shapes)"
-            )
 
     # ------------------------------------------------------------------ fitting
     def fit(self, images: Iterable[np.ndarray], total: int | None = None) -> Padim:
         """Fit one Gaussian per grid position on good images (uint8 RGB, one aspect ratio)."""
         channels = torch.from_numpy(self.channels)
         count, total_sum, outer, grid = 0, None, None, None
-        for batch, embeddings in self._embed_batches(images, total, "fitting"):
-            self._check_grid(tuple(embeddings.shape[-2:]), grid, batch[0].shape)
+        for _, embeddings in self._embed_batches(images, total, "fitting", None):
             grid = tuple(embeddings.shape[-2:])
             selected = embeddings[:, channels].flatten(2).transpose(1, 2).double()  # (B, P, k)
             batch_sum = selected.sum(0)
             batch_outer = torch.einsum("bpi,bpj->pij", selected, selected)
             total_sum = batch_sum if total_sum is None else total_sum + batch_sum
             outer = batch_outer if outer is None else outer + batch_outer
-            count += len(batch)
+            count += embeddings.shape[0]
         if grid is None:
             raise ValueError("no images given")
         return self.set_statistics(count, total_sum.numpy(), outer.numpy(), grid)
@@ -251,8 +258,7 @@ class Padim:
         scorer = self._check_fitted()
         scores: list[float] = []
         maps: list[np.ndarray] = []
-        for batch, embeddings in self._embed_batches(images, total, "scoring"):
-            self._check_grid(tuple(embeddings.shape[-2:]), scorer.grid_shape, batch[0].shape)
+        for batch, embeddings in self._embed_batches(images, total, "scoring", scorer.grid_shape):
             distances = scorer(embeddings)
             padded = self.letterbox.padded_shape(*batch[0].shape[:2])
             upsampled = torch.nn.functional.interpolate(distances[:, None], size=padded, mode="bilinear",
