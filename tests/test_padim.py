@@ -103,7 +103,7 @@ def test_other_aspect_ratios_are_refused_clearly(fitted: Padim, train_images) ->
         fitted.predict([textured_image(np.random.default_rng(1), 50, 250)])
     with pytest.raises(FedinspectError, match="same aspect ratio"):
         Padim(image_size=64, n_features=20).fit([*train_images[:2], textured_image(np.random.default_rng(1), 64, 64)])
-    with pytest.raises(ValueError, match="at least 2 training images"):
+    with pytest.raises(FedinspectError, match="at least 2 training images for a covariance, got 1"):
         Padim(image_size=64, n_features=20).fit(train_images[:1])
 
 

@@ -13,7 +13,9 @@ category of mixed aspect ratios is a case for PatchCore, which has no positions.
 
 Fitting accumulates the count, sum and sum of outer products per position
 (:attr:`Padim.sufficient_statistics_`): statistics of disjoint image sets add up exactly, so the
-model can later be federated without loss.
+model can later be federated without loss. Size: the sum of outer products is float64 (P, k, k) for
+P grid positions, and the saved inverse covariances float32 of the same shape (efficientnet_lite0 at
+image size 256: 32 x 32 positions x 100^2 features = 41 MB on disk).
 """
 
 from __future__ import annotations
@@ -44,7 +46,11 @@ CONFIG_FILE = "padim.json"
 GAUSSIANS_FILE = "gaussians.safetensors"
 
 
-class GridMismatchError(FedinspectError, ValueError):
+class PadimFitError(FedinspectError, ValueError):
+    """Images PaDiM cannot model: too few of them, or not all on one feature grid."""
+
+
+class GridMismatchError(PadimFitError):
     """An image whose feature grid is not the one the Gaussians were (or are being) fitted on."""
 
 
@@ -214,7 +220,7 @@ class Padim:
             outer = batch_outer if outer is None else outer + batch_outer
             count += embeddings.shape[0]
         if grid is None:
-            raise ValueError("no images given")
+            raise PadimFitError("no images given")
         return self.set_statistics(count, total_sum.numpy(), outer.numpy(), grid)
 
     def set_statistics(self, count: int, total: np.ndarray, outer: np.ndarray, grid_shape: Sequence[int]) -> Padim:
@@ -230,7 +236,7 @@ class Padim:
             raise ValueError(f"statistics of shape sum {total.shape}, outer {outer.shape} do not fit a {grid} grid "
                              f"of {k} features")
         if count < 2:
-            raise ValueError(f"PaDiM needs at least 2 training images for a covariance, got {count}")
+            raise PadimFitError(f"PaDiM needs at least 2 training images for a covariance, got {count}")
         mean = total / count
         cov = (outer - count * np.einsum("pi,pj->pij", mean, mean)) / (count - 1) + self.eps * np.eye(k)
         self.sufficient_statistics_ = {"count": int(count), "sum": total, "sum_outer": outer}
