@@ -15,7 +15,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from fedinspect.cli import main
-from fedinspect.detectors.patchcore import BANK_FILE, CONFIG_FILE, MIN_IMAGE_SIZE, PatchCore
+from fedinspect.detectors.model_files import MIN_IMAGE_SIZE
+from fedinspect.detectors.patchcore import BANK_FILE, CONFIG_FILE, PatchCore
 from fedinspect.errors import ModelFileError, SettingsError
 
 from .conftest import textured_image

@@ -35,10 +35,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedinspect import __version__
-from fedinspect.backbones import get_backbone
+from fedinspect.detectors.feature_detector import FeatureDetector
+from fedinspect.detectors.model_files import (
+    check_image_size,
+    check_weights,
+    constructor_params,
+    file_sha256,
+    read_settings,
+)
 from fedinspect.detectors.patch_features import PatchFeatures
-from fedinspect.detectors.patchcore import _check_weights, check_image_size, file_sha256
-from fedinspect.detectors.preprocessing import Letterbox, gaussian_blur
+from fedinspect.detectors.preprocessing import gaussian_blur
 from fedinspect.errors import FedinspectError, ModelFileError, SettingsError
 
 MODEL_FORMAT = "fedinspect.padim/1"
@@ -90,7 +96,7 @@ class MahalanobisMap(nn.Module):
         return squared.clamp_min_(0).sqrt_().reshape(batch, height, width)
 
 
-class Padim:
+class Padim(FeatureDetector):
     """PaDiM detector.
 
     Parameters
@@ -146,18 +152,6 @@ class Padim:
             "batch_size": self.batch_size,
             "seed": self.seed,
         }
-
-    @property
-    def features(self) -> PatchFeatures:
-        """The torch feature model, built on first use."""
-        if self._features is None:
-            extractor = get_backbone(self.backbone, weights=self.weights, layers=self.layers)
-            self._features = PatchFeatures(extractor.fuse_batchnorm())
-        return self._features
-
-    @property
-    def letterbox(self) -> Letterbox:
-        return Letterbox(short_side=self.image_size, multiple=max(self.features.extractor.strides.values()))
 
     @property
     def channels(self) -> np.ndarray:
@@ -309,41 +303,23 @@ class Padim:
         for path in (config_path, tensors_path):
             if not path.is_file():
                 raise ModelFileError(f"{path}: missing (is {directory} a fedinspect PaDiM model folder?)")
-        config = _read_config(config_path)
+        config = read_settings(config_path, MODEL_FORMAT)
         grid = config.get("grid_shape")
         if (not isinstance(grid, list) or len(grid) != 2
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
             raise ModelFileError(f"{config_path}: grid_shape must be two positive integers, got {grid!r}")
-        params = dict(config["params"])
-        if params.pop("weights", None) is not None:
-            raise ModelFileError(f"{config_path}: names a weights file; a model file may not choose a file to "
-                                 "open: pass the backbone's weights on the command line (--weights FILE)")
+        params = constructor_params(config, config_path)
         try:
             model = cls(**params, weights=weights, progress=progress)
             channels = model.channels
         except (TypeError, ValueError) as error:
             raise ModelFileError(f"{config_path}: invalid settings ({error})") from error
-        _check_weights(config, config_path, model.features.extractor.weights_path)
+        check_weights(config, config_path, model.features.extractor.weights_path)
         positions, k = grid[0] * grid[1], len(channels)
         mean, inv_cov = _read_gaussians(tensors_path, {"mean": (positions, k), "inv_cov": (positions, k, k)})
         model._set_scorer(mean, inv_cov, (grid[0], grid[1]))
         model.n_train_images_ = config.get("n_train_images")
         return model
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except OSError as error:
-        raise ModelFileError(f"{path}: cannot read settings file ({error.strerror})") from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{path}: corrupt settings file ({error})") from error
-    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise ModelFileError(f"{path}: format {found!r}, expected {MODEL_FORMAT!r}")
-    if not isinstance(config.get("params"), dict):
-        raise ModelFileError(f"{path}: no 'params' object (the detector's settings)")
-    return config
 
 
 def _read_gaussians(path: Path, shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray]:

@@ -9,7 +9,6 @@ a federated server simply hands it a memory bank through :meth:`PatchCore.set_me
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,37 +24,23 @@ from safetensors.numpy import save as save_tensors
 from tqdm.auto import tqdm
 
 from fedinspect import __version__
-from fedinspect.backbones import get_backbone
 from fedinspect.detectors.coreset import coreset_size, greedy_coreset
+from fedinspect.detectors.feature_detector import FeatureDetector
+from fedinspect.detectors.model_files import (
+    check_image_size,
+    check_weights,
+    constructor_params,
+    file_sha256,
+    read_settings,
+)
 from fedinspect.detectors.nearest_neighbours import NearestNeighbours
 from fedinspect.detectors.patch_features import PatchFeatures
-from fedinspect.detectors.preprocessing import Letterbox, gaussian_blur
-from fedinspect.errors import ModelFileError, SettingsError
+from fedinspect.detectors.preprocessing import gaussian_blur
+from fedinspect.errors import ModelFileError
 
 MODEL_FORMAT = "fedinspect.patchcore/1"
 CONFIG_FILE = "patchcore.json"
 BANK_FILE = "memory_bank.safetensors"
-# Smallest short side accepted: a few cells of the coarsest feature map (stride 16 or 32); smaller
-# images give a bank of one or two patches that scores nothing.
-MIN_IMAGE_SIZE = 32
-
-
-def check_image_size(image_size: Any) -> int:
-    """``image_size`` if it is an integer of at least :data:`MIN_IMAGE_SIZE` pixels, else SettingsError."""
-    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
-        raise SettingsError(f"image size must be an integer of at least {MIN_IMAGE_SIZE} px, got {image_size!r}")
-    return image_size
-
-
-def file_sha256(path: str | Path) -> str:
-    """Hex SHA-256 of a file's bytes (identifies a backbone's weights without naming their path)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 @dataclass(frozen=True)
 class EmbeddedImage:
     """A test image's patch embeddings on the padded grid (h, w, D) and its original (height, width)."""
@@ -70,7 +55,7 @@ def _as_grids(images: Sequence[np.ndarray], embeddings: torch.Tensor) -> list[Em
             for image, grid in zip(images, embeddings, strict=True)]
 
 
-class PatchCore:
+class PatchCore(FeatureDetector):
     """PatchCore detector.
 
     Parameters
@@ -140,19 +125,6 @@ class PatchCore:
             "batch_size": self.batch_size,
             "seed": self.seed,
         }
-
-    @property
-    def features(self) -> PatchFeatures:
-        """The torch feature model, built on first use."""
-        if self._features is None:
-            extractor = get_backbone(self.backbone, weights=self.weights, layers=self.layers)
-            self._features = PatchFeatures(extractor.fuse_batchnorm())
-        return self._features
-
-    @property
-    def letterbox(self) -> Letterbox:
-        coarsest = max(self.features.extractor.strides.values())
-        return Letterbox(short_side=self.image_size, multiple=coarsest)
 
     # ------------------------------------------------------------------ embedding
     def _batches(self, images: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:
@@ -361,17 +333,14 @@ class PatchCore:
         for path in (config_path, bank_path):
             if not path.is_file():
                 raise ModelFileError(f"{path}: missing (is {directory} a fedinspect PatchCore model folder?)")
-        config = _read_config(config_path)
+        config = read_settings(config_path, MODEL_FORMAT)
         bank = _read_bank(bank_path)
         if list(bank.shape) != config.get("memory_bank_shape"):
             raise ModelFileError(
                 f"{bank_path}: memory bank shape {list(bank.shape)} does not match "
                 f"{config.get('memory_bank_shape')} recorded in {config_path}"
             )
-        params = dict(config["params"])
-        if params.pop("weights", None) is not None:
-            raise ModelFileError(f"{config_path}: names a weights file; a model file may not choose a file to "
-                                 "open: pass the backbone's weights on the command line (--weights FILE)")
+        params = constructor_params(config, config_path)
         try:
             model = cls(**params, weights=weights, progress=progress)
         except (TypeError, ValueError) as error:
@@ -382,23 +351,8 @@ class PatchCore:
                 f"(layers {list(model.features.extractor.layers)}) gives {model.features.dim}-d: "
                 f"{config_path} does not describe the model that made this bank"
             )
-        _check_weights(config, config_path, model.features.extractor.weights_path)
+        check_weights(config, config_path, model.features.extractor.weights_path)
         return model.set_memory_bank(bank, n_train_patches=config.get("n_train_patches"))
-
-
-def _read_config(path: Path) -> dict[str, Any]:
-    try:
-        config = json.loads(path.read_text())
-    except OSError as error:
-        raise ModelFileError(f"{path}: cannot read settings file ({error.strerror})") from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{path}: corrupt settings file ({error})") from error
-    if not isinstance(config, dict) or config.get("format") != MODEL_FORMAT:
-        found = config.get("format") if isinstance(config, dict) else None
-        raise ModelFileError(f"{path}: format {found!r}, expected {MODEL_FORMAT!r}")
-    if not isinstance(config.get("params"), dict):
-        raise ModelFileError(f"{path}: no 'params' object (the detector's settings)")
-    return config
 
 
 def _read_bank(path: Path) -> np.ndarray:
@@ -418,16 +372,3 @@ def _read_bank(path: Path) -> np.ndarray:
     if not np.isfinite(bank).all():
         raise ModelFileError(f"{path}: memory bank contains NaN or infinite values")
     return bank
-
-
-def _check_weights(config: dict[str, Any], config_path: Path, weights_path: Path) -> None:
-    """The backbone's weights file must be the one the model was fitted with."""
-    expected = config.get("weights_sha256")
-    if not isinstance(expected, str):
-        raise ModelFileError(f"{config_path}: no weights_sha256 (written by an older fedinspect, or edited): refit")
-    found = file_sha256(weights_path)
-    if found != expected:
-        raise ModelFileError(
-            f"{config_path}: fitted with backbone weights of SHA-256 {expected[:16]}..., but {weights_path} has "
-            f"{found[:16]}...: pass the weights file the model was fitted with (--weights FILE)"
-        )

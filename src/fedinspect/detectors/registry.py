@@ -7,13 +7,13 @@ asked for, so the command line can list names and descriptions without loading a
 from __future__ import annotations
 
 import importlib
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
+from fedinspect.detectors.model_files import read_json
 from fedinspect.errors import ModelFileError, SettingsError
 
 
@@ -91,12 +91,7 @@ def load_detector(directory: str | Path, weights: str | Path | None = None, prog
         raise ModelFileError(f"{directory}: holds several detectors' settings ({', '.join(p.name for p in found)}): "
                              "one model per folder")
     path = found[0]
-    try:
-        config = json.loads(path.read_text())
-    except OSError as error:
-        raise ModelFileError(f"{path}: cannot read settings file ({error.strerror})") from error
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise ModelFileError(f"{path}: corrupt settings file ({error})") from error
+    config = read_json(path)
     fmt = config.get("format") if isinstance(config, dict) else None
     for name, entry in _ENTRIES.items():
         if entry[3] == fmt:

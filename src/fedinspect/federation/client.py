@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from fedinspect.data.images import read_image
-from fedinspect.detectors.patchcore import PatchCore, check_image_size
+from fedinspect.detectors.model_files import check_image_size
+from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.federation.update import CategoryUpdate, ClientUpdate
 from fedinspect.privacy.bank_dp import DEFAULT_CLIP_NORM, BankPrivacy, private_centres, privatize_embeddings
 from fedinspect.privacy.obfuscation import Obfuscation
