@@ -8,8 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load as load_tensors
 
 from fedinspect.errors import ModelFileError, SettingsError
 
@@ -75,3 +80,36 @@ def check_weights(config: dict[str, Any], config_path: Path, weights_path: Path)
             f"{config_path}: fitted with backbone weights of SHA-256 {expected[:16]}..., but {weights_path} has "
             f"{found[:16]}...: pass the weights file the model was fitted with (--weights FILE)"
         )
+
+
+def read_tensors(path: Path, expected: Mapping[str, tuple[tuple[int, ...], np.dtype]], what: str = "tensors"
+                 ) -> dict[str, np.ndarray]:
+    """A safetensors file holding exactly the ``expected`` names, each of its shape and dtype (never cast).
+
+    Floating-point tensors must be finite. Anything else is a ModelFileError naming the file and tensor.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as error:
+        raise ModelFileError(f"{path}: cannot read {what} ({error.strerror})") from error
+    try:
+        tensors = load_tensors(data)
+    except (SafetensorError, ValueError) as error:
+        raise ModelFileError(f"{path}: corrupt {what} file ({type(error).__name__}: {error})") from error
+    unexpected = sorted(set(tensors) - set(expected))
+    if unexpected:
+        raise ModelFileError(f"{path}: unexpected tensors {unexpected[:5]} (written for another architecture?)")
+    arrays = {}
+    for name, (shape, dtype) in expected.items():
+        if name not in tensors:
+            raise ModelFileError(f"{path}: no '{name}' tensor")
+        array = tensors[name]
+        if array.dtype != dtype:
+            raise ModelFileError(f"{path}: '{name}' is {array.dtype}, expected {np.dtype(dtype)}")
+        if tuple(array.shape) != tuple(shape):
+            raise ModelFileError(f"{path}: '{name}' has shape {list(array.shape)}, expected {list(shape)} "
+                                 "(the settings recorded beside it)")
+        if np.issubdtype(array.dtype, np.floating) and not np.isfinite(array).all():
+            raise ModelFileError(f"{path}: '{name}' contains NaN or infinite values")
+        arrays[name] = np.ascontiguousarray(array)
+    return arrays

@@ -28,8 +28,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.numpy import load as load_tensors
 from safetensors.numpy import save as save_tensors
 from torch import nn
 from tqdm.auto import tqdm
@@ -42,6 +40,7 @@ from fedinspect.detectors.model_files import (
     constructor_params,
     file_sha256,
     read_settings,
+    read_tensors,
 )
 from fedinspect.detectors.patch_features import PatchFeatures
 from fedinspect.detectors.preprocessing import gaussian_blur
@@ -316,33 +315,10 @@ class Padim(FeatureDetector):
             raise ModelFileError(f"{config_path}: invalid settings ({error})") from error
         check_weights(config, config_path, model.features.extractor.weights_path)
         positions, k = grid[0] * grid[1], len(channels)
-        mean, inv_cov = _read_gaussians(tensors_path, {"mean": (positions, k), "inv_cov": (positions, k, k)})
+        tensors = read_tensors(tensors_path, {"mean": ((positions, k), np.float32),
+                                              "inv_cov": ((positions, k, k), np.float32)}, what="Gaussians")
+        mean, inv_cov = tensors["mean"], tensors["inv_cov"]
         model._set_scorer(mean, inv_cov, (grid[0], grid[1]))
         model.n_train_images_ = config.get("n_train_images")
         return model
 
-
-def _read_gaussians(path: Path, shapes: dict[str, tuple[int, ...]]) -> list[np.ndarray]:
-    """The named tensors, each finite float32 of exactly the expected shape (never cast)."""
-    try:
-        data = path.read_bytes()
-    except OSError as error:
-        raise ModelFileError(f"{path}: cannot read Gaussians ({error.strerror})") from error
-    try:
-        tensors = load_tensors(data)
-    except (SafetensorError, ValueError) as error:
-        raise ModelFileError(f"{path}: corrupt Gaussians file ({type(error).__name__}: {error})") from error
-    arrays = []
-    for name, shape in shapes.items():
-        if name not in tensors:
-            raise ModelFileError(f"{path}: no '{name}' tensor")
-        array = tensors[name]
-        if array.dtype != np.float32:
-            raise ModelFileError(f"{path}: '{name}' is {array.dtype}, expected float32")
-        if array.shape != shape:
-            raise ModelFileError(f"{path}: '{name}' has shape {list(array.shape)}, expected {list(shape)} "
-                                 "(the grid and n_features recorded beside it)")
-        if not np.isfinite(array).all():
-            raise ModelFileError(f"{path}: '{name}' contains NaN or infinite values")
-        arrays.append(np.ascontiguousarray(array))
-    return arrays

@@ -38,7 +38,23 @@ _ENTRIES: dict[str, tuple[str, str, str, str, str]] = {
                   "memory bank of patch features, nearest-neighbour distance (Roth et al., CVPR 2022)"),
     "padim": ("fedinspect.detectors.padim", "Padim", "padim.json", "fedinspect.padim/1",
               "one Gaussian per patch position, Mahalanobis distance (Defard et al., ICPR 2021)"),
+    "ae_mse": ("fedinspect.detectors.autoencoder", "AutoencoderMSE", "ae_mse.json", "fedinspect.ae_mse/1",
+               "convolutional autoencoder, squared reconstruction error (Bergmann et al., VISAPP 2019)"),
+    "ae_ssim": ("fedinspect.detectors.autoencoder", "AutoencoderSSIM", "ae_ssim.json", "fedinspect.ae_ssim/1",
+                "convolutional autoencoder, SSIM reconstruction error (Bergmann et al., VISAPP 2019)"),
+    "stfpm": ("fedinspect.detectors.stfpm", "Stfpm", "stfpm.json", "fedinspect.stfpm/1",
+              "student-teacher feature pyramid matching (Wang et al., BMVC 2021)"),
+    "reverse_distillation": ("fedinspect.detectors.reverse_distillation", "ReverseDistillation",
+                             "reverse_distillation.json", "fedinspect.reverse_distillation/1",
+                             "teacher encoder, one-class bottleneck, student decoder (Deng & Li, CVPR 2022)"),
+    "draem": ("fedinspect.detectors.draem", "Draem", "draem.json", "fedinspect.draem/1",
+              "reconstructive + discriminative networks on simulated anomalies (Zavrtanik et al., ICCV 2021)"),
+    "cflow": ("fedinspect.detectors.cflow", "Cflow", "cflow.json", "fedinspect.cflow/1",
+              "conditional normalizing flows on multi-scale features (Gudovskiy et al., WACV 2022)"),
 }
+
+TRAINED = ("ae_mse", "ae_ssim", "stfpm", "reverse_distillation", "draem", "cflow")
+"""Detectors trained by gradient descent (:class:`~fedinspect.detectors.trained_detector.TrainedDetector`)."""
 
 DESCRIPTIONS: dict[str, str] = {name: entry[4] for name, entry in _ENTRIES.items()}
 

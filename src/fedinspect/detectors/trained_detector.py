@@ -1,0 +1,367 @@
+"""The part every detector trained by gradient descent shares: the loop, early stopping, scoring, model files.
+
+A subclass (autoencoder, STFPM, reverse distillation, DRAEM, CFLOW) says only what is its own:
+
+- ``name`` (registry name) and ``model_format`` (``"fedinspect.<name>/1"``), class attributes;
+- ``input_multiple``: the letterboxed input is padded to a multiple of it (the network's total stride);
+- ``frozen_prefixes``: state-dict prefixes that are *not* saved because they come from a weights file
+  (a pretrained teacher), e.g. ``("teacher.",)``;
+- ``_build_module()``: the plain ``nn.Module`` (teacher included, loaded from its weights);
+- ``_training_loss(module, images, generator)``: a scalar loss on a batch of good images (B, 3, H, W)
+  in [0, 1]; ``generator`` seeds any randomness of the loss (DRAEM's simulated anomalies);
+- ``_anomaly_maps(module, images)``: (B, H, W) anomaly maps at the input's resolution, higher = more
+  anomalous (called under ``torch.no_grad`` with the module in eval mode);
+- its own constructor parameters, stored under the same names (scikit-learn convention: ``get_params``
+  reads the ``__init__`` signature).
+
+The base does the rest: the letterbox (short side to ``image_size``, aspect ratio kept, no squashing),
+a seeded split of the good images into training and validation, Adam, progress bars, early stopping on
+the validation loss with the best epoch's weights restored, maps smoothed and brought back to each image's
+own size, image score = maximum of the map, and ``save``/``load`` in safetensors + JSON (every tensor
+checked against the architecture; no pickle; no path in the settings).
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import json
+import math
+import time
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from safetensors.numpy import save as save_tensors
+from torch import nn
+from tqdm.auto import tqdm
+
+from fedinspect import __version__
+from fedinspect.detectors.model_files import (
+    check_image_size,
+    check_weights,
+    constructor_params,
+    file_sha256,
+    read_settings,
+    read_tensors,
+)
+from fedinspect.detectors.preprocessing import Letterbox, gaussian_blur
+from fedinspect.errors import FedinspectError, ModelFileError, SettingsError
+
+WEIGHTS_FILE = "weights.safetensors"
+
+
+class TrainingError(FedinspectError, ValueError):
+    """Training cannot start or went wrong (too few images, a loss that is not finite)."""
+
+
+def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise SettingsError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
+def _check_positive_float(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+        raise SettingsError(f"{name} must be a positive number, got {value!r}")
+    return float(value)
+
+
+class TrainedDetector:
+    """Base of the trained detectors (see the module docstring for what a subclass provides).
+
+    Parameters shared by every subclass (a subclass's ``__init__`` passes them on):
+
+    image_size:
+        Short side of the letterboxed input in pixels (the aspect ratio is kept).
+    epochs:
+        Most passes over the training images; early stopping may end sooner.
+    learning_rate:
+        Adam's step size.
+    batch_size:
+        Images per step (images of one padded shape share a batch).
+    patience:
+        Epochs without a better validation loss before training stops (0: never stop early).
+    validation_fraction:
+        Share of the good images held out (seeded) for early stopping; 0 trains on all and keeps the
+        last epoch.
+    sigma:
+        Gaussian smoothing of the maps, in letterboxed pixels (0: none).
+    seed, progress:
+        Seed of every random choice (weights, split, batch order, simulated anomalies); progress bars.
+    """
+
+    name: ClassVar[str]
+    model_format: ClassVar[str]
+    input_multiple: ClassVar[int] = 32
+    frozen_prefixes: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        image_size: int = 256,
+        epochs: int = 20,
+        learning_rate: float = 1e-3,
+        batch_size: int = 8,
+        patience: int = 5,
+        validation_fraction: float = 0.1,
+        sigma: float = 4.0,
+        seed: int = 0,
+        progress: bool = False,
+    ) -> None:
+        self.image_size = check_image_size(image_size)
+        self.epochs = _check_positive_int("epochs", epochs)
+        self.learning_rate = _check_positive_float("learning_rate", learning_rate)
+        self.batch_size = _check_positive_int("batch_size", batch_size)
+        self.patience = _check_positive_int("patience", patience, minimum=0)
+        if (isinstance(validation_fraction, bool) or not isinstance(validation_fraction, int | float)
+                or not 0 <= validation_fraction < 1):
+            raise SettingsError(f"validation_fraction must be in [0, 1), got {validation_fraction!r}")
+        self.validation_fraction = float(validation_fraction)
+        if isinstance(sigma, bool) or not isinstance(sigma, int | float) or not math.isfinite(sigma) or sigma < 0:
+            raise SettingsError(f"sigma must be a number >= 0, got {sigma!r}")
+        self.sigma = float(sigma)
+        self.seed = seed
+        self.progress = progress
+        self.module_: nn.Module | None = None
+
+    # ------------------------------------------------------------------ what a subclass provides
+    def _build_module(self) -> nn.Module:
+        raise NotImplementedError
+
+    def _training_loss(self, module: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _anomaly_maps(self, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _parameters_to_train(self, module: nn.Module) -> Iterable[nn.Parameter]:
+        """What Adam updates: every parameter that requires grad (a frozen teacher does not)."""
+        return [p for p in module.parameters() if p.requires_grad]
+
+    # ------------------------------------------------------------------ scikit-learn conventions
+    @classmethod
+    def _param_names(cls) -> list[str]:
+        signature = inspect.signature(cls.__init__)
+        return [name for name, p in signature.parameters.items()
+                if name not in ("self", "progress") and p.kind is p.POSITIONAL_OR_KEYWORD]
+
+    def get_params(self) -> dict[str, Any]:
+        """Constructor parameters (scikit-learn convention), ``progress`` excepted."""
+        params = {}
+        for name in self._param_names():
+            value = getattr(self, name)
+            params[name] = list(value) if isinstance(value, tuple) else value
+        return params
+
+    @property
+    def letterbox(self) -> Letterbox:
+        """Resizes the short side to ``image_size`` and pads to ``input_multiple`` (no squashing)."""
+        return Letterbox(short_side=self.image_size, multiple=self.input_multiple)
+
+    @property
+    def n_parameters_(self) -> int:
+        """Number of parameters of the network, frozen ones (a teacher) included."""
+        return sum(p.numel() for p in self._check_fitted().parameters())
+
+    def _check_fitted(self) -> nn.Module:
+        if self.module_ is None:
+            raise RuntimeError(f"this {type(self).__name__} is not trained yet: call fit() or load() first")
+        return self.module_
+
+    # ------------------------------------------------------------------ training
+    def _shape_batches(self, tensors: Sequence[torch.Tensor], order: Sequence[int]) -> list[list[int]]:
+        """Indices in ``order``, cut into batches of at most ``batch_size`` images of one padded shape."""
+        by_shape: dict[tuple[int, ...], list[int]] = defaultdict(list)
+        batches: list[list[int]] = []
+        for index in order:
+            group = by_shape[tuple(tensors[index].shape)]
+            group.append(index)
+            if len(group) == self.batch_size:
+                batches.append(group[:])
+                group.clear()
+        batches.extend(group for group in by_shape.values() if group)
+        return batches
+
+    def _mean_loss(self, module: nn.Module, tensors: list[torch.Tensor], seed: int) -> float:
+        """Loss over ``tensors`` in eval mode, with a fixed generator (comparable from epoch to epoch)."""
+        generator = torch.Generator().manual_seed(seed)
+        module.eval()
+        total, count = 0.0, 0
+        with torch.no_grad():
+            for batch in self._shape_batches(tensors, range(len(tensors))):
+                loss = self._training_loss(module, torch.stack([tensors[i] for i in batch]), generator)
+                total += float(loss) * len(batch)
+                count += len(batch)
+        return total / count
+
+    def fit(self, images: Iterable[np.ndarray], total: int | None = None) -> TrainedDetector:
+        """Train on good images (uint8 RGB arrays of any size), stopping early on a held-out share."""
+        letterbox = self.letterbox
+        tensors = [letterbox(image) for image in tqdm(images, total=total, desc="reading", unit="img",
+                                                      disable=not self.progress)]
+        n_validation = max(1, round(self.validation_fraction * len(tensors))) if self.validation_fraction else 0
+        if len(tensors) - n_validation < 1:
+            raise TrainingError(f"{type(self).__name__} needs at least one training and one validation image "
+                                f"(validation_fraction {self.validation_fraction}), got {len(tensors)} images")
+        rng = np.random.default_rng(self.seed)
+        permutation = rng.permutation(len(tensors))
+        validation = [tensors[i] for i in sorted(permutation[:n_validation])]
+        train = [tensors[i] for i in sorted(permutation[n_validation:])]
+
+        torch.manual_seed(self.seed)
+        module = self._build_module()
+        optimizer = torch.optim.Adam(self._parameters_to_train(module), lr=self.learning_rate)
+        generator = torch.Generator().manual_seed(self.seed)
+        best_loss, best_state, best_epoch, since_best = math.inf, None, 0, 0
+        history: list[dict[str, float]] = []
+        start = time.perf_counter()
+        bar = tqdm(range(1, self.epochs + 1), desc=f"training {self.name}", unit="epoch", disable=not self.progress)
+        for epoch in bar:
+            module.train()
+            epoch_loss, seen = 0.0, 0
+            for batch in self._shape_batches(train, rng.permutation(len(train))):
+                loss = self._training_loss(module, torch.stack([train[i] for i in batch]), generator)
+                value = float(loss.detach())
+                if not math.isfinite(value):
+                    raise TrainingError(f"{self.name}: the training loss became {value} at epoch {epoch} "
+                                        f"(learning rate {self.learning_rate}): lower it")
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                epoch_loss += value * len(batch)
+                seen += len(batch)
+            record = {"epoch": epoch, "train_loss": epoch_loss / seen, "seconds": time.perf_counter() - start}
+            if validation:
+                record["validation_loss"] = self._mean_loss(module, validation, self.seed + 1)
+            history.append(record)
+            monitored = record.get("validation_loss", record["train_loss"])
+            bar.set_postfix(loss=f"{record['train_loss']:.4g}", val=f"{monitored:.4g}")
+            if not validation or monitored < best_loss:
+                best_loss, best_epoch, since_best = monitored, epoch, 0
+                best_state = copy.deepcopy(module.state_dict())
+            else:
+                since_best += 1
+                if self.patience and since_best >= self.patience:
+                    break
+        bar.close()
+        module.load_state_dict(best_state)
+        module.eval()
+        self.module_ = module
+        self.history_ = history
+        self.best_epoch_ = best_epoch
+        self.train_seconds_ = time.perf_counter() - start
+        self.n_train_images_ = len(train)
+        self.n_validation_images_ = len(validation)
+        return self
+
+    # ------------------------------------------------------------------ inference
+    def _prediction_batches(self, images: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:
+        """Consecutive images of one padded shape, at most ``batch_size`` per batch (order kept)."""
+        letterbox = self.letterbox
+        batch: list[np.ndarray] = []
+        for image in images:
+            if batch and (len(batch) == self.batch_size
+                          or letterbox.padded_shape(*image.shape[:2]) != letterbox.padded_shape(*batch[0].shape[:2])):
+                yield batch
+                batch = []
+            batch.append(image)
+        if batch:
+            yield batch
+
+    def predict(self, images: Iterable[np.ndarray], total: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Image anomaly scores (n,) and anomaly maps, each float32 at its image's original size."""
+        module = self._check_fitted()
+        module.eval()
+        letterbox = self.letterbox
+        scores: list[float] = []
+        maps: list[np.ndarray] = []
+        with tqdm(total=total, desc="scoring", unit="img", disable=not self.progress) as bar, torch.no_grad():
+            for batch in self._prediction_batches(images):
+                raw = self._anomaly_maps(module, torch.stack([letterbox(image) for image in batch]))
+                smoothed = gaussian_blur(raw.float(), self.sigma)
+                for image, smooth in zip(batch, smoothed, strict=True):
+                    restored = letterbox.restore(smooth, image.shape[:2])
+                    maps.append(restored)
+                    scores.append(float(restored.max()))
+                bar.update(len(batch))
+        return np.asarray(scores, dtype=np.float64), maps
+
+    def score_samples(self, images: Iterable[np.ndarray], total: int | None = None) -> np.ndarray:
+        """Image anomaly scores only (higher = more anomalous)."""
+        return self.predict(images, total)[0]
+
+    # ------------------------------------------------------------------ persistence
+    @classmethod
+    def config_file(cls) -> str:
+        """Name of the settings file in a model folder (the registry finds the detector by it)."""
+        return f"{cls.name}.json"
+
+    def _saved_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
+        return {key: value for key, value in module.state_dict().items()
+                if not key.startswith(self.frozen_prefixes)}
+
+    def _teacher_weights_path(self, module: nn.Module) -> Path | None:
+        """The weights file of the pretrained part, if any (its hash is saved, never its path)."""
+        teacher = getattr(module, "teacher", None)
+        return getattr(teacher, "weights_path", None)
+
+    def save(self, directory: str | Path) -> Path:
+        """Write the trained weights (safetensors) and the settings (JSON); no pickle, no paths."""
+        module = self._check_fitted()
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        params = self.get_params()
+        params.pop("weights", None)  # a model file never names a file to open; the hash identifies the weights
+        teacher_weights = self._teacher_weights_path(module)
+        config = {
+            "format": self.model_format,
+            "fedinspect_version": __version__,
+            "params": params,
+            "weights_sha256": file_sha256(teacher_weights) if teacher_weights is not None else None,
+            "n_train_images": getattr(self, "n_train_images_", None),
+            "best_epoch": getattr(self, "best_epoch_", None),
+            "history": getattr(self, "history_", None),
+        }
+        tensors = {key: value.detach().cpu().contiguous().numpy() for key, value in self._saved_state(module).items()}
+        (directory / WEIGHTS_FILE).write_bytes(save_tensors(tensors))
+        (directory / self.config_file()).write_text(json.dumps(config, indent=2))
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, progress: bool = False, weights: str | Path | None = None) -> TrainedDetector:
+        """Read a model written by :meth:`save`; every tensor must match the architecture (ModelFileError)."""
+        directory = Path(directory)
+        config_path, tensors_path = directory / cls.config_file(), directory / WEIGHTS_FILE
+        for path in (config_path, tensors_path):
+            if not path.is_file():
+                raise ModelFileError(f"{path}: missing (is {directory} a fedinspect {cls.name} model folder?)")
+        config = read_settings(config_path, cls.model_format)
+        params = constructor_params(config, config_path)
+        if "weights" in cls._param_names():
+            params["weights"] = None if weights is None else str(weights)
+        try:
+            model = cls(**params, progress=progress)
+            torch.manual_seed(model.seed)
+            module = model._build_module()
+        except (TypeError, ValueError) as error:
+            raise ModelFileError(f"{config_path}: invalid settings ({error})") from error
+        teacher_weights = model._teacher_weights_path(module)
+        if teacher_weights is not None:
+            check_weights(config, config_path, teacher_weights)
+        expected = {key: (tuple(value.shape), value.detach().numpy().dtype)
+                    for key, value in model._saved_state(module).items()}
+        tensors = read_tensors(tensors_path, expected, what="weights")
+        state = {key: torch.from_numpy(value) for key, value in tensors.items()}
+        missing, unexpected = module.load_state_dict(state, strict=False)
+        missing = [key for key in missing if not key.startswith(cls.frozen_prefixes)]
+        if missing or unexpected:  # read_tensors already checked the names; kept as a guard
+            raise ModelFileError(f"{tensors_path}: missing {missing}, unexpected {unexpected}")
+        module.eval()
+        model.module_ = module
+        model.n_train_images_ = config.get("n_train_images")
+        model.best_epoch_ = config.get("best_epoch")
+        model.history_ = config.get("history")
+        return model
