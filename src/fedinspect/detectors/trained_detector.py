@@ -11,6 +11,7 @@ A subclass (autoencoder, STFPM, reverse distillation, DRAEM, CFLOW) says only wh
   in [0, 1]; ``generator`` seeds any randomness of the loss (DRAEM's simulated anomalies);
 - ``_anomaly_maps(module, images)``: (B, H, W) anomaly maps at the input's resolution, higher = more
   anomalous (called under ``torch.no_grad`` with the module in eval mode);
+- optionally ``_optimizer(module)`` (default Adam) and ``_image_score(map)`` (default: the map's maximum);
 - its own constructor parameters, stored under the same names (scikit-learn convention: ``get_params``
   reads the ``__init__`` signature).
 
@@ -138,8 +139,16 @@ class TrainedDetector:
         raise NotImplementedError
 
     def _parameters_to_train(self, module: nn.Module) -> Iterable[nn.Parameter]:
-        """What Adam updates: every parameter that requires grad (a frozen teacher does not)."""
+        """What the optimizer updates: every parameter that requires grad (a frozen teacher does not)."""
         return [p for p in module.parameters() if p.requires_grad]
+
+    def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        """Adam at ``learning_rate`` over :meth:`_parameters_to_train` (a subclass may choose its betas)."""
+        return torch.optim.Adam(self._parameters_to_train(module), lr=self.learning_rate)
+
+    def _image_score(self, score_map: np.ndarray) -> float:
+        """An image's score from its map at its own size: the maximum (a subclass may smooth first)."""
+        return float(score_map.max())
 
     # ------------------------------------------------------------------ scikit-learn conventions
     @classmethod
@@ -213,7 +222,7 @@ class TrainedDetector:
 
         torch.manual_seed(self.seed)
         module = self._build_module()
-        optimizer = torch.optim.Adam(self._parameters_to_train(module), lr=self.learning_rate)
+        optimizer = self._optimizer(module)
         generator = torch.Generator().manual_seed(self.seed)
         best_loss, best_state, best_epoch, since_best = math.inf, None, 0, 0
         history: list[dict[str, float]] = []
@@ -285,7 +294,7 @@ class TrainedDetector:
                 for image, smooth in zip(batch, smoothed, strict=True):
                     restored = letterbox.restore(smooth, image.shape[:2])
                     maps.append(restored)
-                    scores.append(float(restored.max()))
+                    scores.append(self._image_score(restored))
                 bar.update(len(batch))
         return np.asarray(scores, dtype=np.float64), maps
 
