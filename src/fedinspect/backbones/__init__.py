@@ -18,7 +18,9 @@ from fedinspect.backbones.registry import (
     DEFAULT_BACKBONE,
     available_backbones,
     get_backbone,
+    register_architecture,
     register_backbone,
+    untrained_backbone,
 )
 
 __all__ = [
@@ -28,6 +30,8 @@ __all__ = [
     "available_backbones",
     "efficientnet_lite",
     "get_backbone",
+    "register_architecture",
     "register_backbone",
+    "untrained_backbone",
     "wide_resnet",
 ]

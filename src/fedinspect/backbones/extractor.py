@@ -28,11 +28,12 @@ class FeatureExtractor(nn.Module):
         channels: layer -> number of channels.
         available_layers: every layer this backbone can return, with its stride and channels.
         mean, std: per-channel normalization the weights expect, applied inside ``forward``.
-        weights_path: the file the weights were loaded from.
+        weights_path: the file the weights were loaded from (None for an untrained network).
 
     The extractor is always in eval mode (``train()`` leaves it there, so BatchNorm statistics never
-    drift) and its parameters do not require grad. ``forward`` does not disable autograd: callers that
-    need gradients with respect to the images get them.
+    drift) and its parameters do not require grad, unless :meth:`make_trainable` was called: that is
+    how a distillation student (an untrained network of the same architecture) is built. ``forward``
+    does not disable autograd: callers that need gradients with respect to the images get them.
     """
 
     def __init__(
@@ -44,9 +45,10 @@ class FeatureExtractor(nn.Module):
         default_layers: Sequence[str],
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
-        weights_path: Path,
+        weights_path: Path | None,
     ) -> None:
         super().__init__()
+        self.trainable = False
         self.name = name
         self.available_layers: dict[str, LayerSpec] = dict(available_layers)
         self.layers: tuple[str, ...] = _select_layers(
@@ -56,7 +58,7 @@ class FeatureExtractor(nn.Module):
         self.channels: dict[str, int] = {k: self.available_layers[k].channels for k in self.layers}
         self.mean = tuple(float(v) for v in mean)
         self.std = tuple(float(v) for v in std)
-        self.weights_path = Path(weights_path)
+        self.weights_path = None if weights_path is None else Path(weights_path)
         # Non-persistent: they follow .to(device) but are not part of the weights.
         self.register_buffer("_mean", torch.tensor(self.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_std", torch.tensor(self.std).view(1, 3, 1, 1), persistent=False)
@@ -84,9 +86,16 @@ class FeatureExtractor(nn.Module):
         self.to(memory_format=torch.channels_last)
         return self
 
+    def make_trainable(self) -> FeatureExtractor:
+        """Parameters require grad and ``train()`` works again (a student network); returns self."""
+        self.trainable = True
+        for p in self.parameters():
+            p.requires_grad_(True)
+        return self
+
     def train(self, mode: bool = True) -> FeatureExtractor:
-        """Stays in eval mode whatever ``mode`` says: a feature extractor's statistics are frozen."""
-        return super().train(False)
+        """Stays in eval mode whatever ``mode`` says (frozen statistics), unless made trainable."""
+        return super().train(mode and self.trainable)
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Feature maps of ``images``: float RGB in [0, 1], shape (B, 3, H, W), any H and W."""

@@ -18,6 +18,7 @@ class BackboneFactory(Protocol):
 
 
 _FACTORIES: dict[str, BackboneFactory] = {}
+_ARCHITECTURES: dict[str, Callable[[Sequence[str] | None], FeatureExtractor]] = {}
 
 
 def _canonical(name: str) -> str:
@@ -39,6 +40,33 @@ def register_backbone(name: str) -> Callable[[BackboneFactory], BackboneFactory]
         return factory
 
     return decorator
+
+
+def register_architecture(
+    name: str,
+) -> Callable[[Callable[[Sequence[str] | None], FeatureExtractor]], Callable[[Sequence[str] | None], FeatureExtractor]]:
+    """Decorator that registers ``build(layers) -> FeatureExtractor`` (randomly initialised) as ``name``."""
+    key = _canonical(name)
+
+    def decorator(build: Callable[[Sequence[str] | None], FeatureExtractor]) -> Callable:
+        if key in _ARCHITECTURES:
+            raise ValueError(f"architecture {key!r} is already registered")
+        _ARCHITECTURES[key] = build
+        return build
+
+    return decorator
+
+
+def untrained_backbone(name: str = DEFAULT_BACKBONE, layers: Sequence[str] | None = None) -> FeatureExtractor:
+    """The architecture of backbone ``name``, randomly initialised (seed torch first) and trainable.
+
+    A distillation student (STFPM) is one: it returns the same named maps as the pretrained teacher
+    but never loads ImageNet weights. Raises ValueError for an unknown backbone or layer name.
+    """
+    key = _canonical(name)
+    if key not in _ARCHITECTURES:
+        raise ValueError(f"unknown backbone {name!r}; available: {', '.join(sorted(_ARCHITECTURES))}")
+    return _ARCHITECTURES[key](layers).make_trainable()
 
 
 def available_backbones() -> list[str]:

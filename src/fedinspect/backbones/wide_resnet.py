@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from fedinspect.backbones.extractor import FeatureExtractor, LayerSpec
-from fedinspect.backbones.registry import register_backbone
+from fedinspect.backbones.registry import register_architecture, register_backbone
 from fedinspect.backbones.weights import WeightsSpec, load_state_dict_file, locate_weights
 from fedinspect.errors import ModelFileError
 
@@ -97,7 +97,7 @@ class WideResNetExtractor(FeatureExtractor):
         self,
         *,
         name: str = "wide_resnet50_2",
-        weights_path: Path,
+        weights_path: Path | None,
         layers: Sequence[str] | None = None,
         width_per_group: int = 128,
     ) -> None:
@@ -184,3 +184,9 @@ def wide_resnet50_2(
     extractor = WideResNetExtractor(weights_path=path, layers=layers)
     load_truncated_state(extractor, state, path)
     return extractor
+
+
+@register_architecture("wide_resnet50_2")
+def untrained_wide_resnet50_2(layers: Sequence[str] | None = None) -> WideResNetExtractor:
+    """WideResNet-50-2's architecture (up to layer3), randomly initialised (a distillation student)."""
+    return WideResNetExtractor(weights_path=None, layers=layers)
