@@ -48,6 +48,34 @@ def mvtec_category(tmp_path: Path) -> Path:
     return root
 
 
+def write_blob_category(root: Path, seed: int, n_train: int = 10, n_test: int = 7, shape=(48, 64)) -> Path:
+    """An MVTec-layout category large enough for the T1-T3 shares: ``n_test`` good, crack and stain images each.
+
+    Defects are bright (crack) or dark (stain) rectangles at seeded places, masked exactly.
+    """
+    rng = np.random.default_rng(seed)
+    height, width = shape
+    for i in range(n_train):
+        save_png(root / "train" / "good" / f"{i:03d}.png", textured_image(rng, height, width))
+    for i in range(n_test):
+        save_png(root / "test" / "good" / f"{i:03d}.png", textured_image(rng, height, width))
+        for defect, value in (("crack", 250), ("stain", 10)):
+            image = textured_image(rng, height, width)
+            mask = np.zeros(shape, dtype=np.uint8)
+            top, left = int(rng.integers(2, height - 14)), int(rng.integers(2, width - 14))
+            mask[top:top + 10, left:left + 10] = 255
+            image[mask > 0] = value
+            save_png(root / "test" / defect / f"{i:03d}.png", image)
+            save_png(root / "ground_truth" / defect / f"{i:03d}_mask.png", mask)
+    return root
+
+
+@pytest.fixture
+def blob_category(tmp_path: Path) -> Path:
+    """:func:`write_blob_category`: 10 train, 7 good + 7 crack + 7 stain test images of 64x48."""
+    return write_blob_category(tmp_path / "blobs", seed=3)
+
+
 @pytest.fixture
 def autovi_category(tmp_path: Path) -> Path:
     """A minimal AutoVI-layout category with one absolute and one relative defect type."""

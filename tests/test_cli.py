@@ -25,7 +25,11 @@ def test_fit_then_evaluate_writes_results_and_maps(mvtec_category: Path, tmp_pat
     assert set(results["auc_spro"]) == {"0.01", "0.05", "0.1", "0.3", "1.0"}
     assert 0.0 <= results["image_auroc"] <= 1.0 and 0.0 <= results["pixel_auroc"] <= 1.0
     assert results["counts"] == {"train": None, "test": 3, "test_good": 1, "test_defective": 2, "regions": 3,
-                                 "memory_bank": results["counts"]["memory_bank"]}
+                                 "memory_bank": results["counts"]["memory_bank"],
+                                 "parameters": results["counts"]["parameters"]}
+    assert results["counts"]["parameters"] > 100_000  # the backbone's weights and the bank
+    # three test images cannot be split 15/85 into shares that choose and report thresholds
+    assert "too few test images" in results["thresholds"]["skipped"]
     assert results["timings"]["inference_ms_per_image"] > 0
     maps = sorted(p.relative_to(results_dir / "maps").as_posix() for p in (results_dir / "maps").rglob("*.png"))
     assert maps == ["crack/000.png", "crack/001.png", "good/000.png"]

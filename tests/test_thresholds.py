@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 import pytest
-from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score
+from sklearn.metrics import f1_score, jaccard_score, precision_score, recall_score, roc_auc_score
 
 from fedinspect.data.regions import Region, connected_component_regions
 from fedinspect.evaluation.thresholds import (
@@ -272,3 +272,58 @@ def test_report_is_json_ready_with_three_thresholds() -> None:
     for name, value in (("T1", 0.65), ("T2", 0.5), ("T3", 0.7)):
         expected = threshold_metrics(maps, masks, scores, labels, value)
         assert {k: report[name][k] for k in expected} == expected
+
+
+# ----------------------------------------------------------------------------------------------
+# The protocol inside `evaluate`
+# ----------------------------------------------------------------------------------------------
+
+
+def test_threshold_protocol_chooses_on_its_shares_and_reports_on_the_report_share():
+    from fedinspect.evaluation.thresholds import threshold_protocol
+
+    rng = np.random.default_rng(0)
+    masks = [np.zeros((6, 6), bool) for _ in range(8)]
+    for m in masks[4:]:
+        m[1:3, 1:4] = True
+    maps = [rng.random((6, 6)) + 1.5 * m for m in masks]
+    scores = np.array([m.max() for m in maps])
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1])
+    good = [rng.random((6, 6)) for _ in range(2)]
+    select, report = np.array([0, 4]), np.array([1, 2, 3, 5, 6, 7])
+    out = threshold_protocol(good, maps, masks, scores, labels, select, report, percentile=90)
+    assert out["T1"]["value"] == pytest.approx(np.percentile(np.concatenate([g.ravel() for g in good]), 90))
+    t2, f1 = best_f1_pixel_threshold([maps[0], maps[4]], [masks[0], masks[4]])
+    assert out["T2"]["value"] == t2 and out["T2"]["select_f1"] == f1
+    at_t2 = threshold_metrics([maps[i] for i in report], [masks[i] for i in report], scores[report],
+                              labels[report], t2)
+    assert out["T2"]["iou"] == at_t2["iou"] and out["T2"]["pro"] == at_t2["pro"]
+    assert out["shares"] == {"t1": 2, "select": 2, "report": 6}
+    assert out["threshold_free"]["image_auroc"] == pytest.approx(roc_auc_score(labels[report], scores[report]))
+    # thresholds given from elsewhere are used as they are, nothing is chosen
+    given = threshold_protocol([], maps, masks, scores, labels, select, report, chosen={"T1": 0.5, "T2": 0.9,
+                                                                                        "T3": 1.2})
+    assert [given[t]["value"] for t in ("T1", "T2", "T3")] == [0.5, 0.9, 1.2]
+    assert given["T3"]["select_f1"] is None and "given" in given["T3"]["chosen_by"]
+
+
+@pytest.mark.slow
+def test_evaluate_writes_thresholds_and_their_figure(blob_category, tmp_path):
+    from fedinspect.pipeline import evaluate_category, fit_category
+
+    model = fit_category(blob_category, progress=False, hold_out_t1=True, image_size=48, coreset_ratio=0.5)
+    assert model.n_train_images_ == 8  # 10 minus the T1 share of 2
+    results = evaluate_category(model, blob_category, tmp_path / "eval", progress=False)
+    block = results["thresholds"]
+    assert block["shares"] == {"t1": 2, "select": 3, "report": 18}
+    for name in ("T1", "T2", "T3"):
+        assert {"value", "chosen_by", "iou", "pro", "pixel_f1", "image_f1", "image_precision"} <= set(block[name])
+    assert block["T2"]["pixel_f1"] > 0.3 and block["threshold_free"]["image_auroc"] > 0.9  # the blobs are found
+    split = threshold_split(10, [p.split("/")[1] for p in results["image_scores"]], 0)
+    labels = np.array([0 if "/good/" in p else 1 for p in results["image_scores"]])
+    scores = np.array(list(results["image_scores"].values()))
+    assert block["T3"]["image_f1"] == pytest.approx(
+        f1_score(labels[split.report], scores[split.report] >= block["T3"]["value"]))
+    assert (tmp_path / "eval" / "thresholds.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert saved["thresholds"]["T1"]["value"] == block["T1"]["value"]

@@ -11,7 +11,8 @@ import platform
 import resource
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +22,22 @@ from tqdm.auto import tqdm
 
 from fedinspect import __version__
 from fedinspect.data.dataset import CategoryDataset, Sample
-from fedinspect.data.images import image_size
+from fedinspect.data.images import image_size, read_image
 from fedinspect.data.regions import Region
 from fedinspect.detectors.padim import GridMismatchError
 from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.detectors.registry import Detector, detector_name, get_detector, load_detector
+from fedinspect.detectors.trained_detector import TrainedDetector
 from fedinspect.errors import DataError
 from fedinspect.evaluation import anomaly_maps
-from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions
+from fedinspect.evaluation.plots import plot_thresholds
+from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions, union_mask
+from fedinspect.evaluation.report import Example
+from fedinspect.evaluation.thresholds import threshold_protocol, threshold_split, train_shares
 from fedinspect.run_folder import staged_output
 
 RESULTS_FILE = "results.json"
+THRESHOLD_FIGURE = "thresholds.png"
 
 
 def peak_memory_mb() -> float:
@@ -57,27 +63,34 @@ def _naming_the_image(dataset: CategoryDataset, samples: list[Sample], run: Call
 
 def fit_category(
     data_dir: str | Path, model_dir: str | Path | None = None, progress: bool = True, detector: str = "patchcore",
-    **params: Any,
+    hold_out_t1: bool = False, split_seed: int = 0, **params: Any,
 ) -> Detector:
     """Fit a detector (by registry name) on a category's good training images; save it to ``model_dir`` if given.
 
-    ``model_dir`` is locked for the whole fit and written all at once (:func:`staged_output`): a
-    failed fit leaves a previous model there untouched, and a second fit into it at the same time fails.
+    ``hold_out_t1``: leave out the T1 share of the training images (15%, drawn with ``split_seed``; see
+    :func:`~fedinspect.evaluation.thresholds.train_shares`) so that T1 is later estimated on unseen good
+    images, as seed 004's protocol does. ``model_dir`` is locked for the whole fit and written all at
+    once (:func:`staged_output`): a failed fit leaves a previous model there untouched, and a second fit
+    into it at the same time fails.
     """
     model = get_detector(detector, progress=progress, **params)  # settings checked before the data are read
     dataset = CategoryDataset(data_dir)
+    samples = dataset.train
+    if hold_out_t1:
+        fit, validation, _ = train_shares(len(samples), split_seed)
+        samples = [samples[i] for i in sorted([*fit, *validation])]
     if model_dir is None:
-        return _fit(model, dataset)
+        return _fit(model, dataset, samples)
     with staged_output(model_dir, inputs=[data_dir]) as staging:
-        _fit(model, dataset).save(staging)
+        _fit(model, dataset, samples).save(staging)
     return model
 
 
-def _fit(model: Detector, dataset: CategoryDataset) -> Detector:
+def _fit(model: Detector, dataset: CategoryDataset, samples: list[Sample]) -> Detector:
     start = time.perf_counter()
-    _naming_the_image(dataset, dataset.train, lambda images: model.fit(images, total=len(dataset.train)))
+    _naming_the_image(dataset, samples, lambda images: model.fit(images, total=len(samples)))
     model.fit_seconds_ = time.perf_counter() - start
-    model.n_train_images_ = len(dataset.train)
+    model.n_train_images_ = len(samples)
     return model
 
 
@@ -93,6 +106,25 @@ def load_ground_truth(
     return shapes, regions
 
 
+@dataclass(frozen=True)
+class ThresholdOptions:
+    """How ``evaluate`` chooses and reports the operating thresholds T1-T3 (seed 004's protocol).
+
+    ``percentile``: T1 is this percentile of the good pixels of the T1 share of the training images.
+    ``split_seed``: draws the shares (:func:`~fedinspect.evaluation.thresholds.threshold_split`).
+    ``t1_held_out``: whether the model was fitted without the T1 share (``fit_category(hold_out_t1=True)``);
+    only recorded, since ``fedinspect fit`` uses every training image and T1 then sits on seen images.
+    ``given``: thresholds chosen elsewhere (the training dataset's, when testing on another one).
+    ``figure_examples``: test images in the threshold figure (0: no figure).
+    """
+
+    percentile: float = 99.0
+    split_seed: int = 0
+    t1_held_out: bool = False
+    given: Mapping[str, float] | None = None
+    figure_examples: int = 4
+
+
 def evaluate_category(
     model: Detector | str | Path,
     data_dir: str | Path,
@@ -100,23 +132,25 @@ def evaluate_category(
     progress: bool = True,
     write_maps: bool = True,
     weights: str | Path | None = None,
+    thresholds: ThresholdOptions | None = ThresholdOptions(),
 ) -> dict[str, Any]:
-    """Score a category's test split with the AutoVI protocol; write results.json and 16-bit maps.
+    """Score a category's test split with the AutoVI protocol and thresholds T1-T3; write results.json and maps.
 
-    Returns the results dictionary (also written to ``out_dir/results.json`` when given). ``out_dir``
-    is written all at once and replaces a previous evaluation there (no old maps stay beside new
-    results); a failure leaves it untouched. ``weights``: the backbone's weights file, for a model
-    folder (which names none); it must be the file the model was fitted with.
+    Returns the results dictionary (also written to ``out_dir/results.json`` when given, with
+    ``thresholds.png``). ``out_dir`` is written all at once and replaces a previous evaluation there (no
+    old maps stay beside new results); a failure leaves it untouched. ``weights``: the backbone's local
+    weights file, for a model folder (which names none); it must be the file the model was fitted with.
+    ``thresholds``: None skips T1-T3.
     """
     if out_dir is None:
-        return _evaluate(model, data_dir, None, progress, write_maps, weights)
+        return _evaluate(model, data_dir, None, progress, write_maps, weights, thresholds)
     inputs = [data_dir, model] if isinstance(model, str | Path) else [data_dir]
     with staged_output(out_dir, inputs=inputs) as staging:
-        return _evaluate(model, data_dir, staging, progress, write_maps, weights)
+        return _evaluate(model, data_dir, staging, progress, write_maps, weights, thresholds)
 
 
 def _evaluate(model: Detector | str | Path, data_dir: str | Path, out_dir: Path | None, progress: bool,
-              write_maps: bool, weights: str | Path | None) -> dict[str, Any]:
+              write_maps: bool, weights: str | Path | None, thresholds: ThresholdOptions | None) -> dict[str, Any]:
     if isinstance(model, str | Path):
         model = load_detector(model, weights=weights, progress=progress)
     model.progress = progress
@@ -142,6 +176,12 @@ def _evaluate(model: Detector | str | Path, data_dir: str | Path, out_dir: Path 
     results.update(score_predictions(labels, scores, maps, regions))
     timings["metrics_s"] = time.perf_counter() - start
 
+    if thresholds is not None:
+        start = time.perf_counter()
+        results["thresholds"] = _thresholds(model, dataset, labels, scores, maps, regions, shapes, thresholds,
+                                            out_dir)
+        timings["thresholds_s"] = time.perf_counter() - start
+
     low, high = anomaly_maps.score_range(maps)
     if out_dir is not None and write_maps:
         start = time.perf_counter()
@@ -158,6 +198,7 @@ def _evaluate(model: Detector | str | Path, data_dir: str | Path, out_dir: Path 
                 "test_defective": int(labels.sum()),
                 "regions": sum(len(r) for r in regions),
                 "memory_bank": int(model.memory_bank_.shape[0]) if isinstance(model, PatchCore) else None,
+                "parameters": model_parameter_count(model),
             },
             "per_defect_image_auroc": per_defect_image_auroc(labels, scores, [s.defect for s in dataset.test]),
             "map_score_range": [low, high],
@@ -172,6 +213,67 @@ def _evaluate(model: Detector | str | Path, data_dir: str | Path, out_dir: Path 
     if out_dir is not None:
         (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
     return results
+
+
+def _thresholds(model: Detector, dataset: CategoryDataset, labels: np.ndarray, scores: np.ndarray,
+                maps: list[np.ndarray], regions: list[list[Region]], shapes: list[tuple[int, int]],
+                options: ThresholdOptions, out_dir: Path | None) -> dict[str, Any]:
+    """T1-T3 chosen on their shares and reported on the report share; the figure in ``out_dir``."""
+    try:
+        split = threshold_split(len(dataset.train), [s.defect for s in dataset.test], options.split_seed)
+        if options.given is None and not any(regions[i] for i in split.select):
+            raise ValueError("the select share (15% of each defect type) holds no annotated defect region")
+        if not any(regions[i] for i in split.report):
+            raise ValueError("the report share holds no annotated defect region")
+    except ValueError as error:  # a category too small for the shares: the AutoVI metrics stand alone
+        print(f"warning: {dataset.root}: no thresholds T1-T3 ({error})", file=sys.stderr)
+        return {"skipped": str(error)}
+    t1_maps: list[np.ndarray] = []
+    if options.given is None:
+        t1_samples = [dataset.train[i] for i in split.t1]
+        t1_maps = _naming_the_image(dataset, t1_samples,
+                                    lambda images: model.predict(images, total=len(t1_samples)))[1]
+    block = threshold_protocol(t1_maps, maps, regions, scores, labels, split.select, split.report,
+                               options.percentile, options.given)
+    block["t1_held_out"] = options.t1_held_out
+    block["split_seed"] = options.split_seed
+    if out_dir is not None and options.figure_examples:
+        chosen = _figure_examples(labels, scores, [sample.defect for sample in dataset.test], split.report,
+                                  options.figure_examples)
+        examples = [Example(category=dataset.name, defect=dataset.test[i].defect, name=dataset.test[i].stem,
+                            image=read_image(dataset.test[i].image_path), anomaly_map=maps[i],
+                            ground_truth=union_mask(regions[i], shapes[i]), score=float(scores[i])) for i in chosen]
+        plot_thresholds(examples, {name: block[name]["value"] for name in ("T1", "T2", "T3")},
+                        out_dir / THRESHOLD_FIGURE)
+    return block
+
+
+def _figure_examples(labels: np.ndarray, scores: np.ndarray, defects: list[str], report: np.ndarray,
+                     count: int) -> list[int]:
+    """From the report share: the median-scoring image of each defect type, then the top-scoring good one."""
+    chosen: list[int] = []
+    for defect in sorted({defects[i] for i in report if labels[i] == 1}):
+        members = sorted((int(i) for i in report if defects[i] == defect), key=lambda i: (scores[i], i))
+        chosen.append(members[len(members) // 2])
+    chosen = chosen[: max(count - 1, 1)]
+    good = [int(i) for i in report if labels[i] == 0]
+    if good:
+        chosen.append(max(good, key=lambda i: (scores[i], -i)))
+    return chosen
+
+
+def model_parameter_count(model: Detector) -> int | None:
+    """Numbers in the model's networks (frozen backbone included) plus what it stores (bank, Gaussians)."""
+    if isinstance(model, TrainedDetector):
+        return model.n_parameters_
+    features = getattr(model, "_features", None)
+    count = sum(p.numel() for p in features.parameters()) if features is not None else 0
+    if isinstance(model, PatchCore) and getattr(model, "memory_bank_", None) is not None:
+        count += int(model.memory_bank_.size)
+    scorer = getattr(model, "_scorer", None)
+    if scorer is not None:
+        count += sum(b.numel() for b in scorer.buffers())
+    return count
 
 
 def _environment() -> dict[str, Any]:

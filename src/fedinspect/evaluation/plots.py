@@ -37,6 +37,7 @@ __all__ = [
     "plot_metric_bars",
     "plot_roc_curves",
     "plot_spro_curves",
+    "plot_thresholds",
     "roc_available",
 ]
 
@@ -430,5 +431,54 @@ def plot_examples(
         for ax in axes.ravel():
             ax.set_visible(False)
         axes.ravel()[0].set_visible(True)
+        _placeholder(axes.ravel()[0], "no examples")
+    return _save(fig, path)
+
+
+_THRESHOLD_COLORS = {"T1": "#ff8c00", "T2": "#d62728", "T3": "#9467bd"}
+
+
+def plot_thresholds(examples: Sequence[Example], thresholds: Mapping[str, float], path: Path | str) -> Path:
+    """The seed's threshold figure: per test image, its score map and the masks at T1, T2 and T3.
+
+    One row per example: the image with the ground-truth outline, the anomaly map (its own colour scale
+    across the figure), then for each threshold the pixels ``>= threshold`` in colour over the image, with
+    the ground-truth outline and the share of the image they cover in the title.
+    """
+    names = list(thresholds)
+    n_cols = 2 + len(names)
+    col_width = 2.4
+    heights = [col_width * min(max(np.asarray(e.image).shape[0] / max(np.asarray(e.image).shape[1], 1), 0.3), 2.0)
+               + 0.55 for e in examples] or [1.0]
+    fig = Figure(figsize=(n_cols * col_width + 0.6, sum(heights) + 0.3), layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(heights), n_cols, squeeze=False, gridspec_kw={"height_ratios": heights}))
+    finite = [np.asarray(e.anomaly_map, dtype=np.float64) for e in examples]
+    values = np.concatenate([m[np.isfinite(m)].ravel() for m in finite]) if finite else np.zeros(1)
+    vmin, vmax = (float(values.min()), float(values.max())) if values.size else (0.0, 1.0)
+    cmap = colormaps[_HEATMAP_CMAP]
+    for row, example, scores in zip(axes, examples, finite, strict=False):
+        mask = np.asarray(example.ground_truth).astype(bool)
+        height, width = _show_image(row[0], example.image)
+        _gt_contour(row[0], mask, height, width, "#00ff00")
+        row[0].set_title(f"{example.defect} / {example.name}", fontsize=8)
+        _show_image(row[1], example.image)
+        heat = row[1].imshow(scores, cmap=cmap, vmin=vmin, vmax=vmax, alpha=_HEATMAP_ALPHA,
+                             extent=(0, width, height, 0))
+        fig.colorbar(heat, ax=row[1], fraction=0.05, pad=0.02).ax.tick_params(labelsize=6)
+        row[1].set_title(f"score map (image {example.score:.3g})", fontsize=8)
+        for ax, name in zip(row[2:], names, strict=True):
+            _show_image(ax, example.image)
+            predicted = scores >= thresholds[name]
+            overlay = np.ma.masked_where(~predicted, np.ones(predicted.shape, dtype=np.float32))
+            ax.imshow(overlay, cmap=ListedColormap([_THRESHOLD_COLORS.get(name, "#d62728")]), alpha=0.55,
+                      extent=(0, width, height, 0), interpolation="nearest")
+            _gt_contour(ax, mask, height, width, "#00ff00")
+            ax.set_title(f"{name} = {thresholds[name]:.3g}: {100 * predicted.mean():.1f}% of pixels", fontsize=8)
+        for ax in row:
+            ax.set_xlim(0, width)
+            ax.set_ylim(height, 0)
+    if not examples:
+        for ax in axes.ravel()[1:]:
+            ax.set_visible(False)
         _placeholder(axes.ravel()[0], "no examples")
     return _save(fig, path)

@@ -20,8 +20,9 @@ Everything here takes plain arrays; nothing knows about models or federation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
@@ -37,8 +38,10 @@ __all__ = [
     "best_f1_pixel_threshold",
     "percentile_threshold",
     "threshold_metrics",
+    "threshold_protocol",
     "threshold_report",
     "threshold_split",
+    "train_shares",
 ]
 
 MAX_F1_PIXELS = 20_000_000
@@ -73,6 +76,19 @@ def _round_half_up(value: float) -> int:
     return int(np.floor(value + 0.5))
 
 
+def _train_shares(rng: np.random.Generator, n_train: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    order = rng.permutation(n_train)
+    n_small = max(1, _round_half_up(TRAIN_FRACTIONS[1] * n_train))
+    return order[: n_train - 2 * n_small], order[n_train - 2 * n_small : n_train - n_small], order[n_train - n_small :]
+
+
+def train_shares(n_train: int, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The (fit, validation, T1) indices of :func:`threshold_split` alone (they do not depend on the test set)."""
+    if int(n_train) != n_train or n_train < 3:
+        raise ValueError(f"need at least 3 training images (fit, validation, T1), got {n_train!r}")
+    return tuple(np.sort(a).astype(np.int64) for a in _train_shares(np.random.default_rng(seed), int(n_train)))
+
+
 def threshold_split(n_train: int, test_types: Sequence[str], seed: int) -> ThresholdSplit:
     """Split training images 70/15/15 (fit/validation/T1) and test images 15/85 (select/report).
 
@@ -91,12 +107,7 @@ def threshold_split(n_train: int, test_types: Sequence[str], seed: int) -> Thres
     if not types:
         raise ValueError("need at least one test image")
     rng = np.random.default_rng(seed)
-
-    order = rng.permutation(int(n_train))
-    n_small = max(1, _round_half_up(TRAIN_FRACTIONS[1] * n_train))
-    fit = order[: n_train - 2 * n_small]
-    validation = order[n_train - 2 * n_small : n_train - n_small]
-    t1 = order[n_train - n_small :]
+    fit, validation, t1 = _train_shares(rng, int(n_train))
 
     labels = np.asarray(types)
     select_parts, report_parts = [], []
@@ -343,3 +354,58 @@ def threshold_report(
         entry["chosen_by"] = chosen_by[name]
         report[name] = entry
     return report
+
+
+# ----------------------------------------------------------------------------------------------
+# The whole protocol on one model's predictions
+# ----------------------------------------------------------------------------------------------
+
+
+def threshold_protocol(
+    t1_maps: Sequence[ArrayLike],
+    anomaly_maps: Sequence[ArrayLike],
+    ground_truth: Sequence[np.ndarray | Sequence[Region]],
+    image_scores: ArrayLike,
+    labels: ArrayLike,
+    select: ArrayLike,
+    report: ArrayLike,
+    percentile: float = 99.0,
+    chosen: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """T1-T3 chosen and reported as the seed does, with the threshold-free metrics of the report share.
+
+    ``t1_maps``: maps of the good images of the T1 share; the other arrays cover the test images, of
+    which ``select`` (indices) chooses T2 and T3 and ``report`` is scored. ``chosen``: thresholds taken
+    from elsewhere (``{"T1": v, "T2": v, "T3": v}``, e.g. those of the training dataset when testing on
+    another one); then nothing is chosen here and ``select`` is unused.
+
+    Returns ``{"T1": {...}, "T2": {...}, "T3": {...}, "threshold_free": {image_auroc, pixel_auroc,
+    auc_spro}, "shares": {"t1": n, "select": n, "report": n}, "percentile": p}``; each T entry holds the
+    metrics of :func:`threshold_metrics` on the report share, its ``value`` and how it was chosen, and
+    T2/T3 their F1 on the select share (``select_f1``).
+    """
+    from fedinspect.evaluation.protocol import score_predictions
+
+    maps = _maps(anomaly_maps)
+    regions = _ground_truth_regions(ground_truth, maps)
+    y, s = _image_labels(labels, image_scores)
+    select, report = np.asarray(select, dtype=np.int64), np.asarray(report, dtype=np.int64)
+    if chosen is None:
+        t1 = percentile_threshold(t1_maps, percentile)
+        t2, f1_2 = best_f1_pixel_threshold([maps[i] for i in select], [regions[i] for i in select])
+        t3, f1_3 = best_f1_image_threshold(s[select], y[select])
+        select_f1: dict[str, float | None] = {"T1": None, "T2": f1_2, "T3": f1_3}
+    else:
+        t1, t2, t3 = (float(chosen[name]) for name in ("T1", "T2", "T3"))
+        select_f1 = {"T1": None, "T2": None, "T3": None}
+    out: dict[str, Any] = threshold_report([maps[i] for i in report], [regions[i] for i in report], s[report],
+                                           y[report], t1, t2, t3, percentile)
+    for name in ("T1", "T2", "T3"):
+        out[name]["select_f1"] = select_f1[name]
+        if chosen is not None:
+            out[name]["chosen_by"] = "given (thresholds of another dataset)"
+    out["threshold_free"] = score_predictions(y[report].astype(int), s[report], [maps[i] for i in report],
+                                              [regions[i] for i in report])
+    out["shares"] = {"t1": len(t1_maps), "select": int(select.size), "report": int(report.size)}
+    out["percentile"] = float(percentile)
+    return out
