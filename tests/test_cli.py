@@ -49,3 +49,20 @@ def test_python_dash_m_entry_point() -> None:
     done = subprocess.run([sys.executable, "-m", "fedinspect", "--version"], capture_output=True, text=True,
                           check=True)
     assert done.stdout.startswith("fedinspect ")
+
+
+def test_fit_and_evaluate_a_trained_detector_with_its_options(mvtec_category: Path, tmp_path: Path, capsys) -> None:
+    model_dir, results_dir = tmp_path / "model", tmp_path / "results"
+    assert main(["-q", "fit", "--detector", "ae_mse", "--data", str(mvtec_category), "--out", str(model_dir),
+                 "--image-size", "32", "--epochs", "2", "--lr", "0.002", "--patience", "0"]) == 0
+    assert "2 epochs on 2 of them" in capsys.readouterr().out  # 3 images, one held out for validation
+    settings = json.loads((model_dir / "ae_mse.json").read_text())
+    assert settings["params"]["epochs"] == 2 and settings["params"]["learning_rate"] == 0.002
+    assert main(["-q", "evaluate", "--model", str(model_dir), "--data", str(mvtec_category),
+                 "--out", str(results_dir)]) == 0
+    assert json.loads((results_dir / "results.json").read_text())["detector"] == "ae_mse"
+    # an option the detector does not take is refused, naming those that take it
+    assert main(["fit", "--detector", "ae_mse", "--data", str(mvtec_category), "--out", str(tmp_path / "m2"),
+                 "--backbone", "efficientnet_lite2"]) == 2
+    assert "--backbone does not apply to --detector ae_mse" in capsys.readouterr().err
+    assert not (tmp_path / "m2").exists()

@@ -51,19 +51,34 @@ def _cmd_synth(args: argparse.Namespace) -> int:
     return 0
 
 
-# Options of `fit` that only one detector has: given for another detector, they are refused.
-DETECTOR_OPTIONS = {"coreset_ratio": ("--coreset-ratio", "patchcore"), "n_features": ("--n-features", "padim")}
+# `fit` options whose detector parameter not every detector has: given for one that lacks it, they are refused.
+FIT_OPTIONS = {"backbone": "--backbone", "weights": "--weights", "coreset_ratio": "--coreset-ratio",
+               "n_features": "--n-features", "epochs": "--epochs", "learning_rate": "--lr",
+               "batch_size": "--batch-size", "patience": "--patience", "texture_dir": "--texture-dir"}
 
 
 def _fit_params(args: argparse.Namespace) -> dict:
-    """The detector's settings from `fit`'s options; an option of another detector is an error."""
-    params = _model_params(args)
-    for dest, (flag, detector) in DETECTOR_OPTIONS.items():
+    """The detector's settings from `fit`'s options; an option the detector does not take is an error."""
+    from fedinspect.detectors.registry import detector_parameters
+
+    accepted = detector_parameters(args.detector)
+    params = {"image_size": args.image_size, "seed": args.seed}
+    for dest, flag in FIT_OPTIONS.items():
         value = getattr(args, dest)
-        if value is not None and detector != args.detector:
-            raise FedinspectError(f"{flag} applies to {detector} only, not to --detector {args.detector}")
+        if value is None:
+            continue
+        if dest not in accepted:
+            takers = ", ".join(name for name in _detectors_taking(dest)) or "none"
+            raise FedinspectError(f"{flag} does not apply to --detector {args.detector} (detectors that take it: "
+                                  f"{takers})")
         params[dest] = value
-    return {name: value for name, value in params.items() if value is not None or name == "weights"}
+    return params
+
+
+def _detectors_taking(parameter: str) -> list[str]:
+    from fedinspect.detectors.registry import DESCRIPTIONS, detector_parameters
+
+    return [name for name in DESCRIPTIONS if parameter in detector_parameters(name)]
 
 
 def _cmd_fit(args: argparse.Namespace) -> int:
@@ -73,20 +88,29 @@ def _cmd_fit(args: argparse.Namespace) -> int:
     if args.detector == "padim":
         fitted = (f"PaDiM Gaussians on a {model.grid_shape_[0]} x {model.grid_shape_[1]} grid of "
                   f"{model.n_features} features")
-    else:
+    elif args.detector == "patchcore":
         fitted = (f"{model.n_train_patches_} patches -> memory bank {model.memory_bank_.shape[0]} x "
                   f"{model.memory_bank_.shape[1]}")
+    else:
+        trained_on = model.n_train_images_ - model.n_validation_images_
+        fitted = (f"{len(model.history_)} epochs on {trained_on} of them, best validation loss at epoch "
+                  f"{model.best_epoch_}")
     print(f"fitted {Path(args.data).name}: {model.n_train_images_} images, {fitted} in {model.fit_seconds_:.1f} s "
           f"(peak memory {peak_memory_mb():.0f} MiB); saved to {args.out}")
     return 0
 
 
 def _cmd_detectors(args: argparse.Namespace) -> int:
-    from fedinspect.detectors.registry import DESCRIPTIONS
+    from fedinspect.detectors.registry import DESCRIPTIONS, TRAINED, detector_parameters
 
     width = max(map(len, DESCRIPTIONS))
     for name, description in DESCRIPTIONS.items():
         print(f"{name:<{width}}  {description}")
+        if name in TRAINED:
+            defaults = detector_parameters(name)
+            shown = ", ".join(f"{key} {defaults[key]}" for key in ("epochs", "learning_rate", "batch_size", "patience")
+                              if key in defaults)
+            print(f"{'':<{width}}  trained: {shown}")
     return 0
 
 
@@ -354,12 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--detector", choices=tuple(DESCRIPTIONS), default="patchcore",
                      help="one-class detector ('fedinspect detectors' lists them)")
     _add_model_options(fit)
-    fit._action_groups[-1].title = "detector"  # the model options serve every detector here
-    for action in fit._actions:
-        if action.dest == "coreset_ratio":  # fit's own rule: patchcore only, its default when not given
-            action.default, action.help = None, "fraction of patches kept in the memory bank (patchcore only; 0.1)"
-    fit.add_argument("--n-features", type=int, default=None,
-                     help="random feature channels modelled per position (padim only; 100)")
+    group = fit._action_groups[-1]
+    group.title = "detector (an option a detector does not take is refused)"
+    for action in fit._actions:  # fit's own rule: given or the detector's own default
+        if action.dest in ("backbone", "coreset_ratio"):
+            action.help = f"{action.help} (detectors on backbone features; {action.default})"
+            action.default = None
+    group.add_argument("--n-features", type=int, default=None,
+                       help="random feature channels modelled per position (padim; 100)")
+    trained = fit.add_argument_group("trained detectors (ae_mse, ae_ssim, stfpm, reverse_distillation, draem, "
+                                     "cflow; defaults: 'fedinspect detectors')")
+    trained.add_argument("--epochs", type=int, default=None, help="most passes over the training images")
+    trained.add_argument("--lr", dest="learning_rate", type=float, default=None, help="learning rate (Adam)")
+    trained.add_argument("--batch-size", type=int, default=None, help="images per step (every detector)")
+    trained.add_argument("--patience", type=int, default=None,
+                         help="epochs without a better validation loss before stopping (0: never stop early)")
+    trained.add_argument("--texture-dir", default=None,
+                         help="folder of texture images for DRAEM's simulated anomalies, e.g. a DTD copy "
+                              "(draem; none: textures shipped with scikit-image and generated ones)")
     fit.set_defaults(run=_cmd_fit)
 
     detectors = commands.add_parser("detectors", help="list the one-class detectors 'fit --detector' takes")

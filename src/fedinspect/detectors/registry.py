@@ -83,6 +83,14 @@ def get_detector(name: str, **params: Any) -> Detector:
     return DETECTORS[name](**params)
 
 
+def detector_parameters(name: str) -> dict[str, Any]:
+    """Constructor parameters of detector ``name`` and their defaults (imports its module)."""
+    import inspect
+
+    signature = inspect.signature(DETECTORS[name].__init__)
+    return {key: p.default for key, p in signature.parameters.items() if key not in ("self", "progress")}
+
+
 def detector_name(model: Detector) -> str:
     """The registry name of a detector instance."""
     for name, (module, cls) in ((n, e[:2]) for n, e in _ENTRIES.items()):
