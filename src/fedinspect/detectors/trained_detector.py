@@ -11,7 +11,8 @@ A subclass (autoencoder, STFPM, reverse distillation, DRAEM, CFLOW) says only wh
   in [0, 1]; ``generator`` seeds any randomness of the loss (DRAEM's simulated anomalies);
 - ``_anomaly_maps(module, images)``: (B, H, W) anomaly maps at the input's resolution, higher = more
   anomalous (called under ``torch.no_grad`` with the module in eval mode);
-- optionally ``_optimizer(module)`` (default Adam) and ``_image_score(map)`` (default: the map's maximum);
+- optionally ``_optimizer(module)`` (default Adam), ``_image_score(map)`` (default: the map's maximum) and
+  ``_calibrate(module, images)`` (statistics of the good images kept in buffers after training; default none);
 - its own constructor parameters, stored under the same names (scikit-learn convention: ``get_params``
   reads the ``__init__`` signature).
 
@@ -146,6 +147,12 @@ class TrainedDetector:
         """Adam at ``learning_rate`` over :meth:`_parameters_to_train` (a subclass may choose its betas)."""
         return torch.optim.Adam(self._parameters_to_train(module), lr=self.learning_rate)
 
+    def _calibrate(self, module: nn.Module, images: list[torch.Tensor]) -> None:
+        """After training, with the best weights in eval mode: fit statistics of the good images' scores
+        into the module's buffers (saved with the weights). Default: nothing. ``images``: every letterboxed
+        good image (training and validation); CFLOW keeps its reference log-likelihood here.
+        """
+
     def _image_score(self, score_map: np.ndarray) -> float:
         """An image's score from its map at its own size: the maximum (a subclass may smooth first)."""
         return float(score_map.max())
@@ -258,6 +265,8 @@ class TrainedDetector:
         bar.close()
         module.load_state_dict(best_state)
         module.eval()
+        with torch.no_grad():
+            self._calibrate(module, train + validation)
         self.module_ = module
         self.history_ = history
         self.best_epoch_ = best_epoch
