@@ -117,7 +117,7 @@ class ReverseDistillation(TrainedDetector):
     features. Map: sum over scales of 1 - cosine, upsampled to the input; image score: the map's maximum.
 
     Defaults (sized for a 2-core CPU): EfficientNet-Lite0 teacher, image_size 256, Adam lr 0.005 with
-    betas (0.5, 0.999) as the paper, batch 8, at most 12 epochs, early stopping after 3 epochs without a
+    betas (0.5, 0.999) as the paper, batch 8, at most 6 epochs, early stopping after 3 epochs without a
     better validation loss on 10% of the good images. The paper: WideResNet-50 teacher, 256x256, Adam
     lr 0.005, betas (0.5, 0.999), batch 16, 200 epochs; the seed study: 300 epochs at lr 0.01, 256x256.
 
@@ -137,7 +137,7 @@ class ReverseDistillation(TrainedDetector):
         layers: Sequence[str] | None = None,
         weights: str | Path | None = None,
         image_size: int = 256,
-        epochs: int = 12,
+        epochs: int = 6,
         learning_rate: float = 0.005,
         batch_size: int = 8,
         patience: int = 3,

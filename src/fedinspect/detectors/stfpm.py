@@ -50,7 +50,7 @@ class Stfpm(TrainedDetector):
     the coarsest for context.
 
     Defaults (sized for a 2-core CPU): EfficientNet-Lite0 teacher and student, image_size 256, Adam at
-    lr 1e-3, batch 8, at most 12 epochs, early stopping after 3 epochs without a better validation
+    lr 1e-3, batch 8, at most 6 epochs, early stopping after 3 epochs without a better validation
     loss on 10% of the good images. The paper: ResNet-18, 256x256, SGD lr 0.4, momentum 0.9,
     weight decay 1e-4, batch 32, 100 epochs; the seed study: 300 epochs at lr 0.01, 256x256.
 
@@ -72,7 +72,7 @@ class Stfpm(TrainedDetector):
         layers: Sequence[str] | None = None,
         weights: str | Path | None = None,
         image_size: int = 256,
-        epochs: int = 12,
+        epochs: int = 6,
         learning_rate: float = 1e-3,
         batch_size: int = 8,
         patience: int = 3,
