@@ -238,6 +238,24 @@ def _cmd_study(args: argparse.Namespace) -> int:
     return 1 if cells["failed"] else 0
 
 
+def _cmd_zoo_study(args: argparse.Namespace) -> int:
+    from fedinspect.detectors.registry import DESCRIPTIONS
+    from fedinspect.study.zoo import ZooSettings, run_zoo_study
+
+    detectors = split_list(args.detectors, "--detectors")
+    unknown = [name for name in detectors if name not in DESCRIPTIONS]
+    if unknown or not detectors:
+        raise FedinspectError(f"--detectors: unknown {', '.join(unknown) or '(none given)'}; choose from "
+                              f"{', '.join(DESCRIPTIONS)}")
+    settings = ZooSettings(detectors=detectors, image_size=args.image_size, seed=args.seed,
+                           percentile=args.t1_percentile, epochs=args.epochs, isolate=not args.in_process)
+    summary = run_zoo_study(args.data, args.out, settings, progress=not args.quiet)
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8").split("## Thresholds T1-T3")[0].rstrip())
+    print(f"{len(summary['rows'])} tests, {len(summary['failed'])} failed cells in {summary['wall_s']:.0f} s; "
+          f"zoo_study.json, report.md, report.html in {args.out}")
+    return 1 if summary["failed"] else 0
+
+
 def _add_federation_options(parser: argparse.ArgumentParser, comparisons: bool = True) -> None:
     """Federation options; ``comparisons=False`` leaves out the baselines a command does not run."""
     from fedinspect.federation.partition import SCHEMES
@@ -443,6 +461,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_federation_options(demo)
     _add_privacy_options(demo)
     demo.set_defaults(run=_cmd_demo)
+
+    zoo = commands.add_parser("zoo-study", help="every detector trained and tested within, across and on the union "
+                                                "of datasets, with thresholds T1-T3 and cost (seed 004)")
+    zoo.add_argument("--data", required=True, nargs="+", help="category folders (MVTec or AutoVI layout), one or more")
+    zoo.add_argument("--out", required=True, help="study folder; finished models and tests in it are not redone")
+    zoo.add_argument("--detectors", nargs="+", default=",".join(DESCRIPTIONS), help="detectors, comma-separated")
+    zoo.add_argument("--image-size", type=int, default=256, help="short side after resizing (px)")
+    zoo.add_argument("--epochs", type=int, default=None,
+                     help="most epochs of every trained detector (default: each one's own)")
+    zoo.add_argument("--t1-percentile", type=float, default=99.0, help="T1: percentile of good pixels")
+    zoo.add_argument("--seed", type=int, default=0, help="seed of the shares and of every detector")
+    zoo.add_argument("--in-process", action="store_true",
+                     help="run the cells in this process (default: one fresh process each, so each peak memory "
+                          "is its own)")
+    zoo.set_defaults(run=_cmd_zoo_study)
 
     study = commands.add_parser("study", help="a grid of federated runs with statistics and a report (STUDY.toml)")
     study.add_argument("--config", required=True, help="study file (README 'Fairness and studies')")

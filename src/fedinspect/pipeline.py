@@ -87,10 +87,30 @@ def fit_category(
 
 
 def _fit(model: Detector, dataset: CategoryDataset, samples: list[Sample]) -> Detector:
+    return fit_on_samples(model, [(dataset, samples)])
+
+
+def fit_on_samples(model: Detector, parts: list[tuple[CategoryDataset, list[Sample]]]) -> Detector:
+    """Fit ``model`` on the given samples of one or several datasets (read one by one, in order).
+
+    A file a detector refuses becomes a DataError naming it (see :func:`_naming_the_image`).
+    """
     start = time.perf_counter()
-    _naming_the_image(dataset, samples, lambda images: model.fit(images, total=len(samples)))
+    total = sum(len(samples) for _, samples in parts)
+    current: list[Path] = []
+
+    def images() -> Iterator[np.ndarray]:
+        for dataset, samples in parts:
+            for sample in samples:
+                current[:] = [sample.image_path]
+                yield dataset.load_image(sample)
+
+    try:
+        model.fit(images(), total=total)
+    except GridMismatchError as error:
+        raise DataError(current[0], str(error)) from error
     model.fit_seconds_ = time.perf_counter() - start
-    model.n_train_images_ = len(samples)
+    model.n_train_images_ = total
     return model
 
 
