@@ -173,15 +173,17 @@ def test_load_detector_refuses_unknown_formats_and_empty_folders(saved: Path, tm
         load_detector(tmp_path)
 
 
-def test_registry_names_both_detectors_and_matches_their_modules() -> None:
+def test_registry_names_every_detector_and_matches_their_modules() -> None:
     from fedinspect.detectors import padim, patchcore
+    from fedinspect.detectors.registry import _ENTRIES, TRAINED
 
-    assert set(DETECTORS) == set(DESCRIPTIONS) == {"patchcore", "padim"}
+    assert set(DETECTORS) == set(DESCRIPTIONS) == {"patchcore", "padim", *TRAINED}
     assert DETECTORS["padim"] is Padim and DETECTORS["patchcore"] is patchcore.PatchCore
-    from fedinspect.detectors.registry import _ENTRIES
-
     assert _ENTRIES["padim"][2:4] == (padim.CONFIG_FILE, padim.MODEL_FORMAT)
     assert _ENTRIES["patchcore"][2:4] == (patchcore.CONFIG_FILE, patchcore.MODEL_FORMAT)
+    for name in TRAINED:  # the settings file and format the registry reads are the ones the class writes
+        cls = DETECTORS[name]
+        assert cls.name == name and _ENTRIES[name][2:4] == (cls.config_file(), cls.model_format)
     assert isinstance(get_detector("padim", image_size=64), Padim)
     with pytest.raises(SettingsError, match="unknown detector 'spade'"):
         get_detector("spade")
@@ -238,3 +240,10 @@ def test_a_category_of_mixed_aspect_ratios_names_the_image_padim_refuses(mvtec_c
     error = capsys.readouterr().err
     assert f"fedinspect: error: {wide}: PaDiM models one Gaussian per position of a 8x12 feature grid" in error
     assert not (tmp_path / "m").exists()
+
+
+def test_refitting_into_a_padim_model_folder_replaces_it(mvtec_category: Path, tmp_path: Path) -> None:
+    for _ in range(2):  # the second fit recognises the folder as a fedinspect model, not as someone's files
+        assert main(["-q", "fit", "--data", str(mvtec_category), "--out", str(tmp_path / "m"), "--detector", "padim",
+                     "--image-size", "64", "--n-features", "30"]) == 0
+    assert sorted(p.name for p in (tmp_path / "m").iterdir()) == ["gaussians.safetensors", "padim.json"]

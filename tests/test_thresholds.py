@@ -327,3 +327,19 @@ def test_evaluate_writes_thresholds_and_their_figure(blob_category, tmp_path):
     assert (tmp_path / "eval" / "thresholds.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert saved["thresholds"]["T1"]["value"] == block["T1"]["value"]
+
+
+@pytest.mark.slow
+def test_evaluate_writes_a_report_naming_the_detector_and_its_thresholds(blob_category, tmp_path):
+    from fedinspect.pipeline import evaluate_category, fit_category
+
+    model = fit_category(blob_category, progress=False, detector="padim", hold_out_t1=True, image_size=48,
+                         n_features=20)
+    results = evaluate_category(model, blob_category, tmp_path / "eval", progress=False)
+    report = (tmp_path / "eval" / "report.md").read_text()
+    assert report.startswith("# padim on blobs")
+    assert "T1 from 2 good training images (held out of fitting)" in report
+    t2_row = next(line for line in report.splitlines() if line.startswith("| T2 |"))
+    assert f"{results['thresholds']['T2']['value']:.4f}" in t2_row
+    assert "![" in report and "(thresholds.png)" in report
+    assert "thresholds.png" in (tmp_path / "eval" / "report.html").read_text()

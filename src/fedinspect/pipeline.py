@@ -30,6 +30,7 @@ from fedinspect.detectors.registry import Detector, detector_name, get_detector,
 from fedinspect.detectors.trained_detector import TrainedDetector
 from fedinspect.errors import DataError
 from fedinspect.evaluation import anomaly_maps
+from fedinspect.evaluation.category_report import write_category_report
 from fedinspect.evaluation.plots import plot_thresholds
 from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions, union_mask
 from fedinspect.evaluation.report import Example
@@ -79,6 +80,7 @@ def fit_category(
     if hold_out_t1:
         fit, validation, _ = train_shares(len(samples), split_seed)
         samples = [samples[i] for i in sorted([*fit, *validation])]
+    model.t1_held_out_ = hold_out_t1  # read by evaluate_category on this object (a saved model does not keep it)
     if model_dir is None:
         return _fit(model, dataset, samples)
     with staged_output(model_dir, inputs=[data_dir]) as staging:
@@ -232,6 +234,8 @@ def _evaluate(model: Detector | str | Path, data_dir: str | Path, out_dir: Path 
     )
     if out_dir is not None:
         (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        figure = THRESHOLD_FIGURE if (out_dir / THRESHOLD_FIGURE).is_file() else None
+        write_category_report(out_dir, results, figure)
     return results
 
 
@@ -255,7 +259,7 @@ def _thresholds(model: Detector, dataset: CategoryDataset, labels: np.ndarray, s
                                     lambda images: model.predict(images, total=len(t1_samples)))[1]
     block = threshold_protocol(t1_maps, maps, regions, scores, labels, split.select, split.report,
                                options.percentile, options.given)
-    block["t1_held_out"] = options.t1_held_out
+    block["t1_held_out"] = options.t1_held_out or getattr(model, "t1_held_out_", False)
     block["split_seed"] = options.split_seed
     if out_dir is not None and options.figure_examples:
         chosen = _figure_examples(labels, scores, [sample.defect for sample in dataset.test], split.report,

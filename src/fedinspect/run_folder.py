@@ -21,11 +21,13 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fedinspect.detectors.registry import SETTINGS_FILES
 from fedinspect.errors import FedinspectError
 
 # Files that mark a folder as a fedinspect output (a model, a run, an evaluation, a study cell).
-RUN_FILES = ("results.json", "patchcore.json", "memory_bank.safetensors", "partition.json", "experiment.json",
-             "error.txt")
+RUN_FILES = ("results.json", "memory_bank.safetensors", "gaussians.safetensors", "weights.safetensors",
+             "partition.json", "experiment.json", "error.txt", "fit.json", "zoo_study.json",
+             *SETTINGS_FILES)  # every detector's settings file: patchcore.json, padim.json, ae_mse.json, ...
 STAGING_INFIX = ".partial-"
 REPLACED_INFIX = ".replaced-"
 

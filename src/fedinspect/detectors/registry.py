@@ -57,6 +57,7 @@ TRAINED = ("ae_mse", "ae_ssim", "stfpm", "reverse_distillation", "draem", "cflow
 """Detectors trained by gradient descent (:class:`~fedinspect.detectors.trained_detector.TrainedDetector`)."""
 
 DESCRIPTIONS: dict[str, str] = {name: entry[4] for name, entry in _ENTRIES.items()}
+SETTINGS_FILES: tuple[str, ...] = tuple(entry[2] for entry in _ENTRIES.values())
 
 
 class _Classes(Mapping[str, type]):
