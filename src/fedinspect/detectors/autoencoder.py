@@ -62,11 +62,12 @@ class _Autoencoder(TrainedDetector):
 
     Defaults (sized for a 2-core CPU): 256 px short side, at most 40 epochs at Adam lr 1e-3, batch 8,
     early stopping after 5 epochs without a better validation loss on 10% of the good images, maps smoothed
-    with sigma 4. Cost grows with the images' area: 40 epochs on 50 images of 256x256 take minutes on two
-    cores; on 400 elongated images (magnetic tiles, ~1.5x the area, mostly one image per batch) they take
-    longer than 15 minutes: pass ``epochs=20`` there. The seed trained 300 epochs at lr 0.01 on 256x256
-    images (early stopping after 20 epochs); Bergmann et al. trained 200 epochs at Adam lr 2e-4 (weight
-    decay 1e-5, batch 128) on 128x128 patches cut from augmented images.
+    with sigma 4. Cost grows with the images' area: on two idle cores an epoch over 400 elongated images
+    (magnetic tiles, ~1.5x the area of 256x256, mostly one image per batch) takes ~18 s for ae_mse and
+    ~45 s for ae_ssim, so 40 epochs of ae_ssim exceed 15 minutes there: pass ``epochs=20``. The seed
+    trained 300 epochs at lr 0.01 on 256x256 images (early stopping after 20 epochs); Bergmann et al.
+    trained 200 epochs at Adam lr 2e-4 (weight decay 1e-5, batch 128) on 128x128 patches cut from
+    augmented images.
 
     No "clean border" step (the seed's skimage ``clear_border``): it needs a binarised map (ours stay
     continuous until a threshold is chosen), it would delete every real defect touching the edge, and
