@@ -105,7 +105,7 @@ def test_fit_finds_a_planted_defect_and_reloads_to_the_same_scores(cls, tmp_path
     assert scores[4] > scores[:4].max()
     peak = np.unravel_index(np.argmax(maps[4]), maps[4].shape)
     assert 8 <= peak[0] < 20 and 10 <= peak[1] < 22  # the map's peak is on the square
-    assert model.n_train_images_ == 12 and len(model.history_) == 50
+    assert model.n_train_images_ == 16 and model.n_validation_images_ == 4 and len(model.history_) == 50
     losses = [record["validation_loss"] for record in model.history_]
     assert min(losses) < 0.6 * losses[0]  # it learnt the stripes, not only their mean colour
     model.save(tmp_path)

@@ -85,7 +85,7 @@ def test_fit_save_load_same_scores_and_a_planted_defect_scores_highest(fitted, t
     assert [m.shape for m in maps] == [(64, 64)] * 4
     assert scores[3] > scores[:3].max()
     assert maps[3][20:36, 24:40].mean() > maps[3][48:, 48:].mean()  # and the map points at it
-    assert len(fitted.history_) == 8 and fitted.n_train_images_ == 6
+    assert len(fitted.history_) == 8 and fitted.n_train_images_ == 8 and fitted.n_validation_images_ == 2
     # one image alone scores as within a batch: the reference is fixed by the good images, not the batch
     np.testing.assert_allclose(fitted.predict([defect])[0], scores[3:], rtol=1e-5)
     fitted.save(tmp_path)

@@ -133,7 +133,7 @@ def test_a_corrupt_or_mismatched_weights_file_is_refused(tmp_path):
 
 @pytest.mark.slow
 def test_a_planted_defect_scores_above_the_good_images_and_is_located():
-    model = _small(epochs=40, learning_rate=3e-3, patience=0).fit(_images(16, 0))
+    model = _small(epochs=40, learning_rate=3e-3, patience=0, validation_fraction=0.1).fit(_images(16, 0))
     test = _images(4, 1)
     defect = test[0].copy()
     defect[16:30, 18:32] = (230, 40, 40)

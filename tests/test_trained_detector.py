@@ -54,7 +54,7 @@ def test_fit_predict_save_load_gives_the_same_scores(tmp_path):
     scores, maps = model.predict([*test, defect])
     assert [m.shape for m in maps] == [(40, 48)] * 4
     assert scores[3] > scores[:3].max()  # the planted bright square is reconstructed worst
-    assert len(model.history_) == 30 and model.n_train_images_ == 6 and model.n_validation_images_ == 2
+    assert len(model.history_) == 30 and model.n_train_images_ == 8 and model.n_validation_images_ == 2
     model.save(tmp_path)
     config = json.loads((tmp_path / "toy.json").read_text())
     assert config["format"] == "fedinspect.toy/1" and config["params"]["width"] == 4

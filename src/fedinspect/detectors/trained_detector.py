@@ -271,7 +271,7 @@ class TrainedDetector:
         self.history_ = history
         self.best_epoch_ = best_epoch
         self.train_seconds_ = time.perf_counter() - start
-        self.n_train_images_ = len(train)
+        self.n_train_images_ = len(tensors)  # all images given; the validation share is among them
         self.n_validation_images_ = len(validation)
         return self
 

@@ -60,7 +60,7 @@ class ZooSettings:
         params: dict[str, Any] = {"image_size": self.image_size, "seed": self.seed}
         if self.epochs is not None and "epochs" in detector_parameters(detector):
             params["epochs"] = self.epochs
-        if "validation_fraction" in detector_parameters(detector):
+        if detector_parameters(detector).get("validation_fraction"):  # DRAEM keeps none (its default is 0)
             params["validation_fraction"] = 15 / 85  # the seed's 70/15 of the 85% not held out for T1
         params.update(self.params.get(detector, {}))
         return params
