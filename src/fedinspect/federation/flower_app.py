@@ -454,7 +454,8 @@ def simulation_backend(num_supernodes: int, cpus_per_client: float = 1.0) -> dic
 def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: FederationConfig | None = None,
                           progress: bool = True, *, client_app: ClientApp | None = None,
                           num_supernodes: int | None = None, round_timeout: float = 3600.0,
-                          client_threads: int | None = None, cpus_per_client: float | None = None,
+                          connect_timeout: float = 600.0, client_threads: int | None = None,
+                          cpus_per_client: float | None = None,
                           backend_config: dict[str, Any] | None = None) -> dict[str, Any]:
     """One federated round on Flower's Simulation Engine (Ray): one virtual SuperNode per client.
 
@@ -465,7 +466,10 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Fed
     oversubscribe the cores. ``client_threads=0, cpus_per_client=1`` runs one single-threaded client
     per core: faster on a busy machine, but the embeddings then differ from the in-process ones at
     float rounding level (oneDNN splits convolutions by thread), and so may the metrics (~1e-8).
-    ``client_app`` replaces the ClientApp (fault drills); ``round_timeout`` bounds the wait for updates.
+    ``client_app`` replaces the ClientApp (fault drills); ``round_timeout`` bounds the wait for updates,
+    ``connect_timeout`` the wait for every virtual SuperNode's ClientApp to start and identify itself: the
+    nodes always exist, so it only has to outlast a busy machine (60 s did not: on 2 cores shared with a
+    training job, three ClientApps starting one after the other took longer).
     """
     import torch
 
@@ -477,7 +481,7 @@ def run_flower_simulation(data_dir: str | Path, out_dir: str | Path, config: Fed
     cpus_per_client = cpus_per_client or max(1, client_threads)
     sink: dict[str, Any] = {}
     options = {"data-dir": str(data_dir), "out-dir": str(out_dir), "round-timeout": round_timeout,
-               "connect-timeout": 60.0, "progress": progress,
+               "connect-timeout": connect_timeout, "progress": progress,
                "client-threads": client_threads}
     server = make_server_app(config, options, sink)
     return simulate(server, client_app or make_client_app(), num_supernodes,
