@@ -29,6 +29,20 @@ def save_png(path: Path, array: np.ndarray) -> Path:
 
 
 @pytest.fixture
+def one_torch_thread():
+    """Train with one torch thread: on a loaded 2-core machine two spinning threads make a step 30-50x slower.
+
+    For the trained detectors' tests (their numbers do not depend on the thread count they are compared at).
+    """
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def mvtec_category(tmp_path: Path) -> Path:
     """A minimal MVTec-layout category: 3 train, 1 good and 2 defective test images (one with two blobs)."""
     rng = np.random.default_rng(0)

@@ -30,13 +30,7 @@ def _textures(n: int, seed: int, size: int = 32) -> list[np.ndarray]:
     return images
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One torch thread: on a loaded 2-core machine two threads contend and a step takes ~30x longer."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _fast(cls, **params):

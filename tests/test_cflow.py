@@ -17,6 +17,8 @@ from fedinspect.errors import ModelFileError, SettingsError
 
 from .conftest import textured_image
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 SMALL = dict(image_size=64, coupling_blocks=2, condition_vector=16, fiber_batch=256, batch_size=4,
              learning_rate=2e-3, sigma=1.0, validation_fraction=0.25)
 

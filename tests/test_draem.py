@@ -15,14 +15,7 @@ from fedinspect.detectors.registry import load_detector
 from fedinspect.detectors.trained_detector import WEIGHTS_FILE
 from fedinspect.errors import DataError, ModelFileError, SettingsError
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: on a shared, loaded machine two spinning threads make each step 50x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _images(n: int, seed: int, shape=(48, 48)) -> list[np.ndarray]:

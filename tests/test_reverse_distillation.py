@@ -13,6 +13,8 @@ from fedinspect.detectors.reverse_distillation import ReverseDistillation
 from fedinspect.detectors.trained_detector import WEIGHTS_FILE
 from fedinspect.errors import ModelFileError, SettingsError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def _images(n: int, seed: int, shape=(64, 64)) -> list[np.ndarray]:
     """Grey images with a fine random texture: all alike, as a category's good images are."""

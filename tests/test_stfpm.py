@@ -17,6 +17,8 @@ from fedinspect.detectors.stfpm import Stfpm
 from fedinspect.detectors.trained_detector import WEIGHTS_FILE
 from fedinspect.errors import ModelFileError, SettingsError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 LAYERS = ("stride4", "stride8", "stride16")
 
 

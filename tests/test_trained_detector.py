@@ -12,6 +12,8 @@ from torch import nn
 from fedinspect.detectors.trained_detector import WEIGHTS_FILE, TrainedDetector, TrainingError
 from fedinspect.errors import ModelFileError, SettingsError
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 class ToyAutoencoder(TrainedDetector):
     """A two-layer convolutional autoencoder: the smallest detector the base can drive."""

@@ -10,7 +10,7 @@ import pytest
 from fedinspect.cli import main
 from tests.conftest import write_blob_category
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_torch_thread")]
 
 
 @pytest.fixture(scope="module")
