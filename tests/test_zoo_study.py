@@ -53,7 +53,7 @@ def test_zoo_study_within_across_union_with_a_failed_cell_and_resume(two_dataset
     finished = out / "cells" / "ae_mse" / "train-union" / "test-tiles" / "results.json"
     before = finished.stat().st_mtime_ns
     assert main(args) == 1
-    assert "ae_mse trained on union: done before" not in capsys.readouterr().err  # -q: no progress lines
+    assert "padim trained on union failed" in capsys.readouterr().err  # the failed cell was tried again
     assert finished.stat().st_mtime_ns == before
 
 
@@ -74,3 +74,7 @@ def test_zoo_study_refuses_unknown_detectors_and_missing_data(tmp_path, capsys):
     assert main(["zoo-study", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"),
                  "--detectors", "padim"]) == 2
     assert "no such dataset folder" in capsys.readouterr().err
+    assert main(["zoo-study", "--data", str(tmp_path), "--out", str(tmp_path / "o"), "--detectors", "padim",
+                 "--t1-percentile", "150"]) == 2
+    assert "T1 percentile must lie in (0, 100]" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

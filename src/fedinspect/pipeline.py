@@ -28,7 +28,7 @@ from fedinspect.detectors.padim import GridMismatchError
 from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.detectors.registry import Detector, detector_name, get_detector, load_detector
 from fedinspect.detectors.trained_detector import TrainedDetector
-from fedinspect.errors import DataError
+from fedinspect.errors import DataError, SettingsError
 from fedinspect.evaluation import anomaly_maps
 from fedinspect.evaluation.category_report import write_category_report
 from fedinspect.evaluation.plots import plot_thresholds
@@ -49,12 +49,18 @@ def peak_memory_mb() -> float:
 
 def _naming_the_image(dataset: CategoryDataset, samples: list[Sample], run: Callable[[Iterator[np.ndarray]], Any]):
     """``run(images)``, an image a detector refuses (PaDiM: another grid) becoming a DataError naming its file."""
+    return _naming_the_images([(dataset, samples)], run)
+
+
+def _naming_the_images(parts: list[tuple[CategoryDataset, list[Sample]]], run: Callable[[Iterator[np.ndarray]], Any]):
+    """:func:`_naming_the_image` over the samples of several datasets, read one by one in order."""
     current: list[Path] = []
 
     def images() -> Iterator[np.ndarray]:
-        for sample in samples:
-            current[:] = [sample.image_path]
-            yield dataset.load_image(sample)
+        for dataset, samples in parts:
+            for sample in samples:
+                current[:] = [sample.image_path]
+                yield dataset.load_image(sample)
 
     try:
         return run(images())
@@ -99,18 +105,7 @@ def fit_on_samples(model: Detector, parts: list[tuple[CategoryDataset, list[Samp
     """
     start = time.perf_counter()
     total = sum(len(samples) for _, samples in parts)
-    current: list[Path] = []
-
-    def images() -> Iterator[np.ndarray]:
-        for dataset, samples in parts:
-            for sample in samples:
-                current[:] = [sample.image_path]
-                yield dataset.load_image(sample)
-
-    try:
-        model.fit(images(), total=total)
-    except GridMismatchError as error:
-        raise DataError(current[0], str(error)) from error
+    _naming_the_images(parts, lambda images: model.fit(images, total=total))
     model.fit_seconds_ = time.perf_counter() - start
     model.n_train_images_ = total
     return model
@@ -145,6 +140,10 @@ class ThresholdOptions:
     t1_held_out: bool = False
     given: Mapping[str, float] | None = None
     figure_examples: int = 4
+
+    def __post_init__(self) -> None:
+        if not 0 < self.percentile <= 100:
+            raise SettingsError(f"T1 percentile must lie in (0, 100], got {self.percentile!r}")
 
 
 def evaluate_category(

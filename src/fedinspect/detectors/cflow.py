@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fedinspect.backbones import get_backbone
 from fedinspect.backbones.extractor import FeatureExtractor
+from fedinspect.detectors.distillation import build_teacher, check_backbone_settings
 from fedinspect.detectors.trained_detector import TrainedDetector, _check_positive_float, _check_positive_int
 from fedinspect.errors import SettingsError
 
@@ -180,11 +180,7 @@ class Cflow(TrainedDetector):
         super().__init__(image_size=image_size, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
                          patience=patience, validation_fraction=validation_fraction, sigma=sigma, seed=seed,
                          progress=progress)
-        if not isinstance(backbone, str):
-            raise SettingsError(f"backbone must be a name, got {backbone!r}")
-        if isinstance(layers, str) or not isinstance(layers, Sequence) or not layers \
-                or not all(isinstance(layer, str) for layer in layers):
-            raise SettingsError(f"layers must be a non-empty list of layer names, got {layers!r}")
+        check_backbone_settings(backbone, layers, weights)
         self.backbone = backbone
         self.layers = tuple(layers)
         self.weights = None if weights is None else str(weights)
@@ -197,13 +193,7 @@ class Cflow(TrainedDetector):
         self.fiber_batch = _check_positive_int("fiber_batch", fiber_batch)
 
     def _build_module(self) -> nn.Module:
-        try:
-            teacher = get_backbone(self.backbone, weights=self.weights, layers=self.layers)
-        except ValueError as error:  # unknown backbone or layer (a WeightsNotFoundError passes through)
-            if isinstance(error, SettingsError):
-                raise
-            raise SettingsError(str(error)) from error
-        teacher.fuse_batchnorm()  # frozen and never saved, so folding BatchNorm changes nothing but speed
+        teacher = build_teacher(self.backbone, self.layers, self.weights)
         return CflowModule(teacher, self.condition_vector, self.coupling_blocks, self.clamp_alpha)
 
     def _training_loss(self, module: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

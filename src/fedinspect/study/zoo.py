@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fedinspect.errors import FedinspectError
+from fedinspect.errors import FedinspectError, SettingsError
 
 CELLS_DIR = "cells"
 STUDY_FILE = "zoo_study.json"
@@ -53,6 +53,16 @@ class ZooSettings:
     isolate: bool = True  # each cell in a fresh process (its own peak memory); False: in this process
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # detector -> extra constructor parameters
 
+    def __post_init__(self) -> None:
+        from fedinspect.detectors.model_files import check_image_size
+
+        check_image_size(self.image_size)
+        if not 0 < self.percentile <= 100:
+            raise SettingsError(f"T1 percentile must lie in (0, 100], got {self.percentile!r}")
+        if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
+                                        or self.epochs < 1):
+            raise SettingsError(f"epochs must be a positive integer, got {self.epochs!r}")
+
     def detector_params(self, detector: str) -> dict[str, Any]:
         """Constructor parameters of ``detector`` in this study."""
         from fedinspect.detectors.registry import detector_parameters
@@ -67,7 +77,7 @@ class ZooSettings:
 
 
 def _name(path: Path) -> str:
-    """A dataset's label: its folder name, with the parent's when that is more telling (mtd/magnetic_tile)."""
+    """A dataset's label in the study: its folder name (two datasets of one name are refused)."""
     return path.name
 
 
