@@ -8,8 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from fedinspect.classification.fedavg import fedavg
 from fedinspect.classification.training import TrainSettings, epsilon_of, train_local
+from fedinspect.federation.fedavg import fedavg
 
 
 def test_fedavg_is_the_mean_weighted_by_client_images() -> None:

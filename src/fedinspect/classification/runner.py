@@ -37,7 +37,6 @@ from fedinspect.classification.data import (
     load_square,
     split_view,
 )
-from fedinspect.classification.fedavg import fedavg
 from fedinspect.classification.models import (
     MODELS,
     TRANSFER_MODELS,
@@ -49,6 +48,7 @@ from fedinspect.classification.models import (
 )
 from fedinspect.classification.training import LocalResult, TrainSettings, epsilon_of, evaluate, train_local
 from fedinspect.errors import DataError, FedinspectError
+from fedinspect.federation.fedavg import fedavg
 from fedinspect.privacy.obfuscation import Obfuscation, parse_methods
 from fedinspect.run_folder import staged_output
 

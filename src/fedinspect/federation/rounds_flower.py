@@ -1,0 +1,202 @@
+"""Federated rounds on Flower: one ``ServerApp`` and one ``ClientApp`` for every :class:`FederatedTask`.
+
+Flower only carries the messages; the work is :mod:`fedinspect.federation.rounds`'s, so the
+Simulation Engine gives the in-process numbers for the same task and seed (with the same torch
+thread count). Messages (message API, ``Grid.send_and_receive``), one per client per round:
+
+- ``train`` to the client: ``arrays`` (the global state, an ``ArrayRecord``) and ``config``: the round,
+  the task's spec and secrets (JSON; the ClientApp rebuilds the task from a fixed registry of kinds,
+  :data:`rounds.TASKS`), the torch thread count. The node's ``partition-id`` says which client it is.
+- the reply: ``arrays`` (the client's update), ``metrics`` and ``info`` (client name, examples per
+  group, JSON). The client's memory (its DP accountant history) stays in ``context.state``.
+
+A client that fails answers with an error reply: it is recorded as missing and the round goes on.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedinspect.errors import FedinspectError
+from fedinspect.federation.rounds import (
+    ClientResult,
+    FederatedTask,
+    RoundRecorder,
+    RoundsOutcome,
+    aggregate,
+    client_id,
+    task_from_spec,
+)
+
+CLIENT_ERROR = 2  # flwr ErrorCode.CLIENT_APP_RAISED_EXCEPTION
+_MEMORY = "fedinspect-memory"
+
+
+# ---------------------------------------------------------------- client side
+TaskBuilder = Callable[[Mapping[str, Any], Mapping[str, Any]], FederatedTask]
+
+
+def handle_round(message: Message, context: Context, task_for: Callable[[str, str], FederatedTask]) -> Message:
+    """Compute this node's update from the global state of the message (``task_for(spec, secrets)``)."""
+    import torch
+
+    request = message.content["config"]
+    index = int(context.node_config["partition-id"])
+    name = client_id(index)
+    threads = int(request.get("threads", 0))
+    if threads > 0 and torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    memory = json.loads(str(context.state[_MEMORY]["memory"])) if _MEMORY in context.state else {}
+    try:
+        task = task_for(str(request["task"]), str(request["secrets"]))
+        if index >= task.n_clients:
+            raise FedinspectError(f"{name}: partition {index} is not in a {task.n_clients}-client task")
+        state = message.content["arrays"].to_torch_state_dict()
+        result = task.client_update(index, state, int(request["round"]), memory)
+    except FedinspectError as error:
+        return Message(Error(code=CLIENT_ERROR, reason=f"{name}: {error}"), reply_to=message)
+    context.state[_MEMORY] = ConfigRecord({"memory": json.dumps(result.memory)})
+    content = RecordDict({
+        "arrays": ArrayRecord(result.arrays),
+        "metrics": MetricRecord({k: float(v) for k, v in result.metrics.items()}),
+        "info": ConfigRecord({"client": name, "examples": json.dumps(result.examples),
+                              "memory": json.dumps(result.memory)}),
+    })
+    return Message(content, reply_to=message)
+
+
+class _TaskCache:
+    """``(spec, secrets) -> task``, built once per process: a simulated actor serves several clients and rounds."""
+
+    def __init__(self, build: TaskBuilder) -> None:
+        self.build = build
+        self.tasks: dict[tuple[str, str], FederatedTask] = {}
+
+    def __call__(self, spec: str, secrets: str) -> FederatedTask:
+        if (spec, secrets) not in self.tasks:
+            self.tasks.clear()
+            self.tasks[spec, secrets] = self.build(json.loads(spec), json.loads(secrets))
+        return self.tasks[spec, secrets]
+
+    def __getstate__(self) -> dict[str, Any]:  # Ray ships the ClientApp to its actors: never the built tasks
+        return {"build": self.build, "tasks": {}}
+
+
+def make_client_app(build: TaskBuilder = task_from_spec) -> ClientApp:
+    """The ClientApp of every task; ``build`` rebuilds a task from its spec (default: the fixed registry)."""
+    app = ClientApp()
+    app.train()(functools.partial(handle_round, task_for=_TaskCache(build)))
+    return app
+
+
+client_app = make_client_app()
+
+
+# ---------------------------------------------------------------- server side
+def _log(text: str, progress: bool) -> None:
+    if progress:
+        print(f"[flower server] {text}", file=sys.stderr)
+
+
+def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
+    deadline = time.monotonic() + timeout
+    nodes = sorted(grid.get_node_ids())
+    while len(nodes) < expected and time.monotonic() < deadline:
+        time.sleep(0.5)
+        nodes = sorted(grid.get_node_ids())
+    if not nodes:
+        raise FedinspectError(f"no Flower SuperNode connected within {timeout:g} s")
+    return nodes
+
+
+def serve_rounds(grid: Grid, task: FederatedTask, options: dict[str, Any]) -> RoundsOutcome:
+    """Every round of ``task`` over Flower (as :func:`rounds.run_rounds` does in process)."""
+    from fedinspect.federation.flower_app import error_reason
+
+    progress = bool(options.get("progress", False))
+    timeout = float(options.get("round-timeout", 3600.0))
+    nodes = _wait_for_nodes(grid, task.n_clients, float(options.get("connect-timeout", 600.0)))
+    recorder = RoundRecorder(task)
+    state = task.initial_state()
+    memories: dict[str, dict[str, Any]] = {}
+    spec, secrets = json.dumps(task.spec()), json.dumps(task.secrets())
+    for round_number in range(1, task.rounds + 1):
+        started = time.perf_counter()
+        request = ConfigRecord({"round": round_number, "task": spec, "secrets": secrets,
+                                "threads": int(options.get("client-threads", 0))})
+        messages = [Message(RecordDict({"arrays": ArrayRecord(state), "config": request}), node, "train",
+                            group_id=f"round-{round_number}", ttl=timeout + 60) for node in nodes]
+        results: dict[str, ClientResult] = {}
+        bytes_sent: dict[str, int] = {}
+        for reply in grid.send_and_receive(messages, timeout=timeout):
+            if reply.has_error():
+                reason = error_reason(reply.error.reason or f"error code {reply.error.code}")
+                name = reason.split(":", 1)[0] if reason.startswith("client_") else f"node_{reply.metadata.src_node_id}"
+                recorder.drop(name, round_number, reason)
+                continue
+            info = reply.content["info"]
+            name = str(info["client"])
+            arrays = reply.content["arrays"]
+            result = ClientResult(arrays.to_torch_state_dict(), json.loads(str(info["examples"])),
+                                  dict(reply.content["metrics"]), json.loads(str(info["memory"])))
+            results[name] = result
+            memories[name] = result.memory
+            bytes_sent[name] = result.n_bytes
+        for index in range(task.n_clients):  # a node that never answered (timeout) is missing too
+            name = client_id(index)
+            if name not in results and not any(m["client"] == name and m["round"] == round_number
+                                               for m in recorder.missing):
+                recorder.drop(name, round_number, f"no answer within {timeout:g} s")
+        if results:
+            state = aggregate(task, results)
+        record = recorder.close_round(round_number, state, results, started, bytes_sent)
+        _log(f"round {round_number}: {len(results)} client(s); {record}", progress)
+    return recorder.outcome(state, memories)
+
+
+def make_server_app(task: FederatedTask, out_dir: str | Path, options: dict[str, Any], sink: dict[str, Any]
+                    ) -> ServerApp:
+    """A ServerApp that runs ``task`` and leaves results.json's dict (or its error) in ``sink``."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Grid, context: Context) -> None:
+        try:
+            outcome = serve_rounds(grid, task, options)
+            sink["results"] = task.conclude(outcome, out_dir, engine="flower-sim")
+        except BaseException as error:
+            sink["error"] = error
+            raise
+
+    return app
+
+
+def run_simulation(task: FederatedTask, out_dir: str | Path, progress: bool = True, *,
+                   client_app: ClientApp | None = None, round_timeout: float = 3600.0,
+                   connect_timeout: float = 600.0, client_threads: int | None = None) -> dict[str, Any]:
+    """Every round of ``task`` on Flower's Simulation Engine (Ray), one virtual SuperNode per client.
+
+    Each ClientApp computes with ``client_threads`` torch threads (default: this process's, so the numbers
+    match the in-process engine) and reserves as many of Ray's CPUs.
+    """
+    import torch
+
+    from fedinspect.federation.flower_app import simulate, simulation_backend
+
+    threads = torch.get_num_threads() if client_threads is None else client_threads
+    options = {"progress": progress, "round-timeout": round_timeout, "connect-timeout": connect_timeout,
+               "client-threads": threads}
+    sink: dict[str, Any] = {}
+    server = make_server_app(task, out_dir, options, sink)
+    return simulate(server, client_app or make_client_app(), task.n_clients,
+                    simulation_backend(task.n_clients, max(1, threads)), sink, progress)
