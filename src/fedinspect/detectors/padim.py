@@ -12,17 +12,21 @@ refuses a mix of grids and ``predict`` refuses an image whose grid differs from 
 category of mixed aspect ratios is a case for PatchCore, which has no positions.
 
 Fitting accumulates the count, sum and sum of outer products per position
-(:attr:`Padim.sufficient_statistics_`): statistics of disjoint image sets add up exactly, so the
-model can later be federated without loss. Size: the sum of outer products is float64 (P, k, k) for
-P grid positions, and the saved inverse covariances float32 of the same shape (efficientnet_lite0 at
-image size 256: 32 x 32 positions x 100^2 features = 41 MB on disk).
+(:meth:`Padim.statistics`, a :class:`PadimStatistics`; kept as :attr:`Padim.sufficient_statistics_`):
+statistics of disjoint image sets add up exactly, so federated PaDiM is one round without loss
+(clients send their statistics, the server adds them and calls :meth:`Padim.set_statistics`).
+:mod:`fedinspect.privacy.statistics_dp` makes that round differentially private per image.
+Size: the sum of outer products is float64 (P, k, k) for P grid positions, and the saved inverse
+covariances float32 of the same shape (efficientnet_lite0 at image size 256: 32 x 32 positions x
+100^2 features = 41 MB on disk).
 """
 
 from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +69,138 @@ def select_channels(dim: int, n_features: int, seed: int) -> np.ndarray:
         raise SettingsError(f"n_features must be an integer between 1 and the backbone's {dim} channels, "
                             f"got {n_features!r}")
     return np.sort(np.random.default_rng(seed).choice(dim, size=n_features, replace=False)).astype(np.int64)
+
+
+STATISTICS_KEYS = ("count", "sum", "sum_outer", "grid_shape")
+
+
+class StatisticsError(FedinspectError, ValueError):
+    """Statistics (e.g. a client's update) that are not a valid PaDiM count, sum and sum of outer products."""
+
+
+@dataclass(frozen=True, eq=False)
+class PadimStatistics:
+    """The sufficient statistics of PaDiM's Gaussians over some images: they add up over disjoint image sets.
+
+    ``count`` images (an integer; a real number once Gaussian noise was added, ``noisy=True``), ``sum``
+    (P, k) and ``sum_outer`` (P, k, k) float64 of the selected features at each of the P = h * w
+    positions of ``grid_shape``. ``clipped``: how many images :meth:`Padim.statistics` clipped, to
+    ``clip_norm`` (None: not clipped); local facts about the data, never part of :meth:`to_arrays` (the
+    clipped count is not covered by any DP guarantee).
+    """
+
+    count: float
+    sum: np.ndarray
+    sum_outer: np.ndarray
+    grid_shape: tuple[int, int]
+    clipped: int = 0
+    noisy: bool = False
+    clip_norm: float | None = None
+
+    def __post_init__(self) -> None:
+        grid = self.grid_shape
+        if (len(grid) != 2 or not all(isinstance(v, int | np.integer) and not isinstance(v, bool) and v > 0
+                                      for v in grid)):
+            raise StatisticsError(f"grid_shape must be two positive integers, got {grid!r}")
+        object.__setattr__(self, "grid_shape", (int(grid[0]), int(grid[1])))
+        count = self.count
+        if isinstance(count, bool) or not isinstance(count, int | float | np.integer | np.floating):
+            raise StatisticsError(f"count must be a number, got {count!r}")
+        if not math.isfinite(count):
+            raise StatisticsError(f"count must be finite, got {count}")
+        if not self.noisy and (count < 0 or not float(count).is_integer()):
+            raise StatisticsError(f"count must be a non-negative integer, got {count}")
+        object.__setattr__(self, "count", int(count) if not self.noisy else float(count))
+        total = np.asarray(self.sum, dtype=np.float64)
+        outer = np.asarray(self.sum_outer, dtype=np.float64)
+        positions = grid[0] * grid[1]
+        if total.ndim != 2 or total.shape[0] != positions:
+            raise StatisticsError(f"sum must have shape (positions, features) = ({positions}, k) for a "
+                                  f"{grid[0]}x{grid[1]} grid, got {total.shape}")
+        k = total.shape[1]
+        if outer.shape != (positions, k, k):
+            raise StatisticsError(f"sum_outer must have shape {(positions, k, k)} to match sum {total.shape}, "
+                                  f"got {outer.shape}")
+        for name, array in (("sum", total), ("sum_outer", outer)):
+            if not np.isfinite(array).all():
+                raise StatisticsError(f"{name} contains NaN or infinite values")
+        scale = max(float(np.abs(outer).max(initial=0.0)), 1e-300)
+        if np.abs(outer - outer.transpose(0, 2, 1)).max(initial=0.0) > 1e-9 * scale:
+            raise StatisticsError("sum_outer is not symmetric")
+        object.__setattr__(self, "sum", total)
+        object.__setattr__(self, "sum_outer", outer)
+
+    @property
+    def n_features(self) -> int:
+        return int(self.sum.shape[1])
+
+    def __add__(self, other: PadimStatistics) -> PadimStatistics:
+        if not isinstance(other, PadimStatistics):
+            return NotImplemented
+        if other.grid_shape != self.grid_shape or other.sum.shape != self.sum.shape:
+            raise StatisticsError(f"cannot add statistics of a {other.grid_shape} grid of {other.n_features} features "
+                                  f"to those of a {self.grid_shape} grid of {self.n_features}")
+        return PadimStatistics(self.count + other.count, self.sum + other.sum, self.sum_outer + other.sum_outer,
+                               self.grid_shape, self.clipped + other.clipped, self.noisy or other.noisy,
+                               self.clip_norm if self.clip_norm == other.clip_norm else None)
+
+    def to_arrays(self) -> dict[str, np.ndarray]:
+        """The wire form: a flat dict of float64 arrays (``count`` 0-d, ``grid_shape`` (2,)); no ``clipped``."""
+        return {"count": np.asarray(float(self.count), dtype=np.float64), "sum": self.sum.copy(),
+                "sum_outer": self.sum_outer.copy(), "grid_shape": np.asarray(self.grid_shape, dtype=np.float64)}
+
+    @classmethod
+    def from_arrays(cls, arrays: Mapping[str, Any], noisy: bool = False, grid_shape: Sequence[int] | None = None,
+                    n_features: int | None = None, sender: str = "statistics") -> PadimStatistics:
+        """Read and validate :meth:`to_arrays`' form, e.g. a client's update (StatisticsError naming ``sender``).
+
+        ``noisy``: accept a real-valued count (a DP release). ``grid_shape`` / ``n_features``: what the
+        receiver expects (checked when given).
+        """
+        try:
+            if not isinstance(arrays, Mapping):
+                raise StatisticsError(f"expected a mapping of arrays, got {type(arrays).__name__}")
+            missing, unknown = set(STATISTICS_KEYS) - set(arrays), set(arrays) - set(STATISTICS_KEYS)
+            if missing or unknown:
+                raise StatisticsError(f"expected keys {list(STATISTICS_KEYS)}; missing {sorted(missing)}, "
+                                      f"unknown {sorted(map(str, unknown))}")
+            values = {}
+            for key in STATISTICS_KEYS:
+                array = np.asarray(arrays[key])
+                if array.dtype.kind not in "iuf":
+                    raise StatisticsError(f"{key} must be real numbers, got dtype {array.dtype}")
+                values[key] = array.astype(np.float64)
+            count, grid = values["count"], values["grid_shape"]
+            if count.shape != ():
+                raise StatisticsError(f"count must be a scalar, got shape {count.shape}")
+            if grid.shape != (2,) or not np.isfinite(grid).all() or not (grid == np.round(grid)).all():
+                raise StatisticsError(f"grid_shape must be two integers, got {grid.tolist()}")
+            stats = cls(float(count), values["sum"], values["sum_outer"], (int(grid[0]), int(grid[1])), noisy=noisy)
+            if grid_shape is not None and stats.grid_shape != tuple(grid_shape):
+                raise StatisticsError(f"grid {stats.grid_shape}, expected {tuple(grid_shape)}")
+            if n_features is not None and stats.n_features != n_features:
+                raise StatisticsError(f"{stats.n_features} features, expected {n_features}")
+            return stats
+        except StatisticsError as error:
+            raise StatisticsError(f"{sender}: {error}") from None
+
+
+def feature_statistics(features: torch.Tensor | np.ndarray, grid_shape: Sequence[int],
+                       clip_norm: float | None = None) -> PadimStatistics:
+    """Statistics of (n_images, P, k) selected features; ``clip_norm`` clips each image's (P, k) block in L2."""
+    x = torch.as_tensor(features).double()
+    if x.ndim != 3:
+        raise ValueError(f"features must be (images, positions, features), got shape {tuple(x.shape)}")
+    clipped = 0
+    if clip_norm is not None:
+        if not clip_norm > 0 or not math.isfinite(clip_norm):
+            raise ValueError(f"clip norm must be a positive number, got {clip_norm}")
+        norms = x.flatten(1).norm(dim=1)
+        over = norms > clip_norm
+        clipped = int(over.sum())
+        x = x * torch.where(over, clip_norm / norms.clamp_min(1e-300), torch.ones_like(norms))[:, None, None]
+    return PadimStatistics(int(x.shape[0]), x.sum(0).numpy(), torch.einsum("bpi,bpj->pij", x, x).numpy(),
+                           (int(grid_shape[0]), int(grid_shape[1])), clipped, clip_norm=clip_norm)
 
 
 class MahalanobisMap(nn.Module):
@@ -200,26 +336,37 @@ class Padim(FeatureDetector):
                 bar.update(len(batch))
 
     # ------------------------------------------------------------------ fitting
+    def statistics(self, images: Iterable[np.ndarray], total: int | None = None,
+                   clip_norm: float | None = None) -> PadimStatistics:
+        """Count, sum and sum of outer products of the selected features of ``images``, per grid position.
+
+        Needs no fitted Gaussians (a federated client calls it on an unfitted detector) and forms none.
+        ``clip_norm``: scale every image's (P, k) block of selected features, flattened, down to this L2
+        norm before it is added (the per-image clipping that bounds the sensitivity for differential
+        privacy, :mod:`fedinspect.privacy.statistics_dp`); the result's ``clipped`` counts such images.
+        """
+        channels = torch.from_numpy(self.channels)
+        result: PadimStatistics | None = None
+        for _, embeddings in self._embed_batches(images, total, "fitting", None):
+            selected = embeddings[:, channels].flatten(2).transpose(1, 2)  # (B, P, k)
+            part = feature_statistics(selected, tuple(embeddings.shape[-2:]), clip_norm)
+            result = part if result is None else result + part
+        if result is None:
+            raise PadimFitError("no images given")
+        return result
+
     def fit(self, images: Iterable[np.ndarray], total: int | None = None) -> Padim:
         """Fit one Gaussian per grid position on good images (uint8 RGB, one aspect ratio)."""
-        channels = torch.from_numpy(self.channels)
-        count, total_sum, outer, grid = 0, None, None, None
-        for _, embeddings in self._embed_batches(images, total, "fitting", None):
-            grid = tuple(embeddings.shape[-2:])
-            selected = embeddings[:, channels].flatten(2).transpose(1, 2).double()  # (B, P, k)
-            batch_sum = selected.sum(0)
-            batch_outer = torch.einsum("bpi,bpj->pij", selected, selected)
-            total_sum = batch_sum if total_sum is None else total_sum + batch_sum
-            outer = batch_outer if outer is None else outer + batch_outer
-            count += embeddings.shape[0]
-        if grid is None:
-            raise PadimFitError("no images given")
-        return self.set_statistics(count, total_sum.numpy(), outer.numpy(), grid)
+        stats = self.statistics(images, total)
+        return self.set_statistics(stats.count, stats.sum, stats.sum_outer, stats.grid_shape)
 
-    def set_statistics(self, count: int, total: np.ndarray, outer: np.ndarray, grid_shape: Sequence[int]) -> Padim:
+    def set_statistics(self, count: float, total: np.ndarray, outer: np.ndarray, grid_shape: Sequence[int]) -> Padim:
         """Form the Gaussians from summed statistics (e.g. of several clients): count, sum (P, k), sum x x^T (P, k, k).
 
-        Covariances use the unbiased (n - 1) normalisation of ``np.cov``, plus ``eps * I``.
+        Covariances use the unbiased (n - 1) normalisation of ``np.cov``, plus ``eps * I``. ``count`` may be
+        a real number (a noisy count of a differentially private release); it must be at least 2. For
+        noisy statistics, whose covariance need not be positive definite, use
+        :func:`fedinspect.privacy.statistics_dp.set_noisy_statistics` instead.
         """
         grid = (int(grid_shape[0]), int(grid_shape[1]))
         total = np.asarray(total, dtype=np.float64)
@@ -228,12 +375,25 @@ class Padim(FeatureDetector):
         if total.shape != (positions, k) or outer.shape != (positions, k, k):
             raise ValueError(f"statistics of shape sum {total.shape}, outer {outer.shape} do not fit a {grid} grid "
                              f"of {k} features")
-        if count < 2:
+        if not count >= 2:
             raise PadimFitError(f"PaDiM needs at least 2 training images for a covariance, got {count}")
+        count = int(count) if float(count).is_integer() else float(count)
         mean = total / count
         cov = (outer - count * np.einsum("pi,pj->pij", mean, mean)) / (count - 1) + self.eps * np.eye(k)
-        self.sufficient_statistics_ = {"count": int(count), "sum": total, "sum_outer": outer}
-        self.n_train_images_ = int(count)
+        self.sufficient_statistics_ = {"count": count, "sum": total, "sum_outer": outer}
+        return self.set_gaussians(mean, cov, grid, count)
+
+    def set_gaussians(self, mean: np.ndarray, covariance: np.ndarray, grid_shape: Sequence[int],
+                      n_train_images: float | None = None) -> Padim:
+        """Use these per-position means (P, k) and covariances (P, k, k), which must be positive definite."""
+        grid = (int(grid_shape[0]), int(grid_shape[1]))
+        mean = np.asarray(mean, dtype=np.float64)
+        cov = np.asarray(covariance, dtype=np.float64)
+        positions, k = grid[0] * grid[1], self.n_features
+        if mean.shape != (positions, k) or cov.shape != (positions, k, k):
+            raise ValueError(f"Gaussians of shape mean {mean.shape}, covariance {cov.shape} do not fit a {grid} grid "
+                             f"of {k} features")
+        self.n_train_images_ = None if n_train_images is None else round(n_train_images)
         self.grid_shape_ = grid
         self.mean_ = mean
         self.covariance_ = cov
