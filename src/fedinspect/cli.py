@@ -206,12 +206,59 @@ def _federation_runner(engine: str):
     return run
 
 
+# `federate` options that only federated PatchCore takes (memory banks, their DP, obfuscation, attacks, poisoning).
+PATCHCORE_FEDERATION_OPTIONS = ("strategy", "global_size", "global_ratio", "bank", "min_per_client", "min_clients",
+                                "precision", "local_coreset_ratio", "coreset_ratio", "no_shared_comparison",
+                                "dp_epsilon", "dp_noise", "obfuscate", "attack_data", "poison")
+ROUND_OPTIONS = {"rounds": "--rounds", "local_epochs": "--local-epochs", "proximal_mu": "--proximal-mu",
+                 "learning_rate": "--lr", "batch_size": "--batch-size"}
+
+
 def _cmd_federate(args: argparse.Namespace) -> int:
+    if args.detector != "patchcore":
+        return _federate_detector(args)
+    given = [option for dest, option in ROUND_OPTIONS.items() if getattr(args, dest) is not None]
+    if given:
+        raise FedinspectError(f"{', '.join(given)}: federated PatchCore is one round of memory banks; these options "
+                              "are for detectors trained over rounds (--detector)")
     if args.engine == "flower-sim" and args.poison:
         raise FedinspectError("--poison is a drill of the in-process runner: use --engine in-process")
     results = _federation_runner(args.engine)(args.data, args.out, _federation_config(args), progress=not args.quiet)
     _print_federation(results, Path(args.out))
     return 0
+
+
+def _federate_detector(args: argparse.Namespace) -> int:
+    """`federate --detector NAME` for every detector but PatchCore: the shared round engine."""
+    from fedinspect.detectors.registry import TRAINED, detector_parameters
+    from fedinspect.federation.detector_task import DetectorFederationConfig, run_detector_federation
+
+    defaults = vars(build_parser().parse_args(["federate", "--data", args.data, "--out", args.out]))
+    refused = [f"--{dest.replace('_', '-')}" for dest in PATCHCORE_FEDERATION_OPTIONS
+               if getattr(args, dest) != defaults[dest]]
+    if refused:
+        raise FedinspectError(f"{', '.join(refused)}: options of federated PatchCore, not of --detector "
+                              f"{args.detector}")
+    takes = detector_parameters(args.detector)
+    params: dict[str, object] = {"image_size": args.image_size}
+    for dest in ("backbone", "weights", "learning_rate", "batch_size"):
+        value = getattr(args, dest)
+        if value is not None and value != defaults[dest]:
+            if dest not in takes:
+                raise FedinspectError(f"--{dest.replace('_', '-')}: {args.detector} does not take it")
+            params[dest] = value
+    trained = args.detector in TRAINED
+    if not trained and any(getattr(args, dest) is not None for dest in ("rounds", "local_epochs", "proximal_mu")):
+        raise FedinspectError(f"--rounds, --local-epochs, --proximal-mu: {args.detector} is federated in one round "
+                              "of summed statistics")
+    config = DetectorFederationConfig(
+        detector=args.detector, params=params, clients=args.clients, partition=args.partition, alpha=args.alpha,
+        rounds=args.rounds or (5 if trained else 1), local_epochs=args.local_epochs or 1,
+        proximal_mu=args.proximal_mu or 0.0, seed=args.seed, centralized=not args.no_centralized)
+    results = run_detector_federation(args.data, args.out, config, engine=args.engine, progress=not args.quiet)
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8").split("## Rounds")[0].rstrip())
+    print(f"results.json, report.md, report.html, models/ and one evaluation folder per category in {args.out}")
+    return 1 if results["missing_clients"] else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
@@ -427,12 +474,25 @@ def build_parser() -> argparse.ArgumentParser:
                           help="the backbone's local weights file the model was fitted with (checked by SHA-256)")
     evaluate.set_defaults(run=_cmd_evaluate)
 
-    federate = commands.add_parser("federate", help="federated PatchCore in one round, evaluated per category")
+    federate = commands.add_parser("federate", help="federate a detector (PatchCore by default), evaluated per "
+                                                    "category")
     federate.add_argument("--data", required=True, help="dataset folder (one subfolder per category)")
     federate.add_argument("--out", required=True, help="run folder to write")
+    federate.add_argument("--detector", choices=tuple(DESCRIPTIONS), default="patchcore",
+                          help="patchcore: one round of memory banks; padim: one round of summed statistics; the "
+                               "trained detectors: FedAvg over --rounds")
     _add_engine_option(federate)
     _add_model_options(federate)
     _add_federation_options(federate)
+    rounds = federate.add_argument_group("trained detectors (FedAvg / FedProx over rounds)")
+    rounds.add_argument("--rounds", type=int, default=None, help="federated rounds (none given: 5)")
+    rounds.add_argument("--local-epochs", type=int, default=None,
+                        help="epochs each client trains per round (none given: 1)")
+    rounds.add_argument("--proximal-mu", type=float, default=None,
+                        help="FedProx's proximal term mu (none given: 0, plain FedAvg)")
+    rounds.add_argument("--lr", dest="learning_rate", type=float, default=None,
+                        help="learning rate of the local training (none given: the detector's)")
+    rounds.add_argument("--batch-size", type=int, default=None, help="images per step (none given: the detector's)")
     _add_privacy_options(federate)
     _add_poisoning_options(federate)
     federate.set_defaults(run=_cmd_federate)

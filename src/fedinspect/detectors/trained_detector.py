@@ -213,11 +213,14 @@ class TrainedDetector:
                 count += len(batch)
         return total / count
 
+    def _read(self, images: Iterable[np.ndarray], total: int | None) -> list[torch.Tensor]:
+        letterbox = self.letterbox
+        return [letterbox(image) for image in tqdm(images, total=total, desc="reading", unit="img",
+                                                   disable=not self.progress)]
+
     def fit(self, images: Iterable[np.ndarray], total: int | None = None) -> TrainedDetector:
         """Train on good images (uint8 RGB arrays of any size), stopping early on a held-out share."""
-        letterbox = self.letterbox
-        tensors = [letterbox(image) for image in tqdm(images, total=total, desc="reading", unit="img",
-                                                      disable=not self.progress)]
+        tensors = self._read(images, total)
         n_validation = max(1, round(self.validation_fraction * len(tensors))) if self.validation_fraction else 0
         if len(tensors) - n_validation < 1:
             raise TrainingError(f"{type(self).__name__} needs at least one training and one validation image "
@@ -226,9 +229,73 @@ class TrainedDetector:
         permutation = rng.permutation(len(tensors))
         validation = [tensors[i] for i in sorted(permutation[:n_validation])]
         train = [tensors[i] for i in sorted(permutation[n_validation:])]
-
         torch.manual_seed(self.seed)
         module = self._build_module()
+        self._train(module, train, validation, rng)
+        self.n_train_images_ = len(tensors)  # all images given; the validation share is among them
+        self.n_validation_images_ = len(validation)
+        return self
+
+    # ------------------------------------------------------------------ federated training
+    def initialize(self) -> TrainedDetector:
+        """Build the untrained network (seeded): the global model of a federation's round 0."""
+        torch.manual_seed(self.seed)
+        self.module_ = self._build_module()
+        self.module_.eval()
+        return self
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """What a federation exchanges: the state dict without the pretrained (frozen) part, detached copies."""
+        return {key: value.detach().clone() for key, value in self._saved_state(self._check_fitted()).items()}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state") -> TrainedDetector:
+        """Set the weights from :meth:`trainable_state`'s form (e.g. a global model), checked name by name.
+
+        Raises:
+            TrainingError: a missing or unexpected tensor, another shape or dtype, or a non-finite value
+                (``source`` names where the state came from).
+        """
+        module = self.module_ if self.module_ is not None else self.initialize().module_
+        expected = self._saved_state(module)
+        if set(state) != set(expected):
+            raise TrainingError(f"{source}: tensors {sorted(set(expected) - set(state))[:5]} missing, "
+                                f"{sorted(set(state) - set(expected))[:5]} unexpected for {self.name}")
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.shape != expected[key].shape \
+                    or value.dtype != expected[key].dtype:
+                raise TrainingError(f"{source}: {key} is {getattr(value, 'dtype', type(value).__name__)} "
+                                    f"{tuple(getattr(value, 'shape', ()))}, expected {expected[key].dtype} "
+                                    f"{tuple(expected[key].shape)}")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise TrainingError(f"{source}: {key} holds non-finite values")
+        module.load_state_dict(state, strict=False)
+        module.eval()
+        return self
+
+    def partial_fit(self, images: Iterable[np.ndarray], total: int | None = None, *,
+                    proximal_mu: float = 0.0) -> TrainedDetector:
+        """Train ``epochs`` more epochs from the current weights on all the images (no validation share, no
+        early stopping): one client's local training in a federated round.
+
+        ``proximal_mu`` > 0 adds FedProx's term ``mu / 2 * ||w - w_start||^2`` over the trained parameters,
+        which keeps the local model near the global one it started from (Li et al., 2020).
+        """
+        if isinstance(proximal_mu, bool) or not isinstance(proximal_mu, int | float) or not proximal_mu >= 0:
+            raise SettingsError(f"proximal_mu must be a number >= 0, got {proximal_mu!r}")
+        tensors = self._read(images, total)
+        if not tensors:
+            raise TrainingError(f"{self.name}: no training image given")
+        module = self.module_ if self.module_ is not None else self.initialize().module_
+        anchor = [(p, p.detach().clone()) for p in self._parameters_to_train(module)] if proximal_mu else None
+        self._train(module, tensors, [], np.random.default_rng(self.seed), anchor=anchor, mu=float(proximal_mu))
+        self.n_train_images_ = len(tensors)
+        self.n_validation_images_ = 0
+        return self
+
+    def _train(self, module: nn.Module, train: list[torch.Tensor], validation: list[torch.Tensor],
+               rng: np.random.Generator, anchor: list[tuple[nn.Parameter, torch.Tensor]] | None = None,
+               mu: float = 0.0) -> None:
+        """The epoch loop: Adam, early stopping on ``validation`` (if any), best weights restored, calibration."""
         optimizer = self._optimizer(module)
         generator = torch.Generator().manual_seed(self.seed)
         best_loss, best_state, best_epoch, since_best = math.inf, None, 0, 0
@@ -244,6 +311,8 @@ class TrainedDetector:
                 if not math.isfinite(value):
                     raise TrainingError(f"{self.name}: the training loss became {value} at epoch {epoch} "
                                         f"(learning rate {self.learning_rate}): lower it")
+                if anchor is not None:
+                    loss = loss + mu / 2 * sum(((p - start_value) ** 2).sum() for p, start_value in anchor)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -271,9 +340,6 @@ class TrainedDetector:
         self.history_ = history
         self.best_epoch_ = best_epoch
         self.train_seconds_ = time.perf_counter() - start
-        self.n_train_images_ = len(tensors)  # all images given; the validation share is among them
-        self.n_validation_images_ = len(validation)
-        return self
 
     # ------------------------------------------------------------------ inference
     def _prediction_batches(self, images: Iterable[np.ndarray]) -> Iterator[list[np.ndarray]]:

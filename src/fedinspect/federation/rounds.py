@@ -110,6 +110,11 @@ class FederatedTask(ABC):
     def evaluate(self, state: State, round_number: int) -> dict[str, Any]:
         """Metrics of the global model after a round (recorded in the round's history)."""
 
+    def round_metrics(self, round_number: int, results: Mapping[str, ClientResult]) -> dict[str, Any]:
+        """Entries of the round's record drawn from the clients' answers (e.g. each client's epsilon from its
+        accountant history); raise :class:`FedinspectError` naming a client whose answer is malformed."""
+        return {}
+
     @abstractmethod
     def conclude(self, outcome: RoundsOutcome, out_dir: str | Path, engine: str) -> dict[str, Any]:
         """Write results.json (and the report) of a finished run; returns results.json's dict."""
@@ -168,6 +173,7 @@ class RoundRecorder:
         aggregated = time.perf_counter()
         record: dict[str, Any] = {"round": round_number, "clients": len(results)}
         record.update(self.task.evaluate(state, round_number))
+        record.update(self.task.round_metrics(round_number, results))
         total = sum(r.n_examples for r in results.values())
         losses = [(r.metrics["train_loss"], r.n_examples) for r in results.values() if "train_loss" in r.metrics]
         if losses and total:
@@ -212,7 +218,8 @@ def run_rounds(task: FederatedTask, progress: bool = True,
             state = aggregate(task, results)
         record = recorder.close_round(round_number, state, results, started,
                                       {name: r.n_bytes for name, r in results.items()})
-        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items() if k in ("accuracy", "image_auroc", "train_loss")})
+        bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()
+                         if k in ("accuracy", "mean_image_auroc", "train_loss") and isinstance(v, float)})
         if on_round is not None:
             on_round(record)
     return recorder.outcome(state, memories)

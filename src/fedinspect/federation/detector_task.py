@@ -1,0 +1,325 @@
+"""Federating any detector of the registry but PatchCore, on the shared round engine.
+
+:class:`CategoryTask` is the data and evaluation side every detector federation shares: the training
+images of each category are partitioned among the clients (the same partition schemes and seed as
+federated PatchCore), each client holds one model per category it has images of, and the server
+evaluates the global model of every category with the AutoVI protocol and thresholds T1-T3
+(:func:`pipeline.evaluate_category`), beside a centralized model fitted on all the images.
+
+:class:`DetectorTask` federates the trained detectors (autoencoders, STFPM, reverse distillation,
+DRAEM, CFLOW) by FedAvg over rounds: each round a client starts from the global weights, trains
+``local_epochs`` epochs on its own images (:meth:`TrainedDetector.partial_fit`, with FedProx's proximal
+term when ``proximal_mu`` > 0) and sends its weights; the server averages them per category, weighted by
+the client's images of that category. Only the trained part travels: a pretrained teacher is public and
+every party loads it from the same weights.
+
+Known approximation: CFLOW keeps the largest training log-likelihood per scale in a buffer (its
+calibration); FedAvg averages the clients' values instead of taking the maximum over all images.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from fedinspect import __version__
+from fedinspect.data.dataset import CategoryDataset, find_categories
+from fedinspect.detectors.registry import TRAINED, get_detector
+from fedinspect.errors import FedinspectError, SettingsError
+from fedinspect.federation.client import derived_seed
+from fedinspect.federation.partition import SCHEMES, partition
+from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id
+from fedinspect.pipeline import ThresholdOptions, evaluate_category, fit_category, peak_memory_mb
+from fedinspect.run_folder import staged_output
+
+RESULTS_FORMAT = "fedinspect-detector-federation/1"
+RESULTS_FILE = "results.json"
+
+
+@dataclass(frozen=True)
+class DetectorFederationConfig:
+    """Everything that defines a detector federation (written to results.json as ``config``).
+
+    ``params``: the detector's constructor parameters (``image_size``, ``learning_rate``...); ``epochs``
+    there is ignored: each round trains ``local_epochs``. ``centralized``: also fit the detector on all
+    the training images with its own defaults, the reference the federation is measured against.
+    """
+
+    detector: str = "ae_mse"
+    params: Mapping[str, Any] = field(default_factory=dict)
+    clients: int = 5
+    partition: str = "iid"
+    alpha: float = 0.5
+    rounds: int = 5
+    local_epochs: int = 1
+    proximal_mu: float = 0.0
+    seed: int = 0
+    centralized: bool = True
+    write_maps: bool = False
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "params", dict(self.params))
+        if self.partition not in SCHEMES:
+            raise SettingsError(f"unknown partition {self.partition!r}; choose from {list(SCHEMES)}")
+        for name in ("clients", "rounds", "local_epochs"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise SettingsError(f"{name} must be an integer >= 1, got {value!r}")
+        if not self.proximal_mu >= 0:
+            raise SettingsError(f"proximal_mu must be >= 0, got {self.proximal_mu!r}")
+        if {"seed", "progress"} & set(self.params):
+            raise SettingsError("give the seed as the federation's seed, not as a detector parameter")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self) | {"params": dict(self.params)}
+
+
+class CategoryTask(FederatedTask):
+    """The data and evaluation side of a detector federation (see the module docstring)."""
+
+    def __init__(self, data_dir: str | Path, config: DetectorFederationConfig, progress: bool = False) -> None:
+        self.data_dir = Path(data_dir)
+        self.config = config
+        self.progress = progress
+        self.n_clients = config.clients
+        self.datasets = {path.name: CategoryDataset(path) for path in find_categories(self.data_dir)}
+        self.items = [(name, index) for name, dataset in self.datasets.items() for index in range(len(dataset.train))]
+        self.split = partition([name for name, _ in self.items], config.clients, config.partition,
+                               seed=config.seed, alpha=config.alpha)
+        self._images: dict[tuple[int, str], list[np.ndarray]] = {}
+        self._tests: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
+
+    # ---------------------------------------------------------------- spec
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "data_dir": str(self.data_dir), "config": self.config.to_dict()}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], secrets: Mapping[str, Any]) -> CategoryTask:
+        return cls(spec["data_dir"], DetectorFederationConfig(**spec["config"]))
+
+    # ---------------------------------------------------------------- data
+    def client_categories(self, index: int) -> dict[str, list[int]]:
+        """Category -> indices (in the category's training list) of client ``index``'s images."""
+        held: dict[str, list[int]] = {}
+        for item in self.split.assignments[index]:
+            name, position = self.items[item]
+            held.setdefault(name, []).append(position)
+        return dict(sorted(held.items()))
+
+    def client_images(self, index: int, category: str) -> list[np.ndarray]:
+        """Client ``index``'s training images of ``category`` (read once, kept for later rounds)."""
+        key = (index, category)
+        if key not in self._images:
+            dataset = self.datasets[category]
+            self._images[key] = [dataset.load_image(dataset.train[i]) for i in self.client_categories(index)[category]]
+        return self._images[key]
+
+    def test_images(self, category: str) -> tuple[list[np.ndarray], np.ndarray]:
+        """The server's test images and labels of ``category`` (only the server evaluates)."""
+        if category not in self._tests:
+            dataset = self.datasets[category]
+            self._tests[category] = ([dataset.load_image(s) for s in dataset.test],
+                                     np.array([s.label for s in dataset.test]))
+        return self._tests[category]
+
+    # ---------------------------------------------------------------- the model
+    def detector(self, seed: int | None = None) -> Any:
+        """A fresh detector with the federation's settings (``seed``: the federation's by default)."""
+        return get_detector(self.config.detector, seed=self.config.seed if seed is None else seed,
+                            **self.config.params)
+
+    def global_detector(self, state: State, category: str) -> Any:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self, state: State, round_number: int) -> dict[str, Any]:
+        """Image AUROC of the global model of each category after the round (on all its test images)."""
+        per_category = {}
+        for category in self.datasets:
+            if not any(key.startswith(f"{category}/") for key in state):
+                continue  # no client held this category this round
+            images, labels = self.test_images(category)
+            scores = self.global_detector(state, category).score_samples(images, total=len(images))
+            per_category[category] = float(roc_auc_score(labels, scores)) if len(set(labels)) == 2 else None
+        known = [v for v in per_category.values() if v is not None]
+        return {"image_auroc": per_category, "mean_image_auroc": float(np.mean(known)) if known else None}
+
+    def conclude(self, outcome: RoundsOutcome, out_dir: str | Path, engine: str) -> dict[str, Any]:
+        """results.json, the global models, each category's evaluation folder and the run report."""
+        with staged_output(out_dir, inputs=[self.data_dir]) as staging:
+            return self._conclude(outcome, staging, engine)
+
+    def _conclude(self, outcome: RoundsOutcome, out_dir: Path, engine: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        categories: dict[str, Any] = {}
+        centralized: dict[str, Any] = {}
+        for name, dataset in self.datasets.items():
+            if not any(key.startswith(f"{name}/") for key in outcome.state):
+                categories[name] = {"skipped": "no client answered with this category"}
+                continue
+            model = self.global_detector(outcome.state, name)
+            model.n_train_images_ = len(dataset.train)
+            model.save(out_dir / "models" / name)
+            categories[name] = _summary(evaluate_category(model, dataset.root, out_dir / name, progress=False,
+                                                          write_maps=self.config.write_maps,
+                                                          thresholds=ThresholdOptions()))
+            if self.config.centralized:
+                start = time.perf_counter()
+                reference = fit_category(dataset.root, progress=False, detector=self.config.detector,
+                                         seed=self.config.seed, **self.config.params)
+                fit_s = time.perf_counter() - start
+                centralized[name] = _summary(evaluate_category(reference, dataset.root, out_dir / "centralized" / name,
+                                                               progress=False, write_maps=False,
+                                                               thresholds=ThresholdOptions()))
+                centralized[name]["fit_s"] = fit_s
+        results: dict[str, Any] = {
+            "format": RESULTS_FORMAT,
+            "fedinspect_version": __version__,
+            "engine": engine,
+            "dataset": str(self.data_dir),
+            "kind": self.kind,
+            "aggregation": self.aggregation,
+            "config": self.config.to_dict(),
+            "partition": {"sizes": self.split.sizes()},
+            "clients": [{"client": name, **entry} for name, entry in outcome.clients.items()],
+            "missing_clients": outcome.missing,
+            "history": outcome.history,
+            "categories": categories,
+            "mean": _mean(categories),
+        }
+        if centralized:
+            results["centralized"] = {"categories": centralized, "mean": _mean(centralized)}
+            results["rounds_to_centralized"] = rounds_within(outcome.history, centralized, points=1.0)
+        results.update(self.extra_results(outcome))
+        results["timing"] = {**outcome.timing, "conclusion_s": time.perf_counter() - started}
+        results["peak_memory_mb"] = peak_memory_mb()
+        (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        from fedinspect.federation.detector_report import write_detector_federation_report
+
+        write_detector_federation_report(out_dir, results)
+        return results
+
+    def extra_results(self, outcome: RoundsOutcome) -> dict[str, Any]:
+        """What a kind of federation adds to results.json (privacy, secure aggregation)."""
+        return {}
+
+
+def _summary(evaluation: Mapping[str, Any]) -> dict[str, Any]:
+    keep = ("image_auroc", "pixel_auroc", "auc_spro", "thresholds", "counts", "timings")
+    return {key: evaluation[key] for key in keep if key in evaluation}
+
+
+def _mean(categories: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    rows = [c for c in categories.values() if c.get("image_auroc") is not None]
+    if not rows:
+        return {}
+    mean: dict[str, Any] = {"image_auroc": float(np.mean([c["image_auroc"] for c in rows]))}
+    pixel = [c["pixel_auroc"] for c in rows if c.get("pixel_auroc") is not None]
+    mean["pixel_auroc"] = float(np.mean(pixel)) if pixel else None
+    limits = rows[0].get("auc_spro", {})
+    mean["auc_spro"] = {limit: float(np.mean([c["auc_spro"][limit] for c in rows])) for limit in limits}
+    return mean
+
+
+def rounds_within(history: list[Mapping[str, Any]], centralized: Mapping[str, Mapping[str, Any]],
+                  points: float = 1.0) -> dict[str, int | None]:
+    """Per category, the first round whose global image AUROC is within ``points`` (in AUROC points, 0-100)
+    of the centralized model's; None if no round reached it."""
+    reached: dict[str, int | None] = {}
+    for name, reference in centralized.items():
+        target = reference.get("image_auroc")
+        reached[name] = None
+        for record in history:
+            value = (record.get("image_auroc") or {}).get(name)
+            if target is not None and value is not None and value >= target - points / 100:
+                reached[name] = int(record["round"])
+                break
+    return reached
+
+
+class DetectorTask(CategoryTask):
+    """FedAvg / FedProx of a trained detector's weights over rounds (see the module docstring)."""
+
+    kind = "detector"
+    aggregation = "mean"
+
+    def __init__(self, data_dir: str | Path, config: DetectorFederationConfig, progress: bool = False) -> None:
+        if config.detector not in TRAINED:
+            raise SettingsError(f"{config.detector!r} is not trained by gradient descent; FedAvg federates "
+                                f"{sorted(TRAINED)} (PaDiM goes in one round of statistics, PatchCore of banks)")
+        super().__init__(data_dir, config, progress)
+        self.rounds = config.rounds
+
+    def detector(self, seed: int | None = None) -> Any:
+        model = super().detector(seed)
+        model.epochs = self.config.local_epochs
+        return model
+
+    def initial_state(self) -> State:
+        weights = self.detector().initialize().trainable_state()
+        return {f"{category}/{key}": value for category in self.datasets for key, value in weights.items()}
+
+    def global_detector(self, state: State, category: str) -> Any:
+        return self.detector().load_trainable_state(_part(state, category), source=f"global model of {category}")
+
+    def client_update(self, index: int, state: State, round_number: int, memory: Mapping[str, Any]) -> ClientResult:
+        arrays: State = {}
+        examples: dict[str, int] = {}
+        losses: list[tuple[float, int]] = []
+        name = client_id(index)
+        for category in self.client_categories(index):
+            images = self.client_images(index, category)
+            model = self.detector(seed=derived_seed(self.config.seed, name, category, str(round_number)))
+            model.load_trainable_state(_part(state, category), source=f"{name}: global model of {category}")
+            try:
+                model.partial_fit(images, proximal_mu=self.config.proximal_mu)
+            except FedinspectError as error:
+                raise FedinspectError(f"{name}, {category}: {error}") from error
+            arrays.update({f"{category}/{key}": value for key, value in model.trainable_state().items()})
+            examples[category] = len(images)
+            losses.append((model.history_[-1]["train_loss"], len(images)))
+        loss = sum(v * n for v, n in losses) / sum(n for _, n in losses)
+        if not math.isfinite(loss):
+            raise FedinspectError(f"{name}: training loss {loss}")
+        return ClientResult(arrays, examples, {"train_loss": loss}, dict(memory))
+
+
+def _part(state: State, category: str) -> dict[str, torch.Tensor]:
+    prefix = f"{category}/"
+    return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
+
+
+def make_task(data_dir: str | Path, config: DetectorFederationConfig, progress: bool = False) -> CategoryTask:
+    """The task that federates ``config.detector``: FedAvg rounds, or PaDiM's one round of statistics."""
+    if config.detector == "padim":
+        from fedinspect.federation.statistics_task import StatisticsTask
+
+        return StatisticsTask(data_dir, config, progress)
+    return DetectorTask(data_dir, config, progress)
+
+
+def run_detector_federation(data_dir: str | Path, out_dir: str | Path, config: DetectorFederationConfig,
+                            engine: str = "in-process", progress: bool = True) -> dict[str, Any]:
+    """Federate ``config.detector`` on ``engine`` ("in-process" or "flower-sim"); returns results.json's dict.
+
+    ``out_dir`` is written all at once when the run is over: a failed run leaves an earlier one there untouched.
+    """
+    from fedinspect.federation.rounds import run_rounds
+
+    task = make_task(data_dir, config, progress)
+    if engine == "flower-sim":
+        from fedinspect.federation.rounds_flower import run_simulation
+
+        return run_simulation(task, out_dir, progress=progress)
+    if engine != "in-process":
+        raise SettingsError(f"unknown engine {engine!r}: in-process or flower-sim")
+    return task.conclude(run_rounds(task, progress=progress), out_dir, engine)
