@@ -70,8 +70,10 @@ def test_same_seed_gives_the_same_numbers(labelled_category: Path, tmp_path: Pat
                             train=TrainSettings(local_epochs=1))
     first = run_classification(labelled_category, tmp_path / "a", config, progress=False, write_report=False)
     second = run_classification(labelled_category, tmp_path / "b", config, progress=False, write_report=False)
-    strip = [{k: v for k, v in h.items() if k != "seconds"} for h in first["history"]]
-    assert strip == [{k: v for k, v in h.items() if k != "seconds"} for h in second["history"]]
+    timings = ("seconds", "evaluation_s")
+    strip = [{k: v for k, v in h.items() if k not in timings} for h in first["history"]]
+    assert strip == [{k: v for k, v in h.items() if k not in timings} for h in second["history"]]
+    assert set(first["history"][0]) >= {"accuracy", "loss", "train_loss", "epsilon", "bytes_per_client", *timings}
 
 
 def test_transfer_model_trains_its_head_on_frozen_features(labelled_category: Path, tmp_path: Path) -> None:
@@ -119,16 +121,21 @@ def test_experiment_writes_tables_and_resumes(labelled_category: Path, tmp_path:
 
 @pytest.mark.slow
 def test_flower_simulation_gives_the_in_process_numbers(labelled_category: Path, tmp_path: Path) -> None:
-    from fedinspect.classification.flower_app import run_flower_simulation
+    from fedinspect.classification.task import ClassificationTask
+    from fedinspect.federation.rounds_flower import run_simulation
 
     config = ClassifyConfig(model="cnn", clients=2, rounds=2, image_size=16, obfuscate=("shuffle",),
-                            train=TrainSettings(local_epochs=1, noise_multiplier=1.0))
+                            obfuscation_key=77, train=TrainSettings(local_epochs=1, noise_multiplier=1.0))
     here = run_classification(labelled_category, tmp_path / "here", config, progress=False, write_report=False)
-    flower = run_flower_simulation(labelled_category, tmp_path / "flower", config, progress=False)
-    assert flower["engine"] == "flower-sim" and flower["missing_clients"] == []
+    flower = run_simulation(ClassificationTask(config, labelled_category, write_report=False), tmp_path / "flower",
+                            progress=False)
+    assert (here["engine"], flower["engine"]) == ("in-process", "flower-sim")
+    assert flower["missing_clients"] == here["missing_clients"] == []
     for a, b in zip(here["history"], flower["history"], strict=True):
-        assert (a["accuracy"], a["loss"], a["epsilon"]) == (b["accuracy"], b["loss"], b["epsilon"])
+        assert (a["accuracy"], a["loss"], a["train_loss"], a["epsilon"], a["bytes_per_client"]) == (
+            b["accuracy"], b["loss"], b["train_loss"], b["epsilon"], b["bytes_per_client"])
     assert here["epsilon"] == flower["epsilon"]  # the accountant persists in context.state across rounds
+    assert here["privacy"] == flower["privacy"] and here["confusion_matrix"] == flower["confusion_matrix"]
 
 
 @pytest.mark.real_data

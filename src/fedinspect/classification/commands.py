@@ -78,7 +78,7 @@ def cmd_classify(args: argparse.Namespace) -> int:
     except ValueError as error:
         raise _settings_error(error) from error
     if args.engine == "flower-sim":
-        from fedinspect.classification.flower_app import run_flower_simulation as run
+        from fedinspect.classification.runner import run_flower_simulation as run
     else:
         from fedinspect.classification.runner import run_classification as run
     results = run(args.data, args.out, config, progress=not args.quiet)

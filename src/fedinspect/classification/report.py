@@ -164,9 +164,18 @@ def write_run_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
                   [[name, c["images"], fmt(c["sample_rate"]), c["steps"], f"{c['delta']:.0e}",
                     fmt_epsilon(c["epsilon"])] for name, c in privacy["clients"].items()])
     doc.heading("Clients")
-    doc.table(["client", "images", *classes],
-              [[c["client"], c["images"], *[c["counts"].get(k, 0) for k in classes]]
+    sent: dict[str, list[int]] = {}
+    for h in results["history"]:
+        for name, n_bytes in h.get("bytes_per_client", {}).items():
+            sent.setdefault(name, []).append(n_bytes)
+    doc.table(["client", "images", *classes, "kB sent per round"],
+              [[c["client"], c["images"], *[c["counts"].get(k, 0) for k in classes],
+                fmt(sum(sent[c["client"]]) / len(sent[c["client"]]) / 1e3, 1) if sent.get(c["client"]) else None]
                for c in results["split"]["clients"]])
+    missing = results.get("missing_clients", [])
+    if missing:
+        doc.paragraph("Clients missing from a round (the round went on without them): " + "; ".join(
+            f"{m['client']} in round {m.get('round', '?')}: {m['reason']}" for m in missing) + ".")
     doc.heading("Figures")
     figures = out_dir / "figures"
     plot_learning_curves(results["history"], figures / "learning_curves.png")
