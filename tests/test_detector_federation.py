@@ -1,0 +1,147 @@
+"""Trained detectors federated by FedAvg / FedProx: local training hooks, the task, Flower = in process, the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fedinspect.cli import main
+from fedinspect.data.dataset import CategoryDataset
+from fedinspect.detectors.autoencoder import AutoencoderMSE
+from fedinspect.detectors.trained_detector import TrainingError
+from fedinspect.errors import SettingsError
+from fedinspect.federation.detector_task import DetectorFederationConfig, DetectorTask, run_detector_federation
+from fedinspect.federation.rounds import run_rounds
+from tests.conftest import write_blob_category
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+@pytest.fixture(scope="module")
+def two_categories(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("federated_blobs")
+    write_blob_category(root / "blobs", seed=3, n_train=8, n_test=7)
+    write_blob_category(root / "other", seed=4, n_train=6, n_test=7)
+    return root
+
+
+def _images(category: Path) -> list[np.ndarray]:
+    dataset = CategoryDataset(category)
+    return [dataset.load_image(s) for s in dataset.train]
+
+
+def test_trainable_state_round_trip_and_refusals(two_categories: Path) -> None:
+    model = AutoencoderMSE(image_size=64, epochs=1, seed=1).initialize()
+    state = model.trainable_state()
+    other = AutoencoderMSE(image_size=64, epochs=1, seed=2).initialize()
+    assert any(not torch.equal(state[k], v) for k, v in other.trainable_state().items())
+    other.load_trainable_state(state)
+    assert all(torch.equal(state[k], v) for k, v in other.trainable_state().items())
+    key = next(k for k, v in state.items() if v.is_floating_point())
+    with pytest.raises(TrainingError, match=r"client_3: tensors .* missing"):
+        other.load_trainable_state({k: v for k, v in state.items() if k != key}, source="client_3")
+    with pytest.raises(TrainingError, match=f"{key} is torch.float32 .*expected"):
+        other.load_trainable_state({**state, key: torch.zeros(3)})
+    with pytest.raises(TrainingError, match="non-finite"):
+        other.load_trainable_state({**state, key: torch.full_like(state[key], float("nan"))})
+    with pytest.raises(SettingsError, match="proximal_mu"):
+        other.partial_fit(_images(two_categories / "blobs"), proximal_mu=-1)
+
+
+class _SGDAutoencoder(AutoencoderMSE):
+    """Plain SGD, for which FedProx's term has its textbook effect (Adam rescales each coordinate's step)."""
+
+    def _optimizer(self, module):
+        return torch.optim.SGD(self._parameters_to_train(module), lr=self.learning_rate)
+
+
+def test_partial_fit_continues_and_fedprox_stays_near_the_start(two_categories: Path) -> None:
+    images = _images(two_categories / "blobs")
+    start_model = _SGDAutoencoder(image_size=64, epochs=3, seed=0, learning_rate=1.0).initialize()
+    start = start_model.trainable_state()
+    parameters = {name for name, _ in start_model.module_.named_parameters()}  # not BatchNorm's running stats
+
+    def distance(mu: float) -> float:
+        model = _SGDAutoencoder(image_size=64, epochs=3, seed=0, learning_rate=1.0).load_trainable_state(start)
+        model.partial_fit(images, proximal_mu=mu)
+        assert model.n_validation_images_ == 0 and len(model.history_) == 3  # every image, no early stop
+        return float(sum(((v.double() - start[k].double()) ** 2).sum()
+                         for k, v in model.trainable_state().items() if k in parameters))
+
+    free, held = distance(0.0), distance(1.0)
+    assert free > 0 and held < 0.3 * free
+
+
+def test_first_round_is_the_weighted_mean_of_the_clients_models(two_categories: Path) -> None:
+    config = DetectorFederationConfig(detector="ae_mse", params={"image_size": 64, "batch_size": 4}, clients=2,
+                                      rounds=1, centralized=False)
+    task = DetectorTask(two_categories, config)
+    start = task.initial_state()
+    updates = [task.client_update(i, start, 1, {}) for i in range(2)]
+    outcome = run_rounds(task, progress=False)
+    for category in ("blobs", "other"):
+        counts = [u.examples[category] for u in updates]
+        assert sum(counts) == len(CategoryDataset(two_categories / category).train)
+        key = next(k for k in outcome.state if k.startswith(f"{category}/") and outcome.state[k].is_floating_point())
+        expected = sum(n * u.arrays[key].double().numpy() for n, u in zip(counts, updates, strict=True)) / sum(counts)
+        assert np.allclose(outcome.state[key].double().numpy(), expected, atol=1e-6)
+    record = outcome.history[0]
+    assert set(record["image_auroc"]) == {"blobs", "other"}
+    assert record["bytes_per_client"]["client_0"] == updates[0].n_bytes > 0
+
+
+def test_padim_and_patchcore_are_not_fedavg_tasks(two_categories: Path) -> None:
+    with pytest.raises(SettingsError, match="not trained by gradient descent"):
+        DetectorTask(two_categories, DetectorFederationConfig(detector="patchcore"))
+    with pytest.raises(SettingsError, match="clients must be an integer"):
+        DetectorFederationConfig(clients=0)
+
+
+@pytest.mark.slow
+def test_flower_simulation_equals_in_process_over_two_rounds(two_categories: Path, tmp_path: Path) -> None:
+    config = DetectorFederationConfig(detector="ae_mse", params={"image_size": 64, "batch_size": 4}, clients=2,
+                                      rounds=2, centralized=False)
+    local = run_detector_federation(two_categories, tmp_path / "local", config, progress=False)
+    flower = run_detector_federation(two_categories, tmp_path / "flower", config, engine="flower-sim", progress=False)
+    assert flower["engine"] == "flower-sim" and flower["missing_clients"] == []
+    for a, b in zip(local["history"], flower["history"], strict=True):
+        assert a["image_auroc"] == b["image_auroc"] and a["train_loss"] == b["train_loss"]
+        assert a["bytes_per_client"] == b["bytes_per_client"]
+
+    def metrics(results: dict) -> dict:
+        return {name: {k: v for k, v in entry.items() if k != "timings"}
+                for name, entry in results["categories"].items()}
+
+    assert metrics(local) == metrics(flower)
+    saved = json.loads((tmp_path / "flower" / "results.json").read_text())
+    assert saved["config"]["rounds"] == 2 and (tmp_path / "flower" / "models" / "blobs" / "ae_mse.json").is_file()
+    assert (tmp_path / "flower" / "report.html").is_file() and (tmp_path / "flower" / "rounds.png").is_file()
+
+
+def test_cli_refuses_options_of_another_federation(two_categories: Path, tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "run")
+    assert main(["-q", "federate", "--data", str(two_categories), "--out", out, "--detector", "ae_mse",
+                 "--strategy", "robust_coreset"]) == 2
+    assert "--strategy: options of federated PatchCore" in capsys.readouterr().err
+    assert main(["-q", "federate", "--data", str(two_categories), "--out", out, "--rounds", "3"]) == 2
+    assert "--rounds: federated PatchCore is one round" in capsys.readouterr().err
+    assert main(["-q", "federate", "--data", str(two_categories), "--out", out, "--detector", "ae_mse",
+                 "--backbone", "efficientnet_lite2"]) == 2
+    assert "--backbone: ae_mse does not take it" in capsys.readouterr().err
+    assert not Path(out).exists()
+
+
+@pytest.mark.slow
+def test_cli_federates_a_trained_detector(two_categories: Path, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "run"
+    assert main(["-q", "federate", "--data", str(two_categories), "--out", str(out), "--detector", "ae_mse",
+                 "--image-size", "64", "--clients", "2", "--rounds", "2", "--local-epochs", "2",
+                 "--proximal-mu", "0.01"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["proximal_mu"] == 0.01 and results["config"]["local_epochs"] == 2
+    assert set(results["rounds_to_centralized"]) == {"blobs", "other"}
+    assert "FedProx mu 0.01" in capsys.readouterr().out
