@@ -26,19 +26,19 @@ class PullTask(FederatedTask):
     kind = "pull"
 
     def __init__(self, n_clients: int = 3, rounds: int = 2, lr: float = 0.5, fail: int = -1,
-                 aggregation: str = "mean") -> None:
-        self.n_clients, self.rounds, self.lr, self.fail = n_clients, rounds, lr, fail
+                 aggregation: str = "mean", garbage: int = -1) -> None:
+        self.n_clients, self.rounds, self.lr, self.fail, self.garbage = n_clients, rounds, lr, fail, garbage
         self.aggregation = aggregation  # type: ignore[misc]
         rng = np.random.default_rng(0)
         self.points = [rng.normal(size=(2 + i, 4)) for i in range(n_clients)]
 
     def spec(self) -> dict[str, Any]:
         return {"kind": self.kind, "n_clients": self.n_clients, "rounds": self.rounds, "lr": self.lr,
-                "fail": self.fail, "aggregation": self.aggregation}
+                "fail": self.fail, "aggregation": self.aggregation, "garbage": self.garbage}
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], secrets: Mapping[str, Any]) -> PullTask:
-        return cls(spec["n_clients"], spec["rounds"], spec["lr"], spec["fail"], spec["aggregation"])
+        return cls(spec["n_clients"], spec["rounds"], spec["lr"], spec["fail"], spec["aggregation"], spec["garbage"])
 
     def initial_state(self) -> dict[str, torch.Tensor]:
         return {"a/w": torch.zeros(4, dtype=torch.float64), "b/w": torch.ones(2, dtype=torch.float32)}
@@ -52,6 +52,9 @@ class PullTask(FederatedTask):
         if index % 2 == 0:  # only even clients hold category b
             arrays["b/w"] = state["b/w"] * (index + 2)
             examples["b"] = 1
+        if index == self.garbage:  # a client that sends what does not fit the global model
+            arrays["a/w"] = torch.full((5,), float("nan"), dtype=torch.float64) if round_number == 1 \
+                else torch.full((4,), float("nan"), dtype=torch.float64)
         visits = memory.get("visits", 0) + 1
         return ClientResult(arrays, examples, {"train_loss": float(index)}, {"visits": visits})
 
@@ -115,6 +118,14 @@ def test_a_failing_client_is_recorded_and_the_rounds_go_on(capsys) -> None:
         run_rounds(PullTask(n_clients=1, fail=0), progress=False)
 
 
+def test_updates_that_do_not_fit_are_refused_with_the_client_named(capsys) -> None:
+    outcome = run_rounds(PullTask(n_clients=4, garbage=3), progress=False)
+    reasons = [(m["client"], m["reason"]) for m in outcome.missing]
+    assert reasons == [("client_3", "client_3: a/w is torch.float64 (5,), expected torch.float64 (4,)"),
+                       ("client_3", "client_3: a/w holds non-finite values")]
+    assert np.isfinite(outcome.state["a/w"].numpy()).all()
+
+
 def test_unknown_task_kind_is_refused() -> None:
     with pytest.raises(FedinspectError, match=r"unknown federated task kind 'os\.system'"):
         task_from_spec({"kind": "os.system"})
@@ -122,13 +133,16 @@ def test_unknown_task_kind_is_refused() -> None:
 
 @pytest.mark.slow
 def test_flower_simulation_equals_in_process(tmp_path: Path) -> None:
-    task = PullTask(rounds=2, fail=1)
+    task = PullTask(n_clients=4, rounds=2, fail=1, garbage=3)
     expected = run_rounds(task, progress=False)
     results = rounds_flower.run_simulation(task, tmp_path / "run", progress=False,
                                            client_app=rounds_flower.make_client_app(PullTask.from_spec))
     assert results["engine"] == "flower-sim"
     assert results["state"] == {k: v.tolist() for k, v in expected.state.items()}
-    assert [m["client"] for m in results["missing"]] == ["client_1", "client_1"]
+    missing = sorted((m["round"], m["client"], m["reason"]) for m in results["missing"])  # replies come in any order
+    assert [(r, c) for r, c, _ in missing] == [(1, "client_1"), (1, "client_3"), (2, "client_1"), (2, "client_3")]
+    assert missing[1][2] == "update refused: client_3: a/w is torch.float64 (5,), expected torch.float64 (4,)"
+    assert missing[0][2].endswith("client_1: corrupt image x.png")
     assert results["memories"] == {"client_0": {"visits": 2}, "client_2": {"visits": 2}}
     for got, want in zip(results["history"], expected.history, strict=True):
         assert got["norm"] == want["norm"] and got["bytes_per_client"] == want["bytes_per_client"]

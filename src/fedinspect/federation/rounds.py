@@ -110,6 +110,25 @@ class FederatedTask(ABC):
     def evaluate(self, state: State, round_number: int) -> dict[str, Any]:
         """Metrics of the global model after a round (recorded in the round's history)."""
 
+    def check_update(self, name: str, result: ClientResult, state: State) -> None:
+        """Refuse a client's answer that does not fit the round (untrusted input): raise a
+        :class:`FedinspectError` naming the client; the engine then drops it like a client that failed.
+
+        The default checks what aggregation needs: every array of the global ``state`` it sends, with the
+        state's shape and dtype (or, for a statistic, ``state`` being empty, nothing), finite values, and
+        non-negative example counts for exactly the groups it sends."""
+        for group, count in result.examples.items():
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                raise FedinspectError(f"{name}: examples of {group!r} must be a non-negative integer, got {count!r}")
+        for key, value in result.arrays.items():
+            if state and key not in state:
+                raise FedinspectError(f"{name}: unexpected array {key!r}")
+            if state and (value.shape != state[key].shape or value.dtype != state[key].dtype):
+                raise FedinspectError(f"{name}: {key} is {value.dtype} {tuple(value.shape)}, expected "
+                                      f"{state[key].dtype} {tuple(state[key].shape)}")
+            if value.is_floating_point() and not torch.isfinite(value).all():
+                raise FedinspectError(f"{name}: {key} holds non-finite values")
+
     def round_metrics(self, round_number: int, results: Mapping[str, ClientResult]) -> dict[str, Any]:
         """Entries of the round's record drawn from the clients' answers (e.g. each client's epsilon from its
         accountant history); raise :class:`FedinspectError` naming a client whose answer is malformed."""
@@ -209,6 +228,7 @@ def run_rounds(task: FederatedTask, progress: bool = True,
             name = client_id(index)
             try:
                 result = task.client_update(index, state, round_number, memories[name])
+                task.check_update(name, result, state)
             except FedinspectError as error:  # bad data at one factory: the round goes on without it
                 recorder.drop(name, round_number, str(error))
                 continue

@@ -64,7 +64,8 @@ def handle_round(message: Message, context: Context, task_for: Callable[[str, st
         state = message.content["arrays"].to_torch_state_dict()
         result = task.client_update(index, state, int(request["round"]), memory)
     except FedinspectError as error:
-        return Message(Error(code=CLIENT_ERROR, reason=f"{name}: {error}"), reply_to=message)
+        reason = str(error) if str(error).startswith(name) else f"{name}: {error}"
+        return Message(Error(code=CLIENT_ERROR, reason=reason), reply_to=message)
     context.state[_MEMORY] = ConfigRecord({"memory": json.dumps(result.memory)})
     content = RecordDict({
         "arrays": ArrayRecord(result.arrays),
@@ -130,6 +131,7 @@ def serve_rounds(grid: Grid, task: FederatedTask, options: dict[str, Any]) -> Ro
     state = task.initial_state()
     memories: dict[str, dict[str, Any]] = {}
     spec, secrets = json.dumps(task.spec()), json.dumps(task.secrets())
+    expected = {client_id(i) for i in range(task.n_clients)}
     for round_number in range(1, task.rounds + 1):
         started = time.perf_counter()
         request = ConfigRecord({"round": round_number, "task": spec, "secrets": secrets,
@@ -144,11 +146,21 @@ def serve_rounds(grid: Grid, task: FederatedTask, options: dict[str, Any]) -> Ro
                 name = reason.split(":", 1)[0] if reason.startswith("client_") else f"node_{reply.metadata.src_node_id}"
                 recorder.drop(name, round_number, reason)
                 continue
-            info = reply.content["info"]
-            name = str(info["client"])
-            arrays = reply.content["arrays"]
-            result = ClientResult(arrays.to_torch_state_dict(), json.loads(str(info["examples"])),
-                                  dict(reply.content["metrics"]), json.loads(str(info["memory"])))
+            name = f"node_{reply.metadata.src_node_id}"
+            try:
+                info = reply.content["info"]
+                claimed = str(info["client"])
+                if claimed not in expected:
+                    raise FedinspectError(f"claims to be {claimed!r}, not one of the {task.n_clients} clients")
+                name = claimed
+                if name in results:
+                    raise FedinspectError("a second update from the same client")
+                result = ClientResult(reply.content["arrays"].to_torch_state_dict(), json.loads(str(info["examples"])),
+                                      dict(reply.content["metrics"]), json.loads(str(info["memory"])))
+                task.check_update(name, result, state)
+            except (FedinspectError, KeyError, ValueError, TypeError) as error:  # a malformed reply: dropped, named
+                recorder.drop(name, round_number, f"update refused: {error}")
+                continue
             results[name] = result
             memories[name] = result.memory
             bytes_sent[name] = result.n_bytes
