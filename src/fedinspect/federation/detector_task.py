@@ -65,9 +65,20 @@ class DetectorFederationConfig:
     seed: int = 0
     centralized: bool = True
     write_maps: bool = False
+    # PaDiM only: image-level DP of the statistics (privacy/statistics_dp.py: StatisticsPrivacy's fields,
+    # e.g. {"epsilon": 1, "clip_norm": 40, "mode": "distributed"}; empty: none), and the sum taken by
+    # SecAgg+ on Flower (federation/secure_sum.py).
+    privacy: Mapping[str, Any] = field(default_factory=dict)
+    secure: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", dict(self.params))
+        object.__setattr__(self, "privacy", dict(self.privacy))
+        if (self.privacy or self.secure) and self.detector != "padim":
+            raise SettingsError(f"DP of statistics and secure aggregation apply to PaDiM's one round, not to "
+                                f"{self.detector}")
+        if self.privacy:
+            self.statistics_privacy()  # a bad setting fails before any work
         if self.partition not in SCHEMES:
             raise SettingsError(f"unknown partition {self.partition!r}; choose from {list(SCHEMES)}")
         for name in ("clients", "rounds", "local_epochs"):
@@ -79,8 +90,19 @@ class DetectorFederationConfig:
         if {"seed", "progress"} & set(self.params):
             raise SettingsError("give the seed as the federation's seed, not as a detector parameter")
 
+    def statistics_privacy(self) -> Any:
+        """The DP mechanism of PaDiM's statistics (None when off)."""
+        if not self.privacy:
+            return None
+        from fedinspect.privacy.statistics_dp import StatisticsPrivacy
+
+        try:
+            return StatisticsPrivacy.from_dict(dict(self.privacy))
+        except (TypeError, ValueError) as error:
+            raise SettingsError(f"privacy of the statistics: {error}") from error
+
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self) | {"params": dict(self.params)}
+        return asdict(self) | {"params": dict(self.params), "privacy": dict(self.privacy)}
 
 
 class CategoryTask(FederatedTask):

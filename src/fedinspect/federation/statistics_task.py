@@ -1,0 +1,122 @@
+"""PaDiM federated in one round: every client sends its statistics per category, the server adds them.
+
+Each client computes, per category it holds, the count, sum and sum of outer products of its images'
+selected features at every grid position (:meth:`Padim.statistics`); the server adds them and forms the
+same Gaussians as fitting on the pooled images (:meth:`Padim.set_statistics`): exact up to float
+rounding, for any partition. Every client uses the federation's seed, so all select the same feature
+channels; the grid follows from the category's aspect ratio, which the server reads off its test images.
+
+With ``privacy`` set, each client clips every image's features and adds Gaussian noise
+(:mod:`fedinspect.privacy.statistics_dp`): its share of one release (``distributed``, which assumes the
+server sees only the sum: secure aggregation) or the full noise (``local``). The image counts are then
+not sent in the clear (``examples`` are 0): only the noisy count inside the statistics.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fedinspect.detectors.padim import Padim, PadimStatistics
+from fedinspect.errors import FedinspectError
+from fedinspect.federation.client import derived_seed
+from fedinspect.federation.detector_task import CategoryTask, DetectorFederationConfig
+from fedinspect.federation.rounds import ClientResult, RoundsOutcome, State, client_id
+
+SENT = ("count", "sum", "sum_outer")  # the grid shape is public: never summed
+
+
+class StatisticsTask(CategoryTask):
+    """One round of summed PaDiM statistics (see the module docstring)."""
+
+    kind = "padim_statistics"
+    aggregation = "sum"
+
+    def __init__(self, data_dir: str | Path, config: DetectorFederationConfig, progress: bool = False) -> None:
+        if config.detector != "padim":
+            raise FedinspectError(f"one round of statistics federates PaDiM, not {config.detector}")
+        super().__init__(data_dir, config, progress)
+        self.rounds = 1
+        self.privacy = config.statistics_privacy()
+        self._grids: dict[str, tuple[int, int]] = {}
+        self._padim: Padim | None = None
+
+    def padim(self) -> Padim:
+        """The federation's PaDiM (its seed selects the channels every client uses); loaded once."""
+        if self._padim is None:
+            self._padim = self.detector()
+        return self._padim
+
+    def grid(self, category: str) -> tuple[int, int]:
+        """The category's feature grid, from the aspect ratio of its first test image (public)."""
+        if category not in self._grids:
+            dataset = self.datasets[category]
+            image = dataset.load_image(dataset.test[0])
+            self._grids[category] = self.padim().grid_shape(image.shape[:2])
+        return self._grids[category]
+
+    def initial_state(self) -> State:
+        return {}
+
+    def client_update(self, index: int, state: State, round_number: int, memory: Mapping[str, Any]) -> ClientResult:
+        from fedinspect.privacy.statistics_dp import private_statistics
+
+        name = client_id(index)
+        arrays: State = {}
+        examples: dict[str, int] = {}
+        for category in self.client_categories(index):
+            images = self.client_images(index, category)
+            try:
+                if self.privacy is None:
+                    stats = self.padim().statistics(images, total=len(images))
+                else:
+                    stats = private_statistics(self.padim(), images, self.privacy, self.n_clients,
+                                               seed=derived_seed(self.config.seed, name, category, "dp"),
+                                               total=len(images))
+            except FedinspectError as error:
+                raise FedinspectError(f"{name}, {category}: {error}") from error
+            sent = stats.to_arrays()
+            arrays.update({f"{category}/{key}": torch.from_numpy(np.asarray(sent[key])) for key in SENT})
+            examples[category] = 0 if self.privacy is not None else len(images)
+        return ClientResult(arrays, examples, {}, dict(memory))
+
+    def check_update(self, name: str, result: ClientResult, state: State) -> None:
+        """Per category: exactly count, sum and sum of outer products, of the category's grid and PaDiM's width."""
+        super().check_update(name, result, state)
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        for key, value in result.arrays.items():
+            category, _, part = key.partition("/")
+            if category not in self.datasets:
+                raise FedinspectError(f"{name}: statistics of an unknown category {category!r}")
+            groups.setdefault(category, {})[part] = value.numpy()
+        for category, parts in groups.items():
+            self._statistics(parts, category, f"{name}, {category}")
+
+    def _statistics(self, parts: Mapping[str, np.ndarray], category: str, sender: str) -> PadimStatistics:
+        if set(parts) != set(SENT):
+            raise FedinspectError(f"{sender}: expected {list(SENT)}, got {sorted(parts)}")
+        grid = self.grid(category)
+        arrays = {**parts, "grid_shape": np.asarray(grid, dtype=np.float64)}
+        return PadimStatistics.from_arrays(arrays, noisy=self.privacy is not None, grid_shape=grid,
+                                           n_features=self.padim().n_features, sender=sender)
+
+    def global_detector(self, state: State, category: str) -> Padim:
+        prefix = f"{category}/"
+        stats = self._statistics({key[len(prefix):]: value.numpy() for key, value in state.items()
+                                  if key.startswith(prefix)}, category, f"sum of {category}")
+        model = self.detector()
+        if self.privacy is not None:
+            from fedinspect.privacy.statistics_dp import set_noisy_statistics
+
+            return set_noisy_statistics(model, stats)
+        return model.set_statistics(stats.count, stats.sum, stats.sum_outer, stats.grid_shape)
+
+    def extra_results(self, outcome: RoundsOutcome) -> dict[str, Any]:
+        extra: dict[str, Any] = {}
+        if self.privacy is not None:
+            extra["privacy"] = self.privacy.report(self.n_clients)
+        return extra
