@@ -84,7 +84,8 @@ def run_cell(clients: int, positions: int, k: int, images: int, seed: int) -> di
         row[name] = {"wall_s": time.perf_counter() - start, "aggregation_s": result.aggregation_s,
                      "bytes_per_client": result.bytes_per_client,
                      "bytes_up_per_client": float(np.mean(list(result.bytes_up.values()))),
-                     "out_of_range": result.out_of_range, **errors(result.sum, exact)}
+                     "exchange_s": result.exchange_s, "out_of_range": result.out_of_range,
+                     **errors(result.sum, exact)}
         print(f"  {name}: {row[name]['wall_s']:.1f} s", flush=True)
     return row
 

@@ -40,8 +40,14 @@ everything it receives) learns only the sum of the clients that survived to the 
 and only if they are at least ``reconstruction_threshold`` (t); each masked vector is uniform modulo
 2^32 to it. Dropouts: a client that fails after sharing its keys is unmasked from its neighbours'
 shares; the round completes as long as every client keeps at least t live neighbours (with the default
-complete graph, at most ``num_shares - t`` dropouts in all); the sum is then over the survivors, and
-this module refuses it unless at least ``min_clients`` (default: all) contributed. Collusion: the server
+complete graph, at most ``num_shares - t`` dropouts in all); the sum is then over the clients whose masked
+vectors arrived, and this module refuses it unless at least ``min_clients`` (default: all) contributed
+(:class:`SecureSumError` naming the dropped clients and why). A client that fails while computing its
+statistics (a non-finite value, a wrong shape, an entry beyond its bound under "raise") drops out at the
+masked-vector stage, which SecAgg+ recovers from; one that fails in the unmask stage has already
+contributed. But flwr 1.41 does not recover from a client lost in the first two stages (setup, key
+sharing): the survivors then fail in the unmask stage looking for that client's key shares (KeyError), and
+the round halts with no sum (checked in simulation). Collusion: the server
 together with fewer than t clients learns nothing beyond the sum of the other clients' inputs (with
 SecAgg+'s sparse graph, ``num_shares < n``, the guarantee is probabilistic over the random graph).
 
@@ -541,9 +547,11 @@ def make_server_app(settings: SecureSumSettings, n_clients: int, sink: dict[str,
             dropped = {str(node): reason for node, reason in sorted(metered.errors.items())}
             outcome = collector.outcome
             if "sum" not in outcome:
-                raise SecureSumError(f"secure aggregation halted (fewer than reconstruction_threshold = "
-                                     f"{protocol['reconstruction_threshold']} clients left); "
-                                     f"dropped: {dropped or 'none'}")
+                raise SecureSumError(f"secure aggregation halted without a sum: fewer than reconstruction_threshold = "
+                                     f"{protocol['reconstruction_threshold']} clients left, or a client dropped out "
+                                     "before its key shares were out (exchange 1 or 2), which flwr 1.41 does not "
+                                     f"recover from. Per node (exchanges: 1 setup, 2 share keys, 3 masked vectors, "
+                                     f"4 unmask): {dropped or 'none'}")
             if len(outcome["contributors"]) < protocol["min_clients"]:
                 raise SecureSumError(f"only {len(outcome['contributors'])} of {n_clients} clients contributed "
                                      f"(min_clients = {protocol['min_clients']}); the partial sum is refused. "
