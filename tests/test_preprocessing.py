@@ -48,3 +48,15 @@ def test_gaussian_blur_matches_scipy(sigma: float) -> None:
 def test_gaussian_blur_small_map_keeps_mass() -> None:
     maps = torch.ones(1, 3, 4)
     np.testing.assert_allclose(gaussian_blur(maps, 4.0).numpy(), 1.0, atol=1e-6)
+
+
+def test_square_letterbox_stretches_every_shape_onto_one_grid() -> None:
+    box = Letterbox(short_side=32, multiple=16, square=True)
+    wide = np.zeros((40, 80, 3), dtype=np.uint8)
+    wide[:, 40:] = 255  # right half white: after stretching, still the right half
+    tensor = box(wide)
+    assert tuple(tensor.shape) == (3, 32, 32) and box.padded_shape(13, 90) == (32, 32)
+    assert float(tensor[:, :, :15].max()) == 0.0 and float(tensor[:, :, 17:].min()) == 1.0
+    restored = box.restore(tensor[0], (40, 80))
+    assert restored.shape == (40, 80)
+    assert restored[:, :36].max() < 0.05 and restored[:, 44:].min() > 0.95

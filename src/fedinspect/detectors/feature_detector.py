@@ -21,6 +21,7 @@ class FeatureDetector:
     layers: Sequence[str] | None
     image_size: int
     _features: PatchFeatures | None
+    keep_aspect_ratio: bool = True  # a subclass may take it as a parameter (PaDiM)
 
     @property
     def features(self) -> PatchFeatures:
@@ -32,5 +33,7 @@ class FeatureDetector:
 
     @property
     def letterbox(self) -> Letterbox:
-        """Resizes the short side to ``image_size`` and pads to the coarsest stride (no squashing)."""
-        return Letterbox(short_side=self.image_size, multiple=max(self.features.extractor.strides.values()))
+        """Resizes the short side to ``image_size`` and pads to the coarsest stride (no squashing unless
+        ``keep_aspect_ratio`` is False)."""
+        return Letterbox(short_side=self.image_size, multiple=max(self.features.extractor.strides.values()),
+                         square=not self.keep_aspect_ratio)

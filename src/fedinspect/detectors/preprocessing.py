@@ -20,15 +20,23 @@ from PIL import Image
 
 @dataclass(frozen=True)
 class Letterbox:
-    """Resize the short side to ``short_side`` keeping the aspect ratio, pad to ``multiple``."""
+    """Resize the short side to ``short_side`` keeping the aspect ratio, pad to ``multiple``.
+
+    ``square=True`` resizes every image to ``short_side`` x ``short_side`` instead (the aspect ratio is not
+    kept, as anomalib and the PaDiM paper do): one grid for images of every shape, at the price of
+    stretching; :meth:`restore` stretches the map back.
+    """
 
     short_side: int = 256
     multiple: int = 16
+    square: bool = False
 
     def resized_shape(self, height: int, width: int) -> tuple[int, int]:
         """(height, width) after resizing, before padding."""
         if height <= 0 or width <= 0:
             raise ValueError(f"image size must be positive, got {width}x{height}")
+        if self.square:
+            return self.short_side, self.short_side
         scale = self.short_side / min(height, width)
         return max(1, round(height * scale)), max(1, round(width * scale))
 
