@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from fedinspect.detectors.padim import Padim, PadimFitError, PadimStatistics, StatisticsError, feature_statistics
 
@@ -138,3 +139,29 @@ def test_updates_for_another_model_are_refused() -> None:
     other = feature_statistics(np.zeros((2, 6, 4)), (3, 2))
     with pytest.raises(StatisticsError, match=r"cannot add statistics of a \(3, 2\) grid"):
         _ = feature_statistics(_features(8, 2), GRID) + other
+
+
+def test_a_model_of_clipped_statistics_clips_test_images_alike_and_saves_the_norm(tmp_path) -> None:
+    from fedinspect.detectors.registry import load_detector
+
+    rng = np.random.default_rng(1)
+    images = [textured_image(rng, 64, 64) for _ in range(5)]
+    probe = textured_image(rng, 64, 64)
+    model = Padim(image_size=64, n_features=10, seed=0)
+    features = model.features(torch.stack([model.letterbox(image) for image in [*images, probe]]))
+    norms = features[:, torch.from_numpy(model.channels)].double().flatten(1).norm(dim=1).numpy()
+    clip = float(np.median(norms))
+    stats = model.statistics(images, clip_norm=clip)
+    assert stats.clipped == int((norms[:5] > clip).sum()) and 0 < stats.clipped < 5
+    model.set_statistics(stats.count, stats.sum, stats.sum_outer, stats.grid_shape, clip_norm=clip)
+    scaled = features[5:] * float(min(1.0, clip / norms[5]))
+    expected = model._scorer(scaled)[0].numpy()  # the distances of the clipped probe, before smoothing
+    unclipped = model._scorer(features[5:])[0].numpy()
+    score = model.score_samples([probe])[0]
+    assert expected.min() - 1e-3 <= score <= expected.max() + 1e-3
+    if norms[5] > clip * 1.05:
+        assert not np.allclose(expected, unclipped, rtol=1e-3)
+    loaded = load_detector(model.save(tmp_path / "m"))
+    assert loaded.clip_norm_ == pytest.approx(clip) and loaded.score_samples([probe])[0] == pytest.approx(score)
+    with pytest.raises(ValueError, match="clip norm must be a positive number"):
+        model.set_gaussians(model.mean_, model.covariance_, model.grid_shape_, clip_norm=-1.0)

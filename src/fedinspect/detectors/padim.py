@@ -273,6 +273,7 @@ class Padim(FeatureDetector):
         self.progress = progress
         self._features: PatchFeatures | None = None
         self._scorer: MahalanobisMap | None = None
+        self.clip_norm_: float | None = None
 
     def get_params(self) -> dict[str, Any]:
         """Constructor parameters (scikit-learn convention)."""
@@ -360,13 +361,15 @@ class Padim(FeatureDetector):
         stats = self.statistics(images, total)
         return self.set_statistics(stats.count, stats.sum, stats.sum_outer, stats.grid_shape)
 
-    def set_statistics(self, count: float, total: np.ndarray, outer: np.ndarray, grid_shape: Sequence[int]) -> Padim:
+    def set_statistics(self, count: float, total: np.ndarray, outer: np.ndarray, grid_shape: Sequence[int],
+                       clip_norm: float | None = None) -> Padim:
         """Form the Gaussians from summed statistics (e.g. of several clients): count, sum (P, k), sum x x^T (P, k, k).
 
         Covariances use the unbiased (n - 1) normalisation of ``np.cov``, plus ``eps * I``. ``count`` may be
         a real number (a noisy count of a differentially private release); it must be at least 2. For
         noisy statistics, whose covariance need not be positive definite, use
-        :func:`fedinspect.privacy.statistics_dp.set_noisy_statistics` instead.
+        :func:`fedinspect.privacy.statistics_dp.set_noisy_statistics` instead. ``clip_norm``: the statistics
+        are of images clipped to this norm (:meth:`statistics`), so test images are clipped alike.
         """
         grid = (int(grid_shape[0]), int(grid_shape[1]))
         total = np.asarray(total, dtype=np.float64)
@@ -381,11 +384,18 @@ class Padim(FeatureDetector):
         mean = total / count
         cov = (outer - count * np.einsum("pi,pj->pij", mean, mean)) / (count - 1) + self.eps * np.eye(k)
         self.sufficient_statistics_ = {"count": count, "sum": total, "sum_outer": outer}
-        return self.set_gaussians(mean, cov, grid, count)
+        return self.set_gaussians(mean, cov, grid, count, clip_norm)
 
     def set_gaussians(self, mean: np.ndarray, covariance: np.ndarray, grid_shape: Sequence[int],
-                      n_train_images: float | None = None) -> Padim:
-        """Use these per-position means (P, k) and covariances (P, k, k), which must be positive definite."""
+                      n_train_images: float | None = None, clip_norm: float | None = None) -> Padim:
+        """Use these per-position means (P, k) and covariances (P, k, k), which must be positive definite.
+
+        ``clip_norm``: the Gaussians model images whose (P, k) block of selected features was clipped to
+        this L2 norm; :meth:`predict` then clips every test image's block the same way before scoring
+        (otherwise a test image would be compared, unclipped, with Gaussians of shrunken features).
+        """
+        if clip_norm is not None and not (clip_norm > 0 and math.isfinite(clip_norm)):
+            raise ValueError(f"clip norm must be a positive number, got {clip_norm}")
         grid = (int(grid_shape[0]), int(grid_shape[1]))
         mean = np.asarray(mean, dtype=np.float64)
         cov = np.asarray(covariance, dtype=np.float64)
@@ -394,6 +404,7 @@ class Padim(FeatureDetector):
             raise ValueError(f"Gaussians of shape mean {mean.shape}, covariance {cov.shape} do not fit a {grid} grid "
                              f"of {k} features")
         self.n_train_images_ = None if n_train_images is None else round(n_train_images)
+        self.clip_norm_ = None if clip_norm is None else float(clip_norm)
         self.grid_shape_ = grid
         self.mean_ = mean
         self.covariance_ = cov
@@ -418,6 +429,10 @@ class Padim(FeatureDetector):
         scores: list[float] = []
         maps: list[np.ndarray] = []
         for batch, embeddings in self._embed_batches(images, total, "scoring", scorer.grid_shape):
+            if self.clip_norm_ is not None:  # scaling all channels scales the selected ones by the same factor
+                norms = embeddings[:, scorer.channels].double().flatten(1).norm(dim=1)
+                factor = (self.clip_norm_ / norms.clamp_min(self.clip_norm_)).float()
+                embeddings = embeddings * factor[:, None, None, None]
             distances = scorer(embeddings)
             padded = self.letterbox.padded_shape(*batch[0].shape[:2])
             upsampled = torch.nn.functional.interpolate(distances[:, None], size=padded, mode="bilinear",
@@ -448,6 +463,7 @@ class Padim(FeatureDetector):
             "weights_sha256": file_sha256(self.features.extractor.weights_path),
             "grid_shape": list(scorer.grid_shape),
             "n_train_images": getattr(self, "n_train_images_", None),
+            "clip_norm": self.clip_norm_,
         }
         tensors = {"mean": scorer.mean.numpy(), "inv_cov": scorer.inv_cov.numpy()}
         (directory / GAUSSIANS_FILE).write_bytes(save_tensors(tensors))
@@ -480,5 +496,10 @@ class Padim(FeatureDetector):
         mean, inv_cov = tensors["mean"], tensors["inv_cov"]
         model._set_scorer(mean, inv_cov, (grid[0], grid[1]))
         model.n_train_images_ = config.get("n_train_images")
+        clip = config.get("clip_norm")
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, int | float) or not clip > 0
+                                 or not math.isfinite(clip)):
+            raise ModelFileError(f"{config_path}: clip_norm must be a positive number or null, got {clip!r}")
+        model.clip_norm_ = None if clip is None else float(clip)
         return model
 

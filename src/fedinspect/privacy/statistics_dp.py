@@ -261,9 +261,15 @@ def noisy_gaussians(stats: PadimStatistics, eps: float, min_count: float = MIN_C
     return mean, project_covariance(raw, 0.0) + eps * np.eye(k), count
 
 
-def set_noisy_statistics(detector: Padim, stats: PadimStatistics, min_count: float = MIN_COUNT) -> Padim:
-    """Give ``detector`` the Gaussians of (noisy) summed statistics, through :func:`noisy_gaussians`."""
+def set_noisy_statistics(detector: Padim, stats: PadimStatistics, min_count: float = MIN_COUNT,
+                         clip_norm: float | None = None) -> Padim:
+    """Give ``detector`` the Gaussians of (noisy) summed statistics, through :func:`noisy_gaussians`.
+
+    ``clip_norm`` (default: the statistics' own, which statistics read from the wire do not carry): the
+    detector clips test images at it too (:meth:`Padim.set_gaussians`); pass ``privacy.clip_norm``.
+    """
     if stats.n_features != detector.n_features:
         raise PadimFitError(f"statistics of {stats.n_features} features for a PaDiM of {detector.n_features}")
     mean, covariance, count = noisy_gaussians(stats, detector.eps, min_count)
-    return detector.set_gaussians(mean, covariance, stats.grid_shape, count)
+    clip = clip_norm if clip_norm is not None else stats.clip_norm
+    return detector.set_gaussians(mean, covariance, stats.grid_shape, count, clip)
