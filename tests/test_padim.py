@@ -107,6 +107,21 @@ def test_other_aspect_ratios_are_refused_clearly(fitted: Padim, train_images) ->
         Padim(image_size=64, n_features=20).fit(train_images[:1])
 
 
+def test_stretched_images_of_mixed_shapes_share_one_grid(train_images, tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    mixed = [*train_images[:3], textured_image(rng, 64, 64), textured_image(rng, 120, 50)]
+    model = Padim(image_size=64, n_features=20, keep_aspect_ratio=False).fit(mixed)
+    assert model.grid_shape_ == (8, 8) and model.grid_shape((13, 200)) == (8, 8)  # stride 8 at 64 px
+    tall = textured_image(rng, 90, 30)
+    scores, maps = model.predict([tall, train_images[0]])
+    assert maps[0].shape == (90, 30) and maps[1].shape == (64, 96)
+    loaded = load_detector(model.save(tmp_path / "stretched"))
+    assert loaded.keep_aspect_ratio is False
+    assert np.allclose(loaded.score_samples([tall, train_images[0]]), scores)
+    with pytest.raises(SettingsError, match="keep_aspect_ratio must be true or false"):
+        Padim(keep_aspect_ratio="no")
+
+
 def test_save_load_gives_identical_scores_through_the_registry(fitted: Padim, saved: Path) -> None:
     config = json.loads((saved / CONFIG_FILE).read_text())
     assert config["format"] == MODEL_FORMAT and "weights" not in config["params"]

@@ -12,6 +12,7 @@ import torch
 from fedinspect.cli import main
 from fedinspect.data.dataset import CategoryDataset
 from fedinspect.detectors.padim import Padim
+from fedinspect.detectors.registry import load_detector
 from fedinspect.errors import FedinspectError, SettingsError
 from fedinspect.federation.detector_task import DetectorFederationConfig, make_task, run_detector_federation
 from fedinspect.federation.rounds import ClientResult, run_rounds
@@ -113,3 +114,23 @@ def test_cli_federates_padim_in_one_round(categories: Path, tmp_path: Path) -> N
     fed, central = results["categories"]["blobs"], results["centralized"]["categories"]["blobs"]
     assert fed["image_auroc"] == pytest.approx(central["image_auroc"], abs=1e-9)
     assert fed["pixel_auroc"] == pytest.approx(central["pixel_auroc"], abs=1e-6)
+
+
+@pytest.mark.slow
+def test_secure_aggregation_gives_the_plain_sum_within_its_quantization_bound(categories: Path, tmp_path: Path) -> None:
+    """SecAgg+ on the Simulation Engine: the server never holds one client's statistics, only their sum."""
+    plain_config = DetectorFederationConfig(detector="padim", params=PARAMS, clients=3, centralized=False)
+    plain_task = make_task(categories, plain_config)
+    plain = run_rounds(plain_task, progress=False)
+    config = DetectorFederationConfig(detector="padim", params=PARAMS, clients=3, centralized=False, secure=True)
+    with pytest.raises(SettingsError, match="runs on Flower"):
+        run_detector_federation(categories, tmp_path / "in_process", config, progress=False)
+    results = run_detector_federation(categories, tmp_path / "secure", config, engine="flower-sim", progress=False)
+    block = results["secure_aggregation"]
+    assert block["contributors"] == ["client_0", "client_1", "client_2"] and block["entries_clipped"] == 0
+    assert block["error_bound"]["blobs/count"] == 0.0 and 0 < block["error_bound"]["blobs/sum_outer"] < 1e-3
+    for name in ("blobs", "other"):
+        secure = load_detector(tmp_path / "secure" / "models" / name)
+        exact = _scores(plain_task.global_detector(plain.state, name), categories / name)
+        assert secure.n_train_images_ == len(CategoryDataset(categories / name).train)  # the count is exact
+        assert np.abs(_scores(secure, categories / name) - exact).max() < 1e-3 * np.abs(exact).max()

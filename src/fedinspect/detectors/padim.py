@@ -242,6 +242,10 @@ class Padim(FeatureDetector):
         Channels kept, chosen at random with ``seed`` (paper: 100 of 448 for ResNet18, 550 for WRN50).
     eps:
         Regularisation added to every covariance's diagonal (paper: 0.01).
+    keep_aspect_ratio:
+        True (default): the letterbox keeps each image's aspect ratio, so a category must have one aspect
+        ratio (one grid). False: every image is stretched to ``image_size`` x ``image_size`` (as the paper
+        and anomalib do), so categories of mixed shapes (the magnetic tiles) can be modelled.
     """
 
     def __init__(
@@ -254,10 +258,14 @@ class Padim(FeatureDetector):
         eps: float = 0.01,
         sigma: float = 4.0,
         batch_size: int = 8,
+        keep_aspect_ratio: bool = True,
         seed: int = 0,
         progress: bool = False,
     ) -> None:
         self.backbone = backbone
+        if not isinstance(keep_aspect_ratio, bool):
+            raise SettingsError(f"keep_aspect_ratio must be true or false, got {keep_aspect_ratio!r}")
+        self.keep_aspect_ratio = keep_aspect_ratio
         self.layers = tuple(layers) if layers is not None else None
         self.weights = weights
         self.image_size = check_image_size(image_size)
@@ -286,6 +294,7 @@ class Padim(FeatureDetector):
             "eps": self.eps,
             "sigma": self.sigma,
             "batch_size": self.batch_size,
+            "keep_aspect_ratio": self.keep_aspect_ratio,
             "seed": self.seed,
         }
 
@@ -321,7 +330,7 @@ class Padim(FeatureDetector):
                         f"PaDiM models one Gaussian per position of a {expected[0]}x{expected[1]} feature grid, but "
                         f"an image of {image.shape[1]}x{image.shape[0]} px gives a {found[0]}x{found[1]} grid at "
                         f"image size {self.image_size}: every image of a category must have the same aspect ratio "
-                        "(use PatchCore for mixed shapes)"
+                        "(use keep_aspect_ratio=False, or PatchCore, for mixed shapes)"
                     )
                 if len(batch) == self.batch_size:
                     yield batch

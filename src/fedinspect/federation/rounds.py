@@ -159,6 +159,7 @@ class RoundsOutcome:
     missing: list[dict[str, str]]
     clients: dict[str, dict[str, Any]]  # per client: examples per group, bytes sent per round
     timing: dict[str, float]
+    secure_aggregation: dict[str, Any] = field(default_factory=dict)  # protocol and cost, when the sum was secure
 
 
 def aggregate(task: FederatedTask, results: Mapping[str, ClientResult]) -> State:

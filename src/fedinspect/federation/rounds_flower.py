@@ -193,6 +193,52 @@ def make_server_app(task: FederatedTask, out_dir: str | Path, options: dict[str,
     return app
 
 
+class _SecureCompute:
+    """A client's arrays for the secure sum, from the task its spec describes (picklable for Ray's actors)."""
+
+    def __init__(self, spec: str, secrets: str, build: TaskBuilder = task_from_spec) -> None:
+        self.tasks = _TaskCache(build)
+        self.spec, self.secrets = spec, secrets
+
+    def __call__(self, partition: int, config: dict[str, Any]) -> list[Any]:
+        return self.tasks(self.spec, self.secrets).secure_arrays(partition)
+
+
+def run_secure_sum(task: FederatedTask, progress: bool = True, build: TaskBuilder = task_from_spec) -> RoundsOutcome:
+    """A one-round statistic whose sum the server learns through SecAgg+ only (:mod:`secure_sum`): no client's
+    update is ever seen, so the round's record has the sum's evaluation, traffic and protocol, not per-client
+    answers. A client that fails before its key shares are out halts the round (flwr 1.41); a partial sum is
+    refused (every client must contribute)."""
+    from fedinspect.federation.secure_sum import secure_sum_simulation
+
+    if task.aggregation != "sum" or task.rounds != 1:
+        raise FedinspectError(f"secure aggregation sums one round of statistics; {task.kind} averages over rounds")
+    recorder = RoundRecorder(task)
+    started = time.perf_counter()
+    settings = task.secure_settings()
+    result = secure_sum_simulation(_SecureCompute(json.dumps(task.spec()), json.dumps(task.secrets()), build),
+                                   task.n_clients, settings, progress=progress)
+    state = task.state_from_sum(result.sum)
+    record: dict[str, Any] = {"round": 1, "clients": len(result.contributors)}
+    record.update(task.evaluate(state, 1))
+    record["seconds"] = time.perf_counter() - started
+    sent = round(sum(result.bytes_up.values()) / max(1, len(result.bytes_up)))  # nodes are anonymous here
+    record["bytes_per_client"] = {client_id(i): sent for i in result.contributors}
+    recorder.history.append(record)
+    outcome = recorder.outcome(state, {})
+    outcome.clients = {client_id(i): {"examples": {}, "bytes_sent": [record["bytes_per_client"][client_id(i)]]}
+                       for i in result.contributors}
+    bound = dict(zip([s.name for s in settings.specs], result.error_bound, strict=True))
+    outcome.secure_aggregation = {
+        "protocol": "SecAgg+ (flwr SecAggPlusWorkflow)", **result.protocol,
+        "contributors": [client_id(i) for i in result.contributors], "dropped": result.dropped,
+        "entries_clipped": result.out_of_range, "error_bound": bound, "aggregation_s": result.aggregation_s,
+        "wall_s": result.wall_s, "exchange_s": result.exchange_s,
+        "bytes_per_client": result.bytes_per_client, "bytes_down": sum(result.bytes_down.values()),
+        "bytes_up": sum(result.bytes_up.values())}
+    return outcome
+
+
 def run_simulation(task: FederatedTask, out_dir: str | Path, progress: bool = True, *,
                    client_app: ClientApp | None = None, round_timeout: float = 3600.0,
                    connect_timeout: float = 600.0, client_threads: int | None = None) -> dict[str, Any]:
@@ -205,6 +251,8 @@ def run_simulation(task: FederatedTask, out_dir: str | Path, progress: bool = Tr
 
     from fedinspect.federation.flower_app import simulate, simulation_backend
 
+    if getattr(task, "secure", False):
+        return task.conclude(run_secure_sum(task, progress), out_dir, engine="flower-sim, SecAgg+")
     threads = torch.get_num_threads() if client_threads is None else client_threads
     options = {"progress": progress, "round-timeout": round_timeout, "connect-timeout": connect_timeout,
                "client-threads": threads}

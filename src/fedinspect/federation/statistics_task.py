@@ -112,11 +112,54 @@ class StatisticsTask(CategoryTask):
         if self.privacy is not None:
             from fedinspect.privacy.statistics_dp import set_noisy_statistics
 
-            return set_noisy_statistics(model, stats)
+            return set_noisy_statistics(model, stats, clip_norm=self.privacy.clip_norm)
         return model.set_statistics(stats.count, stats.sum, stats.sum_outer, stats.grid_shape)
+
+    # ---------------------------------------------------------------- secure aggregation (Flower)
+    @property
+    def secure(self) -> bool:
+        return self.config.secure
+
+    def secure_settings(self) -> Any:
+        """The public parameters of the secure sum: per category (sorted), count, sum and sum of outer products
+        with their bounds from the largest share of a client (public: the plan) and the feature bound."""
+        from fedinspect.federation.secure_sum import ArraySpec, SecureSumSettings
+
+        bound = self.privacy.clip_norm if self.privacy is not None else self.config.secure_bound
+        k = self.padim().n_features
+        specs = []
+        for category in self.datasets:
+            most = max(len(self.client_categories(i).get(category, [])) for i in range(self.n_clients))
+            positions = self.grid(category)[0] * self.grid(category)[1]
+            count_bound = most + (10 * self.privacy.resolved_noise_multiplier() if self.privacy is not None else 0)
+            specs += [ArraySpec((1,), max(1, count_bound), integer=self.privacy is None, name=f"{category}/count"),
+                      ArraySpec((positions, k), max(1, most) * bound, name=f"{category}/sum"),
+                      ArraySpec((positions, k, k), max(1, most) * bound**2, name=f"{category}/sum_outer")]
+        return SecureSumSettings(tuple(specs), seed=self.config.seed)
+
+    def secure_arrays(self, index: int) -> list[np.ndarray]:
+        """Client ``index``'s statistics in :meth:`secure_settings`' order (zeros for a category it does not hold)."""
+        result = self.client_update(index, {}, 1, {})
+        return [result.arrays[spec.name].numpy().reshape(spec.shape) if spec.name in result.arrays
+                else np.zeros(spec.shape) for spec in self.secure_settings().specs]
+
+    def state_from_sum(self, arrays: list[np.ndarray]) -> State:
+        """The global state from the secure sum, leaving out categories no client held (a zero count)."""
+        state: State = {}
+        specs = self.secure_settings().specs
+        for spec, value in zip(specs, arrays, strict=True):
+            category = spec.name.split("/", 1)[0]
+            if float(arrays[[s.name for s in specs].index(f"{category}/count")].sum()) > 0:
+                value = np.asarray(value, dtype=np.float64).reshape(() if spec.name.endswith("/count") else spec.shape)
+                if spec.name.endswith("/sum_outer"):  # each entry was rounded on its own: symmetrize
+                    value = (value + value.transpose(0, 2, 1)) / 2
+                state[spec.name] = torch.from_numpy(value)
+        return state
 
     def extra_results(self, outcome: RoundsOutcome) -> dict[str, Any]:
         extra: dict[str, Any] = {}
         if self.privacy is not None:
             extra["privacy"] = self.privacy.report(self.n_clients)
+        if outcome.secure_aggregation:
+            extra["secure_aggregation"] = outcome.secure_aggregation
         return extra
