@@ -128,7 +128,7 @@ def test_cli_refuses_options_of_another_federation(two_categories: Path, tmp_pat
                  "--strategy", "robust_coreset"]) == 2
     assert "--strategy: options of federated PatchCore" in capsys.readouterr().err
     assert main(["-q", "federate", "--data", str(two_categories), "--out", out, "--rounds", "3"]) == 2
-    assert "--rounds: federated PatchCore is one round" in capsys.readouterr().err
+    assert "--rounds: federated PatchCore is one round of memory banks" in capsys.readouterr().err
     assert main(["-q", "federate", "--data", str(two_categories), "--out", out, "--detector", "ae_mse",
                  "--backbone", "efficientnet_lite2"]) == 2
     assert "--backbone: ae_mse does not take it" in capsys.readouterr().err

@@ -134,3 +134,21 @@ def test_secure_aggregation_gives_the_plain_sum_within_its_quantization_bound(ca
         exact = _scores(plain_task.global_detector(plain.state, name), categories / name)
         assert secure.n_train_images_ == len(CategoryDataset(categories / name).train)  # the count is exact
         assert np.abs(_scores(secure, categories / name) - exact).max() < 1e-3 * np.abs(exact).max()
+
+
+def test_cli_checks_padim_options_before_any_work(categories: Path, tmp_path: Path, capsys) -> None:
+    out = str(tmp_path / "run")
+    base = ["-q", "federate", "--data", str(categories), "--out", out]
+    assert main([*base, "--detector", "padim", "--secure-aggregation"]) == 2
+    assert "runs on Flower" in capsys.readouterr().err
+    assert main([*base, "--detector", "padim", "--dp-epsilon", "1"]) == 2
+    assert "need --dp-clip" in capsys.readouterr().err
+    assert main([*base, "--detector", "padim", "--dp-epsilon", "1", "--dp-clip", "100", "--dp-unit", "embedding"]) == 2
+    assert "--dp-unit: PaDiM's statistics protect one image" in capsys.readouterr().err
+    assert main([*base, "--detector", "ae_mse", "--secure-aggregation"]) == 2
+    assert "--secure-aggregation: options of PaDiM's one round" in capsys.readouterr().err
+    assert main([*base, "--keep-aspect-ratio", "no"]) == 2
+    assert "--keep-aspect-ratio: federated PatchCore" in capsys.readouterr().err
+    assert main([*base, "--detector", "ae_mse", "--keep-aspect-ratio", "no"]) == 2
+    assert "ae_mse does not take it" in capsys.readouterr().err
+    assert not Path(out).exists()

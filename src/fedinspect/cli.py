@@ -151,7 +151,10 @@ def _privacy_settings(args: argparse.Namespace) -> dict:
 
     A command without the single-run options (``privacy-study``, whose grid sets them) leaves them off.
     """
-    values: dict = {"dp_delta": args.dp_delta, "dp_clip_norm": args.dp_clip}
+    from fedinspect.privacy.bank_dp import DEFAULT_CLIP_NORM
+
+    values: dict = {"dp_delta": args.dp_delta,
+                    "dp_clip_norm": args.dp_clip if args.dp_clip is not None else DEFAULT_CLIP_NORM}
     methods = obfuscation(getattr(args, "obfuscate", ""))
     if methods:
         values.update(obfuscation=methods, obfuscation_key=_obfuscation_key(args, "--obfuscate"))
@@ -209,7 +212,10 @@ def _federation_runner(engine: str):
 # `federate` options that only federated PatchCore takes (memory banks, their DP, obfuscation, attacks, poisoning).
 PATCHCORE_FEDERATION_OPTIONS = ("strategy", "global_size", "global_ratio", "bank", "min_per_client", "min_clients",
                                 "precision", "local_coreset_ratio", "coreset_ratio", "no_shared_comparison",
-                                "dp_epsilon", "dp_noise", "obfuscate", "attack_data", "poison")
+                                "obfuscate", "attack_data", "poison")
+# ... and options that only PaDiM's one round of statistics takes.
+STATISTICS_OPTIONS = {"secure_aggregation": "--secure-aggregation", "dp_epsilon": "--dp-epsilon",
+                      "dp_noise": "--dp-noise", "dp_clip": "--dp-clip"}
 ROUND_OPTIONS = {"rounds": "--rounds", "local_epochs": "--local-epochs", "proximal_mu": "--proximal-mu",
                  "learning_rate": "--lr", "batch_size": "--batch-size"}
 
@@ -218,9 +224,14 @@ def _cmd_federate(args: argparse.Namespace) -> int:
     if args.detector != "patchcore":
         return _federate_detector(args)
     given = [option for dest, option in ROUND_OPTIONS.items() if getattr(args, dest) is not None]
+    given += [option for dest, option in (("secure_aggregation", "--secure-aggregation"),
+                                          ("keep_aspect_ratio", "--keep-aspect-ratio"))
+              if getattr(args, dest) not in (None, False)]
+    if args.dp_mode != "distributed":
+        given.append("--dp-mode")
     if given:
         raise FedinspectError(f"{', '.join(given)}: federated PatchCore is one round of memory banks; these options "
-                              "are for detectors trained over rounds (--detector)")
+                              "are for the other detectors (--detector)")
     if args.engine == "flower-sim" and args.poison:
         raise FedinspectError("--poison is a drill of the in-process runner: use --engine in-process")
     results = _federation_runner(args.engine)(args.data, args.out, _federation_config(args), progress=not args.quiet)
@@ -251,10 +262,32 @@ def _federate_detector(args: argparse.Namespace) -> int:
     if not trained and any(getattr(args, dest) is not None for dest in ("rounds", "local_epochs", "proximal_mu")):
         raise FedinspectError(f"--rounds, --local-epochs, --proximal-mu: {args.detector} is federated in one round "
                               "of summed statistics")
-    config = DetectorFederationConfig(
-        detector=args.detector, params=params, clients=args.clients, partition=args.partition, alpha=args.alpha,
-        rounds=args.rounds or (5 if trained else 1), local_epochs=args.local_epochs or 1,
-        proximal_mu=args.proximal_mu or 0.0, seed=args.seed, centralized=not args.no_centralized)
+    if trained:
+        given = [option for dest, option in STATISTICS_OPTIONS.items() if getattr(args, dest) not in (None, False)]
+        if given:
+            raise FedinspectError(f"{', '.join(given)}: options of PaDiM's one round of statistics, not of "
+                                  f"{args.detector}'s FedAvg rounds")
+    if args.keep_aspect_ratio is not None:
+        if "keep_aspect_ratio" not in takes:
+            raise FedinspectError(f"--keep-aspect-ratio: {args.detector} does not take it")
+        params["keep_aspect_ratio"] = args.keep_aspect_ratio == "yes"
+    privacy: dict[str, object] = {}
+    if args.dp_epsilon is not None or args.dp_noise is not None:
+        if args.dp_clip is None:
+            raise FedinspectError("--dp-epsilon / --dp-noise with --detector padim need --dp-clip: the L2 bound on one "
+                                  "image's features at all grid positions (choose it on public images)")
+        if args.dp_unit != "image":
+            raise FedinspectError("--dp-unit: PaDiM's statistics protect one image (--dp-unit image)")
+        privacy = {"clip_norm": args.dp_clip, "epsilon": args.dp_epsilon, "noise_multiplier": args.dp_noise,
+                   "delta": args.dp_delta, "mode": args.dp_mode}
+    try:
+        config = DetectorFederationConfig(
+            detector=args.detector, params=params, clients=args.clients, partition=args.partition, alpha=args.alpha,
+            rounds=args.rounds or (5 if trained else 1), local_epochs=args.local_epochs or 1,
+            proximal_mu=args.proximal_mu or 0.0, seed=args.seed, centralized=not args.no_centralized,
+            privacy=privacy, secure=args.secure_aggregation)
+    except ValueError as error:
+        raise FedinspectError(f"invalid settings: {error}") from error
     results = run_detector_federation(args.data, args.out, config, engine=args.engine, progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8").split("## Rounds")[0].rstrip())
     print(f"results.json, report.md, report.html, models/ and one evaluation folder per category in {args.out}")
@@ -362,7 +395,10 @@ def _add_privacy_options(parser: argparse.ArgumentParser, single_run: bool = Tru
     privacy.add_argument("--dp-unit", choices=UNITS, default="image",
                          help="what DP protects: one training image or one patch embedding (weaker)")
     privacy.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the (epsilon, delta) guarantee")
-    privacy.add_argument("--dp-clip", type=float, default=DEFAULT_CLIP_NORM, help="L2 clip norm of embeddings")
+    privacy.add_argument("--dp-clip", type=float, default=None,
+                         help=f"L2 clip norm of one unit's features: PatchCore, of one embedding (none given: "
+                              f"{DEFAULT_CLIP_NORM:g}); PaDiM, of one image's features at all grid positions (needed: "
+                              "e.g. sqrt(positions) x a typical position's norm measured on public images)")
     if single_run:
         privacy.add_argument("--obfuscate", default="",
                              help="obfuscate images first, methods joined by '+': average+shuffle+switch_row")
@@ -493,6 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
     rounds.add_argument("--lr", dest="learning_rate", type=float, default=None,
                         help="learning rate of the local training (none given: the detector's)")
     rounds.add_argument("--batch-size", type=int, default=None, help="images per step (none given: the detector's)")
+    statistics = federate.add_argument_group("PaDiM (one round of summed statistics)")
+    statistics.add_argument("--secure-aggregation", action="store_true",
+                            help="the server learns only the sum of the clients' statistics (SecAgg+; --engine "
+                                 "flower-sim)")
+    statistics.add_argument("--dp-mode", choices=("distributed", "local"), default="distributed",
+                            help="with --dp-epsilon: each client adds its share of one release's noise (the "
+                                 "guarantee needs --secure-aggregation), or all of it")
+    statistics.add_argument("--keep-aspect-ratio", choices=("yes", "no"), default=None,
+                            help="no: stretch every image to a square, for categories of mixed shapes (none given: "
+                                 "yes)")
     _add_privacy_options(federate)
     _add_poisoning_options(federate)
     federate.set_defaults(run=_cmd_federate)
