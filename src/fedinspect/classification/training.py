@@ -1,6 +1,7 @@
 """One client's local training: plain SGD, or DP-SGD with Opacus, and the evaluation of a model.
 
-DP-SGD (Abadi et al., 2016), as the seed configures TensorFlow Privacy's DPKerasSGDOptimizer:
+DP-SGD (Abadi et al., 2016), as the seed configures TensorFlow Privacy's DPKerasSGDOptimizer, run by
+:func:`fedinspect.privacy.dp_sgd.train_dp_sgd` (shared with the trained anomaly detectors):
 
 - every per-sample gradient is clipped to L2 norm ``max_grad_norm`` (1.0) and Gaussian noise of
   standard deviation ``noise_multiplier * max_grad_norm`` is added to their sum, divided by the
@@ -20,7 +21,6 @@ Without DP the same logical batches (a seeded shuffle) and accumulation are used
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
@@ -28,11 +28,17 @@ import numpy as np
 import torch
 from sklearn.metrics import confusion_matrix, f1_score
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import TensorDataset
 
-ACCOUNTANTS = ("rdp", "prv", "gdp")
+from fedinspect.privacy.dp_sgd import (
+    ACCOUNTANTS,
+    DEFAULT_DELTA,
+    DPSGDSettings,
+    epsilon_of,
+    train_dp_sgd,
+)
+
 OPTIMIZERS = ("sgd", "adam")
-DEFAULT_DELTA = 1e-5
 
 
 @dataclass(frozen=True)
@@ -96,6 +102,15 @@ class TrainSettings:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    def dp_sgd(self) -> DPSGDSettings:
+        """The DP-SGD part of these settings (:mod:`fedinspect.privacy.dp_sgd`); only when ``dp``."""
+        if self.noise_multiplier is None:
+            raise ValueError("no noise multiplier: these settings train without DP-SGD")
+        return DPSGDSettings(noise_multiplier=float(self.noise_multiplier), max_grad_norm=float(self.max_grad_norm),
+                             delta=self.delta, accountant=self.accountant, batch_size=int(self.batch_size),
+                             accumulation_steps=int(self.accumulation_steps),
+                             poisson_sampling=bool(self.poisson_sampling))
+
 
 @dataclass
 class LocalResult:
@@ -107,26 +122,6 @@ class LocalResult:
     steps: int
     privacy_history: list[tuple[float, float, int]] = field(default_factory=list)
     epsilon: float | None = None
-
-
-def make_accountant(kind: str, history: Sequence[Sequence[float]] = ()):
-    """An Opacus accountant holding ``history`` ((noise multiplier, sample rate, steps) entries)."""
-    from opacus.accountants import create_accountant
-
-    accountant = create_accountant(kind)
-    accountant.history = [(float(s), float(q), int(n)) for s, q, n in history]
-    return accountant
-
-
-def epsilon_of(history: Sequence[Sequence[float]], delta: float, kind: str = "rdp") -> float:
-    """The accountant's epsilon for ``history`` at ``delta`` (inf with zero noise; 0 before any step)."""
-    if not history:
-        return 0.0
-    if any(float(entry[0]) == 0.0 for entry in history):
-        return math.inf
-    with warnings.catch_warnings():  # "optimal order is the smallest alpha": tiny noise, huge epsilon
-        warnings.simplefilter("ignore")
-        return float(make_accountant(kind, history).get_epsilon(delta))
 
 
 def _generator(seed: int) -> torch.Generator:
@@ -180,47 +175,9 @@ def _train_plain(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Te
 def _train_dp(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
               settings: TrainSettings, seed: int, privacy_history: Sequence[Sequence[float]],
               loss_fn: nn.Module) -> tuple[float, int, list[tuple[float, float, int]]]:
-    from opacus import PrivacyEngine
-    from opacus.utils.batch_memory_manager import BatchMemoryManager
-
-    loader = DataLoader(TensorDataset(x, y), batch_size=settings.logical_batch, shuffle=True,
-                        generator=_generator(seed))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
-        engine = PrivacyEngine(accountant=settings.accountant)
-        engine.accountant = make_accountant(settings.accountant, privacy_history)
-        private_model, private_optimizer, private_loader = engine.make_private(
-            module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=settings.noise_multiplier,
-            max_grad_norm=settings.max_grad_norm, poisson_sampling=settings.poisson_sampling,
-            noise_generator=_generator(seed + 1),
-        )
-        loss_sum = 0.0
-        for _ in range(settings.local_epochs):
-            with BatchMemoryManager(data_loader=private_loader, max_physical_batch_size=settings.batch_size,
-                                    optimizer=private_optimizer) as batches:
-                for xb, yb in batches:
-                    private_optimizer.zero_grad(set_to_none=True)
-                    loss = loss_fn(private_model(xb), yb)
-                    loss.backward()
-                    private_optimizer.step()  # a real step only at the end of a logical batch
-                    if len(yb):
-                        loss_sum += loss.item() * len(yb)
-        private_model._close()
-    history = _compact(engine.accountant.history)
-    steps = sum(entry[2] for entry in history) - sum(int(entry[2]) for entry in privacy_history)
-    return loss_sum, steps, history
-
-
-def _compact(history: Sequence[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
-    """Merge consecutive entries with the same noise and sample rate (Opacus already does; kept exact)."""
-    merged: list[tuple[float, float, int]] = []
-    for sigma, rate, steps in history:
-        if merged and merged[-1][0] == sigma and merged[-1][1] == rate:
-            merged[-1] = (sigma, rate, merged[-1][2] + int(steps))
-        else:
-            merged.append((float(sigma), float(rate), int(steps)))
-    return merged
+    run = train_dp_sgd(model, optimizer, TensorDataset(x, y), lambda net, xb, yb: loss_fn(net(xb), yb),
+                       settings.dp_sgd(), epochs=settings.local_epochs, seed=seed, privacy_history=privacy_history)
+    return run.loss_sum, run.steps, run.history
 
 
 @torch.no_grad()

@@ -157,6 +157,12 @@ class Cflow(TrainedDetector):
     model_format = "fedinspect.cflow/1"
     input_multiple = 32
     frozen_prefixes = ("teacher.",)
+    dp_sgd_refusal = (
+        "its loss draws fiber_batch feature vectors from all the images of a batch together, and Opacus sees each "
+        "fiber (not each image) as a sample, so per-sample clipping would not bound one image's influence (an image "
+        "gives up to h*w fibers); and the reference log-likelihood is calibrated on the training images after "
+        "training, outside DP-SGD"
+    )
 
     def __init__(
         self,

@@ -22,7 +22,7 @@ from scipy.ndimage import uniform_filter
 from torch import nn
 
 from fedinspect.detectors.ssim import ssim_map
-from fedinspect.detectors.trained_detector import TrainedDetector, _check_positive_int
+from fedinspect.detectors.trained_detector import TrainedDetector, _check_positive_int, check_normalization
 from fedinspect.errors import SettingsError
 from fedinspect.synthesis import TextureSource, simulate_anomaly
 
@@ -138,7 +138,8 @@ class Draem(TrainedDetector):
     input_multiple = 32  # five poolings in the discriminative U-Net
 
     def __init__(self, base_width: int = 4, crop_size: int | None = 128, texture_dir: str | None = None,
-                 image_size: int = 256, epochs: int = 30, learning_rate: float = 1e-3, batch_size: int = 8,
+                 normalization: str = "batch", image_size: int = 256, epochs: int = 30,
+                 learning_rate: float = 1e-3, batch_size: int = 8,
                  patience: int = 0,
                  validation_fraction: float = 0.0, sigma: float = 4.0, seed: int = 0, progress: bool = False) -> None:
         super().__init__(image_size=image_size, epochs=epochs, learning_rate=learning_rate, batch_size=batch_size,
@@ -153,6 +154,7 @@ class Draem(TrainedDetector):
         self.texture_dir = None if texture_dir is None else str(texture_dir)
         if self.texture_dir is not None:
             TextureSource.folder_images(self.texture_dir)  # fail now, naming the folder, not at the first step
+        self.normalization = check_normalization(normalization)
         self._textures: TextureSource | None = None
 
     @property

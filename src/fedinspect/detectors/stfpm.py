@@ -17,7 +17,7 @@ from torch import nn
 
 from fedinspect.backbones import FeatureExtractor, untrained_backbone
 from fedinspect.detectors.distillation import build_teacher, check_backbone_settings, combine_maps
-from fedinspect.detectors.trained_detector import TrainedDetector
+from fedinspect.detectors.trained_detector import TrainedDetector, check_normalization
 
 
 class StfpmModule(nn.Module):
@@ -71,6 +71,7 @@ class Stfpm(TrainedDetector):
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
         weights: str | Path | None = None,
+        normalization: str = "batch",
         image_size: int = 256,
         epochs: int = 6,
         learning_rate: float = 1e-3,
@@ -88,6 +89,7 @@ class Stfpm(TrainedDetector):
         self.backbone = backbone
         self.layers = None if layers is None else tuple(layers)
         self.weights = None if weights is None else str(weights)
+        self.normalization = check_normalization(normalization)
 
     def _build_module(self) -> StfpmModule:
         teacher = build_teacher(self.backbone, self._layers_used, self.weights)

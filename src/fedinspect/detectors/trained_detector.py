@@ -14,7 +14,10 @@ A subclass (autoencoder, STFPM, reverse distillation, DRAEM, CFLOW) says only wh
 - optionally ``_optimizer(module)`` (default Adam), ``_image_score(map)`` (default: the map's maximum) and
   ``_calibrate(module, images)`` (statistics of the good images kept in buffers after training; default none);
 - its own constructor parameters, stored under the same names (scikit-learn convention: ``get_params``
-  reads the ``__init__`` signature).
+  reads the ``__init__`` signature);
+- for DP-SGD (:meth:`TrainedDetector.partial_fit` with ``privacy``): a ``normalization`` parameter if its
+  trained part has BatchNorm layers (``"group"`` builds them as GroupNorm, see :meth:`TrainedDetector._new_module`),
+  or ``dp_sgd_refusal``, the reason it cannot be trained with DP-SGD.
 
 The base does the rest: the letterbox (short side to ``image_size``, aspect ratio kept, no squashing),
 a seeded split of the good images into training and validation, Adam, progress bars, early stopping on
@@ -31,7 +34,7 @@ import json
 import math
 import time
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,8 +55,10 @@ from fedinspect.detectors.model_files import (
 )
 from fedinspect.detectors.preprocessing import Letterbox, gaussian_blur
 from fedinspect.errors import FedinspectError, ModelFileError, SettingsError
+from fedinspect.privacy.dp_sgd import DPSGDSettings, check_history, epsilon_of, train_dp_sgd
 
 WEIGHTS_FILE = "weights.safetensors"
+NORMALIZATIONS = ("batch", "group")
 
 
 class TrainingError(FedinspectError, ValueError):
@@ -63,6 +68,13 @@ class TrainingError(FedinspectError, ValueError):
 def _check_positive_int(name: str, value: Any, minimum: int = 1) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise SettingsError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
+def check_normalization(value: Any) -> str:
+    """``"batch"`` (BatchNorm, as the papers) or ``"group"`` (GroupNorm: trainable with DP-SGD)."""
+    if value not in NORMALIZATIONS:
+        raise SettingsError(f"normalization must be one of {list(NORMALIZATIONS)}, got {value!r}")
     return value
 
 
@@ -100,6 +112,7 @@ class TrainedDetector:
     model_format: ClassVar[str]
     input_multiple: ClassVar[int] = 32
     frozen_prefixes: ClassVar[tuple[str, ...]] = ()
+    dp_sgd_refusal: ClassVar[str | None] = None  # why this detector cannot be trained with DP-SGD, if it cannot
 
     def __init__(
         self,
@@ -138,6 +151,22 @@ class TrainedDetector:
 
     def _anomaly_maps(self, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def _new_module(self) -> nn.Module:
+        """:meth:`_build_module`, its trained BatchNorm layers replaced by GroupNorm if ``normalization`` is
+        ``"group"`` (Opacus's ``ModuleValidator.fix``: gcd(32, channels) groups, affine; a frozen teacher,
+        already folded, is left alone).
+
+        The switch is a constructor parameter, so the architecture (and the state dict's keys) is decided
+        when the detector is configured: a federation passes the same parameters to every client and to the
+        server, and a saved model rebuilds the same layers.
+        """
+        module = self._build_module()
+        if getattr(self, "normalization", "batch") == "group":
+            from opacus.validators import ModuleValidator
+
+            module = ModuleValidator.fix(module)
+        return module
 
     def _parameters_to_train(self, module: nn.Module) -> Iterable[nn.Parameter]:
         """What the optimizer updates: every parameter that requires grad (a frozen teacher does not)."""
@@ -230,7 +259,7 @@ class TrainedDetector:
         validation = [tensors[i] for i in sorted(permutation[:n_validation])]
         train = [tensors[i] for i in sorted(permutation[n_validation:])]
         torch.manual_seed(self.seed)
-        module = self._build_module()
+        module = self._new_module()
         self._train(module, train, validation, rng)
         self.n_train_images_ = len(tensors)  # all images given; the validation share is among them
         self.n_validation_images_ = len(validation)
@@ -240,7 +269,7 @@ class TrainedDetector:
     def initialize(self) -> TrainedDetector:
         """Build the untrained network (seeded): the global model of a federation's round 0."""
         torch.manual_seed(self.seed)
-        self.module_ = self._build_module()
+        self.module_ = self._new_module()
         self.module_.eval()
         return self
 
@@ -273,24 +302,114 @@ class TrainedDetector:
         return self
 
     def partial_fit(self, images: Iterable[np.ndarray], total: int | None = None, *,
-                    proximal_mu: float = 0.0) -> TrainedDetector:
+                    proximal_mu: float = 0.0, privacy: DPSGDSettings | Mapping[str, Any] | None = None,
+                    privacy_history: Sequence[Sequence[float]] = ()) -> TrainedDetector:
         """Train ``epochs`` more epochs from the current weights on all the images (no validation share, no
         early stopping): one client's local training in a federated round.
 
         ``proximal_mu`` > 0 adds FedProx's term ``mu / 2 * ||w - w_start||^2`` over the trained parameters,
         which keeps the local model near the global one it started from (Li et al., 2020).
+
+        ``privacy`` (DP-SGD settings, or their dict) trains with DP-SGD (:mod:`fedinspect.privacy.dp_sgd`):
+        the unit protected is one training image of this call; ``privacy_history`` is the accountant history
+        of this party's earlier calls (rounds), so ``epsilon_`` (at the settings' delta) is cumulative over
+        them and this call, whose extended history is ``privacy_history_``. The physical and logical
+        batches are the privacy settings' (not ``batch_size``); all images must letterbox to one shape. With
+        DP, FedProx's term is added to the noisy gradient (it does not depend on the data: no privacy cost).
+
+        Raises:
+            SettingsError: bad settings, or a detector or module that cannot be trained with DP-SGD.
+            TrainingError: no image, images of several padded shapes under DP, or a non-finite loss.
         """
         if isinstance(proximal_mu, bool) or not isinstance(proximal_mu, int | float) or not proximal_mu >= 0:
             raise SettingsError(f"proximal_mu must be a number >= 0, got {proximal_mu!r}")
+        if privacy is not None:
+            privacy = privacy if isinstance(privacy, DPSGDSettings) else DPSGDSettings.from_dict(privacy)
+            privacy_history = check_history(privacy_history)
+            self._check_dp_sgd()
+        elif privacy_history:
+            raise SettingsError("privacy_history given without privacy settings")
         tensors = self._read(images, total)
         if not tensors:
             raise TrainingError(f"{self.name}: no training image given")
         module = self.module_ if self.module_ is not None else self.initialize().module_
         anchor = [(p, p.detach().clone()) for p in self._parameters_to_train(module)] if proximal_mu else None
-        self._train(module, tensors, [], np.random.default_rng(self.seed), anchor=anchor, mu=float(proximal_mu))
+        if privacy is None:
+            self._train(module, tensors, [], np.random.default_rng(self.seed), anchor=anchor, mu=float(proximal_mu))
+        else:
+            self._train_private(module, tensors, privacy, privacy_history, anchor=anchor, mu=float(proximal_mu))
         self.n_train_images_ = len(tensors)
         self.n_validation_images_ = 0
         return self
+
+    def _check_dp_sgd(self) -> None:
+        """SettingsError if this detector cannot be trained with DP-SGD, naming why."""
+        if self.dp_sgd_refusal is not None:
+            raise SettingsError(f"{self.name} cannot be trained with DP-SGD: {self.dp_sgd_refusal}")
+        if type(self)._calibrate is not TrainedDetector._calibrate:
+            raise SettingsError(f"{self.name} cannot be trained with DP-SGD: it calibrates statistics of the "
+                                f"training images after training, which DP-SGD does not protect")
+
+    def _private_module(self, module: nn.Module) -> None:
+        """SettingsError if ``module``'s trained part mixes the samples of a batch (BatchNorm) or holds a layer
+        Opacus refuses; in-place activations are switched off (Opacus's backward hooks need the outputs)."""
+        from opacus.validators import ModuleValidator
+
+        batch_norms = [name for name, m in module.named_modules()
+                       if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and any(p.requires_grad for p in m.parameters())]
+        if batch_norms:
+            raise SettingsError(
+                f"{self.name}: BatchNorm layers ({', '.join(batch_norms[:3])}, ...) mix the images of a batch, so "
+                f"DP-SGD's per-image clipping would not bound an image's influence: configure the detector with "
+                f"normalization='group' (GroupNorm), the same on every client and the server")
+        errors = ModuleValidator.validate(module, strict=False)
+        if errors:
+            raise SettingsError(f"{self.name}: Opacus cannot train this network with DP-SGD: {errors[0]}")
+        for m in module.modules():
+            if getattr(m, "inplace", False) is True:
+                m.inplace = False
+
+    def _train_private(self, module: nn.Module, train: list[torch.Tensor], privacy: DPSGDSettings,
+                       privacy_history: Sequence[Sequence[float]],
+                       anchor: list[tuple[nn.Parameter, torch.Tensor]] | None = None, mu: float = 0.0) -> None:
+        """``epochs`` epochs of DP-SGD over ``train`` (Poisson-sampled batches); the last epoch is kept."""
+        shapes = sorted({tuple(t.shape) for t in train})
+        if len(shapes) > 1:
+            raise TrainingError(f"{self.name}: DP-SGD needs one padded image shape, the letterboxed training images "
+                                f"have {len(shapes)} ({shapes[:3]}...); give images of one aspect ratio")
+        module.train()
+        self._private_module(module)
+        optimizer = self._optimizer(module)
+        generator = torch.Generator().manual_seed(self.seed)
+        start = time.perf_counter()
+
+        def loss_fn(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
+            loss = self._training_loss(net, images, generator)
+            if not math.isfinite(float(loss.detach())):
+                raise TrainingError(f"{self.name}: the training loss became {float(loss)} under DP-SGD "
+                                    f"(learning rate {self.learning_rate}): lower it")
+            return loss
+
+        def proximal() -> None:  # FedProx's gradient mu * (w - w_start), added after the noise
+            with torch.no_grad():
+                for p, start_value in anchor or ():
+                    if p.grad is not None:
+                        p.grad.add_(p.detach() - start_value, alpha=mu)
+
+        run = train_dp_sgd(module, optimizer, torch.utils.data.TensorDataset(torch.stack(train)), loss_fn, privacy,
+                           epochs=self.epochs, seed=self.seed, privacy_history=privacy_history,
+                           after_noise=proximal if anchor is not None else None)
+        module.eval()
+        self.module_ = module
+        self.history_ = [{"epoch": epoch, "train_loss": total / seen if seen else math.nan, "seconds": seconds}
+                         for epoch, ((total, seen), seconds) in enumerate(zip(run.epoch_losses, run.epoch_seconds,
+                                                                              strict=True), start=1)]
+        self.best_epoch_ = self.epochs
+        self.train_seconds_ = time.perf_counter() - start
+        self.privacy_ = privacy
+        self.privacy_history_ = run.history
+        self.epsilon_ = epsilon_of(run.history, privacy.delta_for(len(train)), privacy.accountant)
 
     def _train(self, module: nn.Module, train: list[torch.Tensor], validation: list[torch.Tensor],
                rng: np.random.Generator, anchor: list[tuple[nn.Parameter, torch.Tensor]] | None = None,
@@ -429,7 +548,7 @@ class TrainedDetector:
         try:
             model = cls(**params, progress=progress)
             torch.manual_seed(model.seed)
-            module = model._build_module()
+            module = model._new_module()
         except (TypeError, ValueError) as error:
             raise ModelFileError(f"{config_path}: invalid settings ({error})") from error
         teacher_weights = model._teacher_weights_path(module)
