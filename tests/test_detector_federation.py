@@ -14,7 +14,12 @@ from fedinspect.data.dataset import CategoryDataset
 from fedinspect.detectors.autoencoder import AutoencoderMSE
 from fedinspect.detectors.trained_detector import TrainingError
 from fedinspect.errors import SettingsError
-from fedinspect.federation.detector_task import DetectorFederationConfig, DetectorTask, run_detector_federation
+from fedinspect.federation.detector_task import (
+    DetectorFederationConfig,
+    DetectorTask,
+    make_task,
+    run_detector_federation,
+)
 from fedinspect.federation.rounds import run_rounds
 from tests.conftest import write_blob_category
 
@@ -145,3 +150,37 @@ def test_cli_federates_a_trained_detector(two_categories: Path, tmp_path: Path, 
     assert results["config"]["proximal_mu"] == 0.01 and results["config"]["local_epochs"] == 2
     assert set(results["rounds_to_centralized"]) == {"blobs", "other"}
     assert "FedProx mu 0.01" in capsys.readouterr().out
+
+
+def test_two_factories_share_one_model_and_are_compared_with_each_alone(two_categories: Path, tmp_path: Path) -> None:
+    """Seed 004's cross-dataset experiment as a federation: each factory holds one product (partition
+    'category'); one shared model is federated, and each factory's own model is tested on both products."""
+    config = DetectorFederationConfig(detector="ae_mse", params={"image_size": 64, "batch_size": 4}, clients=2,
+                                      partition="category", rounds=2, model_scope="shared", local_baseline=True)
+    task = DetectorTask(two_categories, config)
+    assert task.groups == ["all"] and [task.client_groups(i) for i in range(2)] == [["all"], ["all"]]
+    held = [set(task.client_categories(i)) for i in range(2)]
+    assert held[0] | held[1] == {"blobs", "other"} and not held[0] & held[1]
+    results = run_detector_federation(two_categories, tmp_path / "run", config, progress=False)
+    assert set(results["local_only"]) == {"client_0", "client_1"}
+    for block in results["local_only"].values():
+        assert set(block["categories"]) == {"blobs", "other"}  # its own product and the other factory's
+        assert all(entry["model_of"] == "all" for entry in block["categories"].values())
+    assert (tmp_path / "run" / "models" / "all" / "ae_mse.json").is_file()
+    assert set(results["centralized"]["categories"]) == {"blobs", "other"}
+    assert results["centralized"]["categories"]["blobs"]["counts"]["train"] == 14  # fitted on the union
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "client_0 alone" in report and "| federated |" in report
+
+
+def test_shared_padim_needs_one_grid(tmp_path: Path) -> None:
+    write_blob_category(tmp_path / "wide", seed=1, n_train=4, n_test=7, shape=(48, 96))
+    write_blob_category(tmp_path / "square", seed=2, n_train=4, n_test=7, shape=(64, 64))
+    config = DetectorFederationConfig(detector="padim", params={"image_size": 64, "n_features": 10}, clients=2,
+                                      model_scope="shared", centralized=False)
+    with pytest.raises(SettingsError, match="needs one feature grid"):
+        run_rounds(make_task(tmp_path, config), progress=False)
+    stretched = DetectorFederationConfig(**{**config.to_dict(),
+                                            "params": {**config.params, "keep_aspect_ratio": False}})
+    outcome = run_rounds(make_task(tmp_path, stretched), progress=False)
+    assert float(outcome.state["all/count"]) == 8

@@ -229,6 +229,8 @@ def _cmd_federate(args: argparse.Namespace) -> int:
               if getattr(args, dest) not in (None, False)]
     if args.dp_mode != "distributed":
         given.append("--dp-mode")
+    given += [option for dest, option in (("model_scope", "--model-scope"), ("local_baseline", "--local-baseline"))
+              if getattr(args, dest) not in ("category", False)]
     if given:
         raise FedinspectError(f"{', '.join(given)}: federated PatchCore is one round of memory banks; these options "
                               "are for the other detectors (--detector)")
@@ -285,7 +287,8 @@ def _federate_detector(args: argparse.Namespace) -> int:
             detector=args.detector, params=params, clients=args.clients, partition=args.partition, alpha=args.alpha,
             rounds=args.rounds or (5 if trained else 1), local_epochs=args.local_epochs or 1,
             proximal_mu=args.proximal_mu or 0.0, seed=args.seed, centralized=not args.no_centralized,
-            privacy=privacy, secure=args.secure_aggregation)
+            privacy=privacy, secure=args.secure_aggregation, model_scope=args.model_scope,
+            local_baseline=args.local_baseline)
     except ValueError as error:
         raise FedinspectError(f"invalid settings: {error}") from error
     results = run_detector_federation(args.data, args.out, config, engine=args.engine, progress=not args.quiet)
@@ -520,6 +523,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_engine_option(federate)
     _add_model_options(federate)
     _add_federation_options(federate)
+    models = federate.add_argument_group("every detector but PatchCore")
+    models.add_argument("--model-scope", choices=("category", "shared"), default="category",
+                        help="one model per category, or one model of every category (two factories with "
+                             "different products federating one detector)")
+    models.add_argument("--local-baseline", action="store_true",
+                        help="also train each client's model on its own images alone and test it on every category")
     rounds = federate.add_argument_group("trained detectors (FedAvg / FedProx over rounds)")
     rounds.add_argument("--rounds", type=int, default=None, help="federated rounds (none given: 5)")
     rounds.add_argument("--local-epochs", type=int, default=None,

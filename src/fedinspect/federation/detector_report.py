@@ -80,6 +80,35 @@ def write_detector_federation_report(out_dir: Path, results: Mapping[str, Any]) 
                "rounds to within 1 point"], rows)
     doc.paragraph("Each category's folder holds its full evaluation (thresholds T1-T3, report); `models/` the "
                   "global models, loadable with `fedinspect evaluate --model`.")
+    if results.get("local_only"):
+        names = list(results["categories"])
+        doc.heading("Each client alone (trained on its own images only)")
+        blocks = [(f"{client} alone", block["categories"]) for client, block in results["local_only"].items()]
+        blocks.append(("federated", results["categories"]))
+        if results.get("centralized"):
+            blocks.append(("centralized", results["centralized"]["categories"]))
+        doc.table(["model", *[f"{name} image AUROC" for name in names]],
+                  [[label, *[format_metric((categories.get(name) or {}).get("image_auroc")) for name in names]]
+                   for label, categories in blocks])
+        doc.paragraph("A client's model on a product it never saw is seed 004's cross-dataset test; the federated "
+                      "model is what the factories gain by training together without pooling their images.")
+    if results.get("privacy"):
+        privacy = results["privacy"]
+        doc.heading("Differential privacy")
+        doc.add(KeyValues([("protects", privacy["protects"]), ("epsilon", f"{privacy['epsilon']:.3g} at delta "
+                                                                           f"{privacy['delta']:g}"),
+                           ("noise", f"{privacy['mode']}: {privacy.get('assumes', '')}"),
+                           ("clip norm", f"{privacy['clip_norm']:g}"), ("scope", privacy["scope"])]))
+    if results.get("secure_aggregation"):
+        secure = results["secure_aggregation"]
+        doc.heading("Secure aggregation")
+        doc.add(KeyValues([("protocol", secure["protocol"]),
+                           ("contributors", ", ".join(secure["contributors"])),
+                           ("threshold", f"{secure['reconstruction_threshold']} of {secure['num_shares']} shares"),
+                           ("quantization", f"{secure['quantization_range']} levels; entries clipped: "
+                                            f"{secure['entries_clipped']}"),
+                           ("traffic", f"{format_megabytes(secure['bytes_per_client'])} per client"),
+                           ("time", format_seconds(secure["wall_s"]))]))
 
     doc.heading("Rounds")
     history = results["history"]

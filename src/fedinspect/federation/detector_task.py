@@ -38,10 +38,12 @@ from fedinspect.errors import FedinspectError, SettingsError
 from fedinspect.federation.client import derived_seed
 from fedinspect.federation.partition import SCHEMES, partition
 from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id
-from fedinspect.pipeline import ThresholdOptions, evaluate_category, fit_category, peak_memory_mb
+from fedinspect.pipeline import ThresholdOptions, evaluate_category, fit_on_samples, peak_memory_mb
 from fedinspect.run_folder import staged_output
 
 RESULTS_FORMAT = "fedinspect-detector-federation/1"
+SHARED = "all"  # the group of the one model of every category (model_scope "shared")
+MODEL_SCOPES = ("category", "shared")
 RESULTS_FILE = "results.json"
 
 
@@ -63,7 +65,9 @@ class DetectorFederationConfig:
     local_epochs: int = 1
     proximal_mu: float = 0.0
     seed: int = 0
+    model_scope: str = "category"
     centralized: bool = True
+    local_baseline: bool = False
     write_maps: bool = False
     # PaDiM only: image-level DP of the statistics (privacy/statistics_dp.py: StatisticsPrivacy's fields,
     # e.g. {"epsilon": 1, "clip_norm": 40, "mode": "distributed"}; empty: none), and the sum taken by
@@ -83,6 +87,8 @@ class DetectorFederationConfig:
                                 f"{self.detector}")
         if self.privacy:
             self.statistics_privacy()  # a bad setting fails before any work
+        if self.model_scope not in MODEL_SCOPES:
+            raise SettingsError(f"model scope must be one of {MODEL_SCOPES}, got {self.model_scope!r}")
         if self.partition not in SCHEMES:
             raise SettingsError(f"unknown partition {self.partition!r}; choose from {list(SCHEMES)}")
         for name in ("clients", "rounds", "local_epochs"):
@@ -133,6 +139,14 @@ class CategoryTask(FederatedTask):
         return cls(spec["data_dir"], DetectorFederationConfig(**spec["config"]))
 
     # ---------------------------------------------------------------- data
+    @property
+    def groups(self) -> list[str]:
+        """The models of the federation: one per category, or one for all (``model_scope="shared"``)."""
+        return [SHARED] if self.config.model_scope == "shared" else list(self.datasets)
+
+    def group_of(self, category: str) -> str:
+        return SHARED if self.config.model_scope == "shared" else category
+
     def client_categories(self, index: int) -> dict[str, list[int]]:
         """Category -> indices (in the category's training list) of client ``index``'s images."""
         held: dict[str, list[int]] = {}
@@ -141,12 +155,20 @@ class CategoryTask(FederatedTask):
             held.setdefault(name, []).append(position)
         return dict(sorted(held.items()))
 
-    def client_images(self, index: int, category: str) -> list[np.ndarray]:
-        """Client ``index``'s training images of ``category`` (read once, kept for later rounds)."""
-        key = (index, category)
+    def client_groups(self, index: int) -> list[str]:
+        """The models client ``index`` trains: those of the categories it holds images of."""
+        return sorted({self.group_of(category) for category in self.client_categories(index)})
+
+    def client_images(self, index: int, group: str) -> list[np.ndarray]:
+        """Client ``index``'s training images of the model ``group`` (read once, kept for later rounds)."""
+        key = (index, group)
         if key not in self._images:
-            dataset = self.datasets[category]
-            self._images[key] = [dataset.load_image(dataset.train[i]) for i in self.client_categories(index)[category]]
+            images = []
+            for category, positions in self.client_categories(index).items():
+                if self.group_of(category) == group:
+                    dataset = self.datasets[category]
+                    images += [dataset.load_image(dataset.train[i]) for i in positions]
+            self._images[key] = images
         return self._images[key]
 
     def test_images(self, category: str) -> tuple[list[np.ndarray], np.ndarray]:
@@ -171,7 +193,7 @@ class CategoryTask(FederatedTask):
         """Image AUROC of the global model of each category after the round (on all its test images)."""
         per_category = {}
         for category in self.datasets:
-            if not any(key.startswith(f"{category}/") for key in state):
+            if not any(key.startswith(f"{self.group_of(category)}/") for key in state):
                 continue  # no client held this category this round
             images, labels = self.test_images(category)
             scores = self.global_detector(state, category).score_samples(images, total=len(images))
@@ -188,26 +210,26 @@ class CategoryTask(FederatedTask):
         started = time.perf_counter()
         categories: dict[str, Any] = {}
         centralized: dict[str, Any] = {}
-        for name, dataset in self.datasets.items():
-            if not any(key.startswith(f"{name}/") for key in outcome.state):
+        models: dict[str, Any] = {}
+        for group in self.groups:
+            if any(key.startswith(f"{group}/") for key in outcome.state):
+                models[group] = self.global_detector(outcome.state, group)
+                if getattr(models[group], "n_train_images_", None) is None:  # PaDiM's comes from the summed count
+                    models[group].n_train_images_ = sum(len(self.datasets[c].train) for c in self.datasets
+                                                        if self.group_of(c) == group)
+                models[group].save(out_dir / "models" / group)
+        references = self._centralized_models() if self.config.centralized else {}
+        for name in self.datasets:
+            model = models.get(self.group_of(name))
+            if model is None:
                 categories[name] = {"skipped": "no client answered with this category"}
                 continue
-            model = self.global_detector(outcome.state, name)
-            if getattr(model, "n_train_images_", None) is None:  # PaDiM's comes from the summed count
-                model.n_train_images_ = len(dataset.train)
-            model.save(out_dir / "models" / name)
-            categories[name] = _summary(evaluate_category(model, dataset.root, out_dir / name, progress=False,
-                                                          write_maps=self.config.write_maps,
-                                                          thresholds=ThresholdOptions()))
-            if self.config.centralized:
-                start = time.perf_counter()
-                reference = fit_category(dataset.root, progress=False, detector=self.config.detector,
-                                         seed=self.config.seed, **self.config.params)
-                fit_s = time.perf_counter() - start
-                centralized[name] = _summary(evaluate_category(reference, dataset.root, out_dir / "centralized" / name,
-                                                               progress=False, write_maps=False,
-                                                               thresholds=ThresholdOptions()))
+            categories[name] = self._evaluation(model, name, out_dir / name, self.config.write_maps)
+            if name in references or self.group_of(name) in references:
+                reference, fit_s = references[self.group_of(name)]
+                centralized[name] = self._evaluation(reference, name, out_dir / "centralized" / name, False)
                 centralized[name]["fit_s"] = fit_s
+        local = self._local_only(out_dir) if self.config.local_baseline else {}
         results: dict[str, Any] = {
             "format": RESULTS_FORMAT,
             "fedinspect_version": __version__,
@@ -226,6 +248,9 @@ class CategoryTask(FederatedTask):
         if centralized:
             results["centralized"] = {"categories": centralized, "mean": _mean(centralized)}
             results["rounds_to_centralized"] = rounds_within(outcome.history, centralized, points=1.0)
+        if local:
+            results["local_only"] = {client: {"categories": entry, "mean": _mean(entry)}
+                                     for client, entry in local.items()}
         results.update(self.extra_results(outcome))
         results["timing"] = {**outcome.timing, "conclusion_s": time.perf_counter() - started}
         results["peak_memory_mb"] = peak_memory_mb()
@@ -238,6 +263,43 @@ class CategoryTask(FederatedTask):
     def extra_results(self, outcome: RoundsOutcome) -> dict[str, Any]:
         """What a kind of federation adds to results.json (privacy, secure aggregation)."""
         return {}
+
+    def _evaluation(self, model: Any, category: str, out_dir: Path, write_maps: bool) -> dict[str, Any]:
+        """The AutoVI protocol and thresholds T1-T3 of ``model`` on ``category``'s test split."""
+        return _summary(evaluate_category(model, self.datasets[category].root, out_dir, progress=False,
+                                          write_maps=write_maps, thresholds=ThresholdOptions()))
+
+    def _centralized_models(self) -> dict[str, tuple[Any, float]]:
+        """Per group: the detector fitted at its own defaults on all the group's training images, and the time."""
+        references = {}
+        for group in self.groups:
+            start = time.perf_counter()
+            model = get_detector(self.config.detector, seed=self.config.seed, **self.config.params)
+            parts = [(dataset, dataset.train) for name, dataset in self.datasets.items()
+                     if self.group_of(name) == group]
+            references[group] = (fit_on_samples(model, parts), time.perf_counter() - start)
+        return references
+
+    def _local_only(self, out_dir: Path) -> dict[str, dict[str, Any]]:
+        """Each client's model trained on its own images alone, as long as the federation trained, tested on
+        every category (seed 004's cross-dataset experiment: one factory's model on another's product; with
+        per-category models, a category the client does not hold meets the client's first model)."""
+        local: dict[str, dict[str, Any]] = {}
+        for index in range(self.n_clients):
+            models = {group: self.local_model(index, group) for group in self.client_groups(index)}
+            if not models:
+                continue
+            name = client_id(index)
+            local[name] = {}
+            for category in self.datasets:
+                group = self.group_of(category) if self.group_of(category) in models else next(iter(models))
+                entry = self._evaluation(models[group], category, out_dir / "local_only" / name / category, False)
+                local[name][category] = {**entry, "model_of": group}
+        return local
+
+    def local_model(self, index: int, group: str) -> Any:
+        """Client ``index``'s model of ``group`` from its own images only (a subclass says how)."""
+        raise NotImplementedError
 
 
 def _summary(evaluation: Mapping[str, Any]) -> dict[str, Any]:
@@ -293,26 +355,32 @@ class DetectorTask(CategoryTask):
 
     def initial_state(self) -> State:
         weights = self.detector().initialize().trainable_state()
-        return {f"{category}/{key}": value for category in self.datasets for key, value in weights.items()}
+        return {f"{group}/{key}": value for group in self.groups for key, value in weights.items()}
 
     def global_detector(self, state: State, category: str) -> Any:
-        return self.detector().load_trainable_state(_part(state, category), source=f"global model of {category}")
+        group = self.group_of(category) if category in self.datasets else category
+        return self.detector().load_trainable_state(_part(state, group), source=f"global model of {group}")
+
+    def local_model(self, index: int, group: str) -> Any:
+        model = self.detector(seed=derived_seed(self.config.seed, client_id(index), group, "local"))
+        model.epochs = self.config.rounds * self.config.local_epochs  # the federation's training, alone
+        return model.initialize().partial_fit(self.client_images(index, group))
 
     def client_update(self, index: int, state: State, round_number: int, memory: Mapping[str, Any]) -> ClientResult:
         arrays: State = {}
         examples: dict[str, int] = {}
         losses: list[tuple[float, int]] = []
         name = client_id(index)
-        for category in self.client_categories(index):
-            images = self.client_images(index, category)
-            model = self.detector(seed=derived_seed(self.config.seed, name, category, str(round_number)))
-            model.load_trainable_state(_part(state, category), source=f"{name}: global model of {category}")
+        for group in self.client_groups(index):
+            images = self.client_images(index, group)
+            model = self.detector(seed=derived_seed(self.config.seed, name, group, str(round_number)))
+            model.load_trainable_state(_part(state, group), source=f"{name}: global model of {group}")
             try:
                 model.partial_fit(images, proximal_mu=self.config.proximal_mu)
             except FedinspectError as error:
-                raise FedinspectError(f"{name}, {category}: {error}") from error
-            arrays.update({f"{category}/{key}": value for key, value in model.trainable_state().items()})
-            examples[category] = len(images)
+                raise FedinspectError(f"{name}, {group}: {error}") from error
+            arrays.update({f"{group}/{key}": value for key, value in model.trainable_state().items()})
+            examples[group] = len(images)
             losses.append((model.history_[-1]["train_loss"], len(images)))
         loss = sum(v * n for v, n in losses) / sum(n for _, n in losses)
         if not math.isfinite(loss):
@@ -320,8 +388,8 @@ class DetectorTask(CategoryTask):
         return ClientResult(arrays, examples, {"train_loss": loss}, dict(memory))
 
 
-def _part(state: State, category: str) -> dict[str, torch.Tensor]:
-    prefix = f"{category}/"
+def _part(state: State, group: str) -> dict[str, torch.Tensor]:
+    prefix = f"{group}/"
     return {key[len(prefix):]: value for key, value in state.items() if key.startswith(prefix)}
 
 

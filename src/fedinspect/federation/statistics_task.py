@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from fedinspect.detectors.padim import Padim, PadimStatistics
-from fedinspect.errors import FedinspectError
+from fedinspect.errors import FedinspectError, SettingsError
 from fedinspect.federation.client import derived_seed
 from fedinspect.federation.detector_task import CategoryTask, DetectorFederationConfig
 from fedinspect.federation.rounds import ClientResult, RoundsOutcome, State, client_id
@@ -51,15 +51,24 @@ class StatisticsTask(CategoryTask):
             self._padim = self.detector()
         return self._padim
 
-    def grid(self, category: str) -> tuple[int, int]:
-        """The category's feature grid, from the aspect ratio of its first test image (public)."""
-        if category not in self._grids:
-            dataset = self.datasets[category]
-            image = dataset.load_image(dataset.test[0])
-            self._grids[category] = self.padim().grid_shape(image.shape[:2])
-        return self._grids[category]
+    def grid(self, group: str) -> tuple[int, int]:
+        """The feature grid of a model's images, from the aspect ratio of each of its categories' first test
+        image (public); one model's categories must share it (``keep_aspect_ratio=False`` stretches them)."""
+        if group not in self._grids:
+            grids = {}
+            for category, dataset in self.datasets.items():
+                if self.group_of(category) == group:
+                    grids[category] = self.padim().grid_shape(dataset.load_image(dataset.test[0]).shape[:2])
+            if len(set(grids.values())) > 1:
+                raise SettingsError(f"one PaDiM for {sorted(grids)} needs one feature grid, but their images give "
+                                    f"{grids}: stretch them to squares (keep_aspect_ratio false)")
+            self._grids[group] = next(iter(grids.values()))
+        return self._grids[group]
 
     def initial_state(self) -> State:
+        """Nothing to send; the server checks now, before any client works, that each model has one grid."""
+        for group in self.groups:
+            self.grid(group)
         return {}
 
     def client_update(self, index: int, state: State, round_number: int, memory: Mapping[str, Any]) -> ClientResult:
@@ -68,20 +77,20 @@ class StatisticsTask(CategoryTask):
         name = client_id(index)
         arrays: State = {}
         examples: dict[str, int] = {}
-        for category in self.client_categories(index):
-            images = self.client_images(index, category)
+        for group in self.client_groups(index):
+            images = self.client_images(index, group)
             try:
                 if self.privacy is None:
                     stats = self.padim().statistics(images, total=len(images))
                 else:
                     stats = private_statistics(self.padim(), images, self.privacy, self.n_clients,
-                                               seed=derived_seed(self.config.seed, name, category, "dp"),
+                                               seed=derived_seed(self.config.seed, name, group, "dp"),
                                                total=len(images))
             except FedinspectError as error:
-                raise FedinspectError(f"{name}, {category}: {error}") from error
+                raise FedinspectError(f"{name}, {group}: {error}") from error
             sent = stats.to_arrays()
-            arrays.update({f"{category}/{key}": torch.from_numpy(np.asarray(sent[key])) for key in SENT})
-            examples[category] = 0 if self.privacy is not None else len(images)
+            arrays.update({f"{group}/{key}": torch.from_numpy(np.asarray(sent[key])) for key in SENT})
+            examples[group] = 0 if self.privacy is not None else len(images)
         return ClientResult(arrays, examples, {}, dict(memory))
 
     def check_update(self, name: str, result: ClientResult, state: State) -> None:
@@ -89,31 +98,36 @@ class StatisticsTask(CategoryTask):
         super().check_update(name, result, state)
         groups: dict[str, dict[str, np.ndarray]] = {}
         for key, value in result.arrays.items():
-            category, _, part = key.partition("/")
-            if category not in self.datasets:
-                raise FedinspectError(f"{name}: statistics of an unknown category {category!r}")
-            groups.setdefault(category, {})[part] = value.numpy()
-        for category, parts in groups.items():
-            self._statistics(parts, category, f"{name}, {category}")
+            group, _, part = key.partition("/")
+            if group not in self.groups:
+                raise FedinspectError(f"{name}: statistics of an unknown category {group!r}")
+            groups.setdefault(group, {})[part] = value.numpy()
+        for group, parts in groups.items():
+            self._statistics(parts, group, f"{name}, {group}")
 
-    def _statistics(self, parts: Mapping[str, np.ndarray], category: str, sender: str) -> PadimStatistics:
+    def _statistics(self, parts: Mapping[str, np.ndarray], group: str, sender: str) -> PadimStatistics:
         if set(parts) != set(SENT):
             raise FedinspectError(f"{sender}: expected {list(SENT)}, got {sorted(parts)}")
-        grid = self.grid(category)
+        grid = self.grid(group)
         arrays = {**parts, "grid_shape": np.asarray(grid, dtype=np.float64)}
         return PadimStatistics.from_arrays(arrays, noisy=self.privacy is not None, grid_shape=grid,
                                            n_features=self.padim().n_features, sender=sender)
 
     def global_detector(self, state: State, category: str) -> Padim:
-        prefix = f"{category}/"
+        group = self.group_of(category) if category in self.datasets else category
+        prefix = f"{group}/"
         stats = self._statistics({key[len(prefix):]: value.numpy() for key, value in state.items()
-                                  if key.startswith(prefix)}, category, f"sum of {category}")
+                                  if key.startswith(prefix)}, group, f"sum of {group}")
         model = self.detector()
         if self.privacy is not None:
             from fedinspect.privacy.statistics_dp import set_noisy_statistics
 
             return set_noisy_statistics(model, stats, clip_norm=self.privacy.clip_norm)
         return model.set_statistics(stats.count, stats.sum, stats.sum_outer, stats.grid_shape)
+
+    def local_model(self, index: int, group: str) -> Padim:
+        """Client ``index``'s PaDiM from its own images (it needs no noise to keep them at home)."""
+        return self.detector().fit(self.client_images(index, group))
 
     # ---------------------------------------------------------------- secure aggregation (Flower)
     @property
@@ -128,13 +142,14 @@ class StatisticsTask(CategoryTask):
         bound = self.privacy.clip_norm if self.privacy is not None else self.config.secure_bound
         k = self.padim().n_features
         specs = []
-        for category in self.datasets:
-            most = max(len(self.client_categories(i).get(category, [])) for i in range(self.n_clients))
-            positions = self.grid(category)[0] * self.grid(category)[1]
+        for group in self.groups:
+            most = max(sum(len(positions) for category, positions in self.client_categories(i).items()
+                           if self.group_of(category) == group) for i in range(self.n_clients))
+            positions = self.grid(group)[0] * self.grid(group)[1]
             count_bound = most + (10 * self.privacy.resolved_noise_multiplier() if self.privacy is not None else 0)
-            specs += [ArraySpec((1,), max(1, count_bound), integer=self.privacy is None, name=f"{category}/count"),
-                      ArraySpec((positions, k), max(1, most) * bound, name=f"{category}/sum"),
-                      ArraySpec((positions, k, k), max(1, most) * bound**2, name=f"{category}/sum_outer")]
+            specs += [ArraySpec((1,), max(1, count_bound), integer=self.privacy is None, name=f"{group}/count"),
+                      ArraySpec((positions, k), max(1, most) * bound, name=f"{group}/sum"),
+                      ArraySpec((positions, k, k), max(1, most) * bound**2, name=f"{group}/sum_outer")]
         return SecureSumSettings(tuple(specs), seed=self.config.seed)
 
     def secure_arrays(self, index: int) -> list[np.ndarray]:
@@ -148,8 +163,8 @@ class StatisticsTask(CategoryTask):
         state: State = {}
         specs = self.secure_settings().specs
         for spec, value in zip(specs, arrays, strict=True):
-            category = spec.name.split("/", 1)[0]
-            if float(arrays[[s.name for s in specs].index(f"{category}/count")].sum()) > 0:
+            group = spec.name.split("/", 1)[0]
+            if float(arrays[[s.name for s in specs].index(f"{group}/count")].sum()) > 0:
                 value = np.asarray(value, dtype=np.float64).reshape(() if spec.name.endswith("/count") else spec.shape)
                 if spec.name.endswith("/sum_outer"):  # each entry was rounded on its own: symmetrize
                     value = (value + value.transpose(0, 2, 1)) / 2
