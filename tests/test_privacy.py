@@ -15,7 +15,7 @@ from scipy.stats import norm
 
 from fedinspect.privacy.accounting import epsilon, noise_multiplier_for
 from fedinspect.privacy.bank_dp import BankPrivacy, clip_rows, private_centres, privatize_embeddings, sample_patches
-from fedinspect.privacy.membership import membership_auc
+from fedinspect.privacy.membership import membership_auc, score_membership_auc
 from fedinspect.privacy.obfuscation import (
     Obfuscation,
     average_blocks,
@@ -353,3 +353,12 @@ def test_privacy_settings_travel_through_the_flower_run_config() -> None:
     assert restored.settings.bank_privacy() == config.settings.bank_privacy()
     with pytest.raises(ValueError, match="unit"):
         RoundSettings(dp_unit="pixel", dp_epsilon=1.0)
+
+
+def test_score_membership_auc_by_hand() -> None:
+    # members score 1 and 3, non-members 2 and 4: minus scores rank (m1, n2, m3, n4) -> pairs won 3 of 4
+    assert score_membership_auc([1.0, 3.0], [2.0, 4.0]) == 0.75
+    assert score_membership_auc([0.1, 0.2], [0.5, 0.9]) == 1.0  # members look normal to the model
+    assert score_membership_auc([5.0], [5.0]) == 0.5
+    with pytest.raises(ValueError, match="at least one member"):
+        score_membership_auc([], [1.0])

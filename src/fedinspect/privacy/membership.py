@@ -29,3 +29,17 @@ def membership_auc(bank: np.ndarray, members: Sequence[np.ndarray], non_members:
     scores = membership_scores(bank, [*members, *non_members])
     labels = np.r_[np.ones(len(members), int), np.zeros(len(non_members), int)]
     return float(image_auroc(labels, scores))
+
+
+def score_membership_auc(member_scores: Sequence[float], non_member_scores: Sequence[float]) -> float:
+    """AUC of the black-box attack on any detector: a training image (member) tends to look *less* anomalous
+    to the model than an unseen good image, so the attack ranks images by minus their anomaly score.
+
+    Needs only the released model's image scores (e.g. a federated PaDiM or autoencoder, whatever its
+    update was); 0.5 is chance, 1.0 total leakage.
+    """
+    if len(member_scores) == 0 or len(non_member_scores) == 0:
+        raise ValueError("membership inference needs at least one member and one non-member image")
+    labels = np.r_[np.ones(len(member_scores), int), np.zeros(len(non_member_scores), int)]
+    scores = -np.r_[np.asarray(member_scores, dtype=np.float64), np.asarray(non_member_scores, dtype=np.float64)]
+    return float(image_auroc(labels, scores))
