@@ -120,7 +120,8 @@ def main() -> int:
             row["goal_met"] = (epsilon != "none" and float(epsilon) <= 1 and row["cost_points"] is not None
                                and row["cost_points"] <= 3)
             rows.append(row)
-    print(f"\n{data.name}, {args.clients} IID clients, PaDiM {args.image_size} px, k {args.n_features}, clip {clip:.0f}")
+    print(f"\n{data.name}, {args.clients} IID clients, PaDiM {args.image_size} px, k {args.n_features}, "
+          f"clip {clip:.0f}")
     print("epsilon | noise | image AUROC | AUC-sPRO@0.05 | membership AUC | cost (pt) || PatchCore image-DP: "
           "AUROC / sPRO@0.05 / membership")
     for row in rows:
