@@ -184,3 +184,27 @@ def test_shared_padim_needs_one_grid(tmp_path: Path) -> None:
                                             "params": {**config.params, "keep_aspect_ratio": False}})
     outcome = run_rounds(make_task(tmp_path, stretched), progress=False)
     assert float(outcome.state["all/count"]) == 8
+
+
+def test_dp_sgd_rounds_accumulate_each_clients_epsilon(two_categories: Path, tmp_path: Path, capsys) -> None:
+    """DP-SGD in every client's local training: its accountant history stays with it across rounds, and the
+    server recomputes each client's epsilon from it (more rounds, more epsilon)."""
+    from fedinspect.privacy.dp_sgd import DPSGDSettings, epsilon_of
+
+    config = DetectorFederationConfig(detector="ae_mse", params={"image_size": 64}, clients=2, rounds=2,
+                                      centralized=False, privacy={"noise_multiplier": 1.0, "delta": 1e-5,
+                                                                  "batch_size": 4, "accumulation_steps": 1})
+    outcome = run_rounds(DetectorTask(two_categories, config), progress=False)
+    first, second = (record["epsilon"] for record in outcome.history)
+    assert set(first) == {"client_0", "client_1"} and all(second[c] > first[c] > 0 for c in first)
+    memory = outcome.memories["client_0"]["privacy_history"]
+    settings = DPSGDSettings(noise_multiplier=1.0, delta=1e-5, batch_size=4, accumulation_steps=1)
+    assert second["client_0"] == pytest.approx(max(epsilon_of(h, 1e-5) for h in memory.values()))
+    assert sum(steps for _, _, steps in memory["blobs"]) == 2 * settings.steps_per_epoch(
+        DetectorTask(two_categories, config).client_categories(0)["blobs"].__len__())
+    out = str(tmp_path / "run")
+    assert main(["-q", "federate", "--data", str(two_categories), "--out", out, "--detector", "ae_mse",
+                 "--dp-epsilon", "1"]) == 2
+    assert "--dp-epsilon: DP-SGD of a trained detector takes --dp-noise" in capsys.readouterr().err
+    with pytest.raises(SettingsError, match="DP-SGD trains the trained detectors"):
+        DetectorFederationConfig(detector="patchcore", privacy={"noise_multiplier": 1.0})

@@ -213,9 +213,6 @@ def _federation_runner(engine: str):
 PATCHCORE_FEDERATION_OPTIONS = ("strategy", "global_size", "global_ratio", "bank", "min_per_client", "min_clients",
                                 "precision", "local_coreset_ratio", "coreset_ratio", "no_shared_comparison",
                                 "obfuscate", "attack_data", "poison")
-# ... and options that only PaDiM's one round of statistics takes.
-STATISTICS_OPTIONS = {"secure_aggregation": "--secure-aggregation", "dp_epsilon": "--dp-epsilon",
-                      "dp_noise": "--dp-noise", "dp_clip": "--dp-clip"}
 ROUND_OPTIONS = {"rounds": "--rounds", "local_epochs": "--local-epochs", "proximal_mu": "--proximal-mu",
                  "learning_rate": "--lr", "batch_size": "--batch-size"}
 
@@ -265,16 +262,25 @@ def _federate_detector(args: argparse.Namespace) -> int:
         raise FedinspectError(f"--rounds, --local-epochs, --proximal-mu: {args.detector} is federated in one round "
                               "of summed statistics")
     if trained:
-        given = [option for dest, option in STATISTICS_OPTIONS.items() if getattr(args, dest) not in (None, False)]
+        given = [option for dest, option in (("secure_aggregation", "--secure-aggregation"),
+                                             ("keep_aspect_ratio", "--keep-aspect-ratio"))
+                 if getattr(args, dest) not in (None, False)]
+        if args.dp_mode != "distributed":
+            given.append("--dp-mode")
         if given:
             raise FedinspectError(f"{', '.join(given)}: options of PaDiM's one round of statistics, not of "
                                   f"{args.detector}'s FedAvg rounds")
+        if args.dp_epsilon is not None:
+            raise FedinspectError("--dp-epsilon: DP-SGD of a trained detector takes --dp-noise (the noise "
+                                  "multiplier); each client's epsilon over its rounds is computed and reported")
     if args.keep_aspect_ratio is not None:
         if "keep_aspect_ratio" not in takes:
             raise FedinspectError(f"--keep-aspect-ratio: {args.detector} does not take it")
         params["keep_aspect_ratio"] = args.keep_aspect_ratio == "yes"
     privacy: dict[str, object] = {}
-    if args.dp_epsilon is not None or args.dp_noise is not None:
+    if trained and args.dp_noise is not None:
+        privacy = {"noise_multiplier": args.dp_noise, "max_grad_norm": args.dp_clip or 1.0, "delta": args.dp_delta}
+    elif args.dp_epsilon is not None or args.dp_noise is not None:
         if args.dp_clip is None:
             raise FedinspectError("--dp-epsilon / --dp-noise with --detector padim need --dp-clip: the L2 bound on one "
                                   "image's features at all grid positions (choose it on public images)")
@@ -399,9 +405,10 @@ def _add_privacy_options(parser: argparse.ArgumentParser, single_run: bool = Tru
                          help="what DP protects: one training image or one patch embedding (weaker)")
     privacy.add_argument("--dp-delta", type=float, default=1e-5, help="delta of the (epsilon, delta) guarantee")
     privacy.add_argument("--dp-clip", type=float, default=None,
-                         help=f"L2 clip norm of one unit's features: PatchCore, of one embedding (none given: "
+                         help=f"L2 clip norm of one unit's contribution: PatchCore, of one embedding (none given: "
                               f"{DEFAULT_CLIP_NORM:g}); PaDiM, of one image's features at all grid positions (needed: "
-                              "e.g. sqrt(positions) x a typical position's norm measured on public images)")
+                              "e.g. sqrt(positions) x a typical position's norm measured on public images); a trained "
+                              "detector, of one image's gradient (none given: 1)")
     if single_run:
         privacy.add_argument("--obfuscate", default="",
                              help="obfuscate images first, methods joined by '+': average+shuffle+switch_row")

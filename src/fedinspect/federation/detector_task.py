@@ -33,11 +33,11 @@ from sklearn.metrics import roc_auc_score
 
 from fedinspect import __version__
 from fedinspect.data.dataset import CategoryDataset, find_categories
-from fedinspect.detectors.registry import TRAINED, get_detector
+from fedinspect.detectors.registry import TRAINED, detector_parameters, get_detector
 from fedinspect.errors import FedinspectError, SettingsError
 from fedinspect.federation.client import derived_seed
 from fedinspect.federation.partition import SCHEMES, partition
-from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id
+from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id, client_index
 from fedinspect.pipeline import ThresholdOptions, evaluate_category, fit_on_samples, peak_memory_mb
 from fedinspect.run_folder import staged_output
 
@@ -69,9 +69,11 @@ class DetectorFederationConfig:
     centralized: bool = True
     local_baseline: bool = False
     write_maps: bool = False
-    # PaDiM only: image-level DP of the statistics (privacy/statistics_dp.py: StatisticsPrivacy's fields,
-    # e.g. {"epsilon": 1, "clip_norm": 40, "mode": "distributed"}; empty: none), and the sum taken by
-    # SecAgg+ on Flower (federation/secure_sum.py).
+    # Differential privacy of the updates, per training image of a client (empty: none). PaDiM: DP of its
+    # statistics (privacy/statistics_dp.py, StatisticsPrivacy's fields, e.g. {"epsilon": 1, "clip_norm": 600,
+    # "mode": "distributed"}); a trained detector: DP-SGD (privacy/dp_sgd.py, DPSGDSettings' fields, e.g.
+    # {"noise_multiplier": 1.0, "max_grad_norm": 1.0}). ``secure``: PaDiM's sum taken by SecAgg+ on Flower
+    # (federation/secure_sum.py).
     privacy: Mapping[str, Any] = field(default_factory=dict)
     secure: bool = False
     # the public bound on the L2 norm of one grid position's selected features under secure aggregation
@@ -82,11 +84,13 @@ class DetectorFederationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", dict(self.params))
         object.__setattr__(self, "privacy", dict(self.privacy))
-        if (self.privacy or self.secure) and self.detector != "padim":
-            raise SettingsError(f"DP of statistics and secure aggregation apply to PaDiM's one round, not to "
-                                f"{self.detector}")
-        if self.privacy:
+        if self.secure and self.detector != "padim":
+            raise SettingsError(f"secure aggregation sums PaDiM's one round of statistics, not {self.detector}'s "
+                                "weights")
+        if self.privacy and self.detector == "padim":
             self.statistics_privacy()  # a bad setting fails before any work
+        elif self.privacy:
+            self.dp_sgd()
         if self.model_scope not in MODEL_SCOPES:
             raise SettingsError(f"model scope must be one of {MODEL_SCOPES}, got {self.model_scope!r}")
         if self.partition not in SCHEMES:
@@ -110,6 +114,16 @@ class DetectorFederationConfig:
             return StatisticsPrivacy.from_dict(dict(self.privacy))
         except (TypeError, ValueError) as error:
             raise SettingsError(f"privacy of the statistics: {error}") from error
+
+    def dp_sgd(self) -> Any:
+        """The DP-SGD settings of a trained detector's local training (None when off)."""
+        if not self.privacy:
+            return None
+        from fedinspect.privacy.dp_sgd import DPSGDSettings
+
+        if self.detector not in TRAINED:
+            raise SettingsError(f"DP-SGD trains the trained detectors, not {self.detector}")
+        return DPSGDSettings.from_dict(dict(self.privacy))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self) | {"params": dict(self.params), "privacy": dict(self.privacy)}
@@ -347,9 +361,15 @@ class DetectorTask(CategoryTask):
                                 f"{sorted(TRAINED)} (PaDiM goes in one round of statistics, PatchCore of banks)")
         super().__init__(data_dir, config, progress)
         self.rounds = config.rounds
+        self.privacy = config.dp_sgd()
 
     def detector(self, seed: int | None = None) -> Any:
-        model = super().detector(seed)
+        """The detector with the federation's settings; under DP-SGD with GroupNorm where it has BatchNorm
+        (the same on every client and the server, so the weights average)."""
+        params = dict(self.config.params)
+        if self.privacy is not None and "normalization" in detector_parameters(self.config.detector):
+            params.setdefault("normalization", "group")
+        model = get_detector(self.config.detector, seed=self.config.seed if seed is None else seed, **params)
         model.epochs = self.config.local_epochs
         return model
 
@@ -371,12 +391,18 @@ class DetectorTask(CategoryTask):
         examples: dict[str, int] = {}
         losses: list[tuple[float, int]] = []
         name = client_id(index)
+        histories = dict(memory.get("privacy_history", {}))
         for group in self.client_groups(index):
             images = self.client_images(index, group)
             model = self.detector(seed=derived_seed(self.config.seed, name, group, str(round_number)))
             model.load_trainable_state(_part(state, group), source=f"{name}: global model of {group}")
             try:
-                model.partial_fit(images, proximal_mu=self.config.proximal_mu)
+                if self.privacy is None:
+                    model.partial_fit(images, proximal_mu=self.config.proximal_mu)
+                else:  # the client's accountant history of this model, kept in its memory across rounds
+                    model.partial_fit(images, proximal_mu=self.config.proximal_mu, privacy=self.privacy,
+                                      privacy_history=histories.get(group, []))
+                    histories[group] = [list(entry) for entry in model.privacy_history_]
             except FedinspectError as error:
                 raise FedinspectError(f"{name}, {group}: {error}") from error
             arrays.update({f"{group}/{key}": value for key, value in model.trainable_state().items()})
@@ -385,7 +411,41 @@ class DetectorTask(CategoryTask):
         loss = sum(v * n for v, n in losses) / sum(n for _, n in losses)
         if not math.isfinite(loss):
             raise FedinspectError(f"{name}: training loss {loss}")
-        return ClientResult(arrays, examples, {"train_loss": loss}, dict(memory))
+        kept = {**memory, "privacy_history": histories} if self.privacy is not None else dict(memory)
+        return ClientResult(arrays, examples, {"train_loss": loss}, kept)
+
+    def round_metrics(self, round_number: int, results: Mapping[str, ClientResult]) -> dict[str, Any]:
+        """Under DP-SGD, each client's epsilon so far (the largest over its models), recomputed by the server
+        from the accountant history the client keeps."""
+        if self.privacy is None:
+            return {}
+        return {"epsilon": {name: self._epsilon(name, result.memory) for name, result in results.items()}}
+
+    def _epsilon(self, name: str, memory: Mapping[str, Any]) -> float:
+        from fedinspect.privacy.dp_sgd import check_history, epsilon_of
+
+        values = []
+        for group, history in dict(memory.get("privacy_history", {})).items():
+            checked = check_history(history, source=f"{name}'s privacy history of {group}")
+            n = sum(len(self.client_categories(client_index(name)).get(c, [])) for c in self.datasets
+                    if self.group_of(c) == group)
+            values.append(epsilon_of(checked, self.privacy.delta_for(n), self.privacy.accountant))
+        return max(values) if values else 0.0
+
+    def extra_results(self, outcome: RoundsOutcome) -> dict[str, Any]:
+        if self.privacy is None:
+            return {}
+        per_client = {name: self._epsilon(name, memory) for name, memory in outcome.memories.items() if memory}
+        return {"privacy": {
+            "mechanism": "DP-SGD (Opacus)", "unit": "image",
+            "protects": "one training image of one client (each client's guarantee is its own, over every round "
+                        "it trained in)",
+            "epsilon": max(per_client.values()) if per_client else None, "epsilon_per_client": per_client,
+            "delta": self.privacy.delta, "noise_multiplier": self.privacy.noise_multiplier,
+            "max_grad_norm": self.privacy.max_grad_norm, "accountant": self.privacy.accountant,
+            "logical_batch": self.privacy.logical_batch, "mode": "local",
+            "assumes": "nothing of the server or the other clients", "clip_norm": self.privacy.max_grad_norm,
+            "scope": "each model (category) a separate guarantee"}}
 
 
 def _part(state: State, group: str) -> dict[str, torch.Tensor]:
