@@ -286,7 +286,8 @@ def _exchange(grid: Grid, asks: list[Message], timeout: float) -> list[tuple[int
             for reply in replies]
 
 
-def _wait_for_nodes(grid: Grid, expected: int, timeout: float, progress: bool) -> list[int]:
+def wait_for_nodes(grid: Grid, expected: int, timeout: float, progress: bool) -> list[int]:
+    """The SuperNodes connected once ``expected`` are or ``timeout`` s have passed (shared by every ServerApp)."""
     deadline = time.monotonic() + timeout
     nodes = sorted(grid.get_node_ids())
     while len(nodes) < expected and time.monotonic() < deadline:
@@ -312,7 +313,7 @@ def collect_over_flower(grid: Grid, plan: RoundPlan, config: FederationConfig, o
     expected = [client_id(i) for i in range(config.clients)]
     missing: list[dict[str, str]] = []
 
-    nodes = _wait_for_nodes(grid, config.clients, connect_timeout, progress)
+    nodes = wait_for_nodes(grid, config.clients, connect_timeout, progress)
     content = RecordDict({"identify": ConfigRecord({"protocol": PROTOCOL})})
     asks = [Message(content, node, IDENTIFY, group_id=GROUP, ttl=connect_timeout + 60) for node in nodes]
     members: dict[int, dict[str, Any]] = {}

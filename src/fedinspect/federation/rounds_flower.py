@@ -109,24 +109,15 @@ def _log(text: str, progress: bool) -> None:
         print(f"[flower server] {text}", file=sys.stderr)
 
 
-def _wait_for_nodes(grid: Grid, expected: int, timeout: float) -> list[int]:
-    deadline = time.monotonic() + timeout
-    nodes = sorted(grid.get_node_ids())
-    while len(nodes) < expected and time.monotonic() < deadline:
-        time.sleep(0.5)
-        nodes = sorted(grid.get_node_ids())
-    if not nodes:
-        raise FedinspectError(f"no Flower SuperNode connected within {timeout:g} s")
-    return nodes
-
-
 def serve_rounds(grid: Grid, task: FederatedTask, options: dict[str, Any]) -> RoundsOutcome:
     """Every round of ``task`` over Flower (as :func:`rounds.run_rounds` does in process)."""
-    from fedinspect.federation.flower_app import error_reason
+    from fedinspect.federation.flower_app import error_reason, wait_for_nodes
 
     progress = bool(options.get("progress", False))
     timeout = float(options.get("round-timeout", 3600.0))
-    nodes = _wait_for_nodes(grid, task.n_clients, float(options.get("connect-timeout", 600.0)))
+    nodes = wait_for_nodes(grid, task.n_clients, float(options.get("connect-timeout", 600.0)), progress)
+    if not nodes:
+        raise FedinspectError(f"no Flower SuperNode connected within {options.get('connect-timeout', 600.0)} s")
     recorder = RoundRecorder(task)
     state = task.initial_state()
     memories: dict[str, dict[str, Any]] = {}
