@@ -80,7 +80,6 @@ def main() -> int:
             except Exception as error:  # reported; the other detectors still run
                 print(f"{name} failed: {type(error).__name__}: {error}", file=sys.stderr)
                 continue
-        held = {client["client"]: "+".join(sorted(client["examples"])) for client in results["clients"]}
         models = [(f"{client} alone", block["categories"]) for client, block in results["local_only"].items()]
         models += [("federated", results["categories"]), ("centralized", results["centralized"]["categories"])]
         for label, categories in models:
@@ -91,7 +90,7 @@ def main() -> int:
                 row[f"{product.name}_spro_0.05"] = entry["auc_spro"]["0.05"]
                 row[f"{product.name}_T2_image_f1"] = ((entry.get("thresholds") or {}).get("T2") or {}).get("image_f1")
             rows.append(row)
-        print(f"{name}: clients' products {held}")
+        print(f"{name}: done ({results['partition']['sizes']} training images per factory)")
     names = [p.name for p in products]
     print("\ndetector | model | " + " | ".join(f"{n} AUROC | {n} sPRO@0.05" for n in names))
     for row in rows:
