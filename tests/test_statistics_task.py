@@ -81,8 +81,10 @@ def test_statistics_that_do_not_fit_are_refused(categories: Path) -> None:
 
 
 def test_settings_are_checked_before_any_work(categories: Path) -> None:
-    with pytest.raises(SettingsError, match="not to ae_mse"):
+    with pytest.raises(SettingsError, match="unknown DP-SGD setting"):  # a trained detector's privacy is DP-SGD
         DetectorFederationConfig(detector="ae_mse", privacy={"epsilon": 1.0, "clip_norm": 10.0})
+    with pytest.raises(SettingsError, match="secure aggregation sums PaDiM's"):
+        DetectorFederationConfig(detector="ae_mse", secure=True)
     with pytest.raises(SettingsError, match="privacy of the statistics: give exactly one"):
         DetectorFederationConfig(detector="padim", privacy={"clip_norm": 10.0})
     with pytest.raises(FedinspectError, match="PaDiM, not ae_mse"):
