@@ -200,6 +200,7 @@ class CategoryTask(FederatedTask):
                             **self.config.params)
 
     def global_detector(self, state: State, category: str) -> Any:
+        """The global model that serves ``category`` (or the model named by a group) from ``state``."""
         raise NotImplementedError
 
     # ---------------------------------------------------------------- evaluation
