@@ -137,6 +137,10 @@ def test_cli_refuses_options_of_another_federation(two_categories: Path, tmp_pat
     assert main(["-q", "federate", "--data", str(two_categories), "--out", out, "--detector", "ae_mse",
                  "--backbone", "efficientnet_lite2"]) == 2
     assert "--backbone: ae_mse does not take it" in capsys.readouterr().err
+    for option in ("--rounds", "--local-epochs"):  # 0 is a value to refuse, not "none given"
+        assert main(["-q", "federate", "--data", str(two_categories), "--out", out, "--detector", "ae_mse",
+                     option, "0"]) == 2
+        assert f"{option[2:].replace('-', '_')} must be an integer >= 1, got 0" in capsys.readouterr().err
     assert not Path(out).exists()
 
 

@@ -279,7 +279,8 @@ def _federate_detector(args: argparse.Namespace) -> int:
         params["keep_aspect_ratio"] = args.keep_aspect_ratio == "yes"
     privacy: dict[str, object] = {}
     if trained and args.dp_noise is not None:
-        privacy = {"noise_multiplier": args.dp_noise, "max_grad_norm": args.dp_clip or 1.0, "delta": args.dp_delta}
+        privacy = {"noise_multiplier": args.dp_noise, "max_grad_norm": 1.0 if args.dp_clip is None else args.dp_clip,
+                   "delta": args.dp_delta}
     elif args.dp_epsilon is not None or args.dp_noise is not None:
         if args.dp_clip is None:
             raise FedinspectError("--dp-epsilon / --dp-noise with --detector padim need --dp-clip: the L2 bound on one "
@@ -291,8 +292,10 @@ def _federate_detector(args: argparse.Namespace) -> int:
     try:
         config = DetectorFederationConfig(
             detector=args.detector, params=params, clients=args.clients, partition=args.partition, alpha=args.alpha,
-            rounds=args.rounds or (5 if trained else 1), local_epochs=args.local_epochs or 1,
-            proximal_mu=args.proximal_mu or 0.0, seed=args.seed, centralized=not args.no_centralized,
+            rounds=args.rounds if args.rounds is not None else (5 if trained else 1),
+            local_epochs=args.local_epochs if args.local_epochs is not None else 1,
+            proximal_mu=args.proximal_mu if args.proximal_mu is not None else 0.0, seed=args.seed,
+            centralized=not args.no_centralized,
             privacy=privacy, secure=args.secure_aggregation, model_scope=args.model_scope,
             local_baseline=args.local_baseline)
     except ValueError as error:
