@@ -48,6 +48,14 @@ def plot_rounds(results: Mapping[str, Any], path: Path) -> Path:
     return path
 
 
+def _rounds_to(results: Mapping[str, Any], category: str) -> str:
+    """The round the global model came within 1 point of the centralized one, "not reached", or "" (no reference)."""
+    reached = results.get("rounds_to_centralized") or {}
+    if category not in reached:
+        return ""
+    return "not reached" if reached[category] is None else str(reached[category])
+
+
 def write_detector_federation_report(out_dir: Path, results: Mapping[str, Any]) -> tuple[Path, Path]:
     """``report.md`` and ``report.html`` (and ``rounds.png``) in ``out_dir``."""
     config = results["config"]
@@ -75,7 +83,7 @@ def write_detector_federation_report(out_dir: Path, results: Mapping[str, Any]) 
         rows.append([name, format_metric(entry.get("image_auroc")), format_metric(reference.get("image_auroc")),
                      format_metric(entry.get("pixel_auroc")), format_metric((entry.get("auc_spro") or {}).get("0.05")),
                      format_metric((entry.get("auc_spro") or {}).get("0.3")),
-                     str((results.get("rounds_to_centralized") or {}).get(name, ""))])
+                     _rounds_to(results, name)])
     doc.table(["category", "image AUROC", "centralized", "pixel AUROC", "AUC-sPRO@0.05", "AUC-sPRO@0.3",
                "rounds to within 1 point"], rows)
     doc.paragraph("Each category's folder holds its full evaluation (thresholds T1-T3, report); `models/` the "

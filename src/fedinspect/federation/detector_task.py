@@ -150,7 +150,10 @@ class CategoryTask(FederatedTask):
 
     @classmethod
     def from_spec(cls, spec: Mapping[str, Any], secrets: Mapping[str, Any]) -> CategoryTask:
-        return cls(spec["data_dir"], DetectorFederationConfig(**spec["config"]))
+        try:
+            return cls(spec["data_dir"], DetectorFederationConfig(**spec["config"]))
+        except (KeyError, TypeError) as error:
+            raise FedinspectError(f"a malformed {cls.__name__} spec: {error!r}") from error
 
     # ---------------------------------------------------------------- data
     @property

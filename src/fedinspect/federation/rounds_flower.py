@@ -192,7 +192,7 @@ class _SecureCompute:
         self.spec, self.secrets = spec, secrets
 
     def __call__(self, partition: int, config: dict[str, Any]) -> list[Any]:
-        return self.tasks(self.spec, self.secrets).secure_arrays(partition)
+        return self.tasks(self.spec, self.secrets).secure_arrays(partition, config)
 
 
 def run_secure_sum(task: FederatedTask, progress: bool = True, build: TaskBuilder = task_from_spec) -> RoundsOutcome:

@@ -14,6 +14,7 @@ not sent in the clear (``examples`` are 0): only the noisy count inside the stat
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -150,13 +151,15 @@ class StatisticsTask(CategoryTask):
             specs += [ArraySpec((1,), max(1, count_bound), integer=self.privacy is None, name=f"{group}/count"),
                       ArraySpec((positions, k), max(1, most) * bound, name=f"{group}/sum"),
                       ArraySpec((positions, k, k), max(1, most) * bound**2, name=f"{group}/sum_outer")]
-        return SecureSumSettings(tuple(specs), seed=self.config.seed)
+        layout = [[spec.name, list(spec.shape)] for spec in specs]  # sent to the clients: they know no grid
+        return SecureSumSettings(tuple(specs), seed=self.config.seed, client_config={"arrays": json.dumps(layout)})
 
-    def secure_arrays(self, index: int) -> list[np.ndarray]:
-        """Client ``index``'s statistics in :meth:`secure_settings`' order (zeros for a category it does not hold)."""
+    def secure_arrays(self, index: int, config: Mapping[str, Any]) -> list[np.ndarray]:
+        """Client ``index``'s statistics in the order and shapes the server announced (``config["arrays"]``,
+        from :meth:`secure_settings`); zeros for a model it holds no image of."""
         result = self.client_update(index, {}, 1, {})
-        return [result.arrays[spec.name].numpy().reshape(spec.shape) if spec.name in result.arrays
-                else np.zeros(spec.shape) for spec in self.secure_settings().specs]
+        return [result.arrays[name].numpy().reshape(shape) if name in result.arrays else np.zeros(shape)
+                for name, shape in json.loads(str(config["arrays"]))]
 
     def state_from_sum(self, arrays: list[np.ndarray]) -> State:
         """The global state from the secure sum, leaving out categories no client held (a zero count)."""
