@@ -233,29 +233,57 @@ def spro_curve(
 
     negatives = buffer[:n_neg]
     negatives.sort()
-    events = np.concatenate(event_scores)
-    weights = np.concatenate(event_weights)
+    events, suffix = _sorted_events(np.concatenate(event_scores), np.concatenate(event_weights))
     del event_scores, event_weights
-    order = np.argsort(events)  # the order inside a group of ties does not matter
-    events = events[order]
-    weights = weights[order]
-    # suffix[j] = sum of the weights of events[j:], i.e. of the events above events[j - 1].
-    suffix = np.zeros(events.size + 1, dtype=np.float64)
-    suffix[:-1] = np.cumsum(weights[::-1])[::-1]
 
-    minus_inf = np.array([-np.inf], dtype=dtype)
     if drop_intermediate:
-        # Corners of the curve: sPRO changes only at region event scores. At a threshold equal to an
-        # event value and at the float just below it; in between only the FPR moves (straight runs).
-        distinct_events = _sorted_unique(events)
-        top = np.array([max(negatives[-1], events[-1])], dtype=dtype)
-        below = np.nextafter(distinct_events, minus_inf)
-        thresholds = np.unique(np.concatenate([top, distinct_events, below, minus_inf]))[::-1]
+        thresholds = _corner_thresholds(events, max(negatives[-1], events[-1]), dtype)
     else:
+        minus_inf = np.array([-np.inf], dtype=dtype)
         distinct = np.union1d(_sorted_unique(negatives), np.unique(buffer[buffer.size - n_pos :]))
         thresholds = np.concatenate([minus_inf, distinct])[::-1]
 
     false_positives = n_neg - np.searchsorted(negatives, thresholds, side="right")
+    return _curve_points(thresholds, false_positives, n_neg, events, suffix, n_regions, drop_intermediate)
+
+
+def _sorted_events(events: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Region event scores ascending, and ``suffix[j]`` = the sum of the weights of ``events[j:]``.
+
+    Sorted by (score, weight), so the sums do not depend on the order the images came in.
+    """
+    order = np.lexsort((weights, events))
+    events = events[order]
+    suffix = np.zeros(events.size + 1, dtype=np.float64)
+    suffix[:-1] = np.cumsum(weights[order][::-1])[::-1]
+    return events, suffix
+
+
+def _corner_thresholds(events: np.ndarray, top: float, dtype: np.dtype) -> np.ndarray:
+    """Descending thresholds of the corners of the curve, given the ascending region events.
+
+    sPRO changes only at region event scores: at a threshold equal to an event value and at the float
+    just below it; in between only the FPR moves (straight runs). ``top``: the highest score of all.
+    """
+    minus_inf = np.array([-np.inf], dtype=dtype)
+    distinct_events = _sorted_unique(events)
+    below = np.nextafter(distinct_events, minus_inf)
+    return np.unique(np.concatenate([np.array([top], dtype=dtype), distinct_events, below, minus_inf]))[::-1]
+
+
+def _curve_points(
+    thresholds: np.ndarray,
+    false_positives: np.ndarray,
+    n_neg: int,
+    events: np.ndarray,
+    suffix: np.ndarray,
+    n_regions: int,
+    drop_intermediate: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(fpr, spro, thresholds)`` from the false positive count at each (descending) threshold.
+
+    Shared by :func:`spro_curve` and the streamed evaluation, so that both give the same floats.
+    """
     first_event_above = np.searchsorted(events, thresholds, side="right")
     if drop_intermediate:
         keep = _corner_points(false_positives, first_event_above)

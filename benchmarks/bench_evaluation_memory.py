@@ -1,0 +1,158 @@
+"""Benchmark the memory and time of a category's evaluation: all maps at once versus streamed.
+
+Usage::
+
+    .venv/bin/python benchmarks/bench_evaluation_memory.py [--images 200] [--height 750] [--width 1000]
+        [--seed 0] [--json-dir benchmarks/results]
+
+A synthetic category: ``--images`` float32 anomaly maps (smooth background plus noise, every other image
+defective with 1-3 elliptic regions of 100 to 60,000 pixels, saturated either at their full area or at an
+absolute 2,000 pixels, as AutoVI's defect types are). Each way of evaluating runs in a fresh interpreter, so
+that its peak resident memory (``ru_maxrss``) is its own:
+
+- ``current``: every map held in a list, then :func:`score_with_curves` (today's path);
+- ``references``: the same list, then the streamed computation over references to the maps
+  (:func:`streamed_pixel_metrics`, what ``score_with_curves`` could use internally);
+- ``streamed``: each map made, added to a :class:`StreamingEvaluation` and dropped (its defect-free scores go
+  to a temporary file); what a caller that produces maps one at a time gets.
+
+The table gives the evaluation's wall time (making the maps excluded), the peak of the memory numpy and
+Python allocated during it (``tracemalloc``, the maps held by the caller excluded), the process's peak
+resident memory (maps included) and whether the results equal the current path's (to 1e-6; the table says
+whether they are bitwise equal).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MODES = ("current", "references", "streamed")
+
+
+def synthetic_image(index: int, height: int, width: int, seed: int) -> tuple[int, float, np.ndarray, list]:
+    """Label, image score, float32 map and regions of synthetic test image ``index`` (its own seed)."""
+    from fedinspect.data.regions import Region
+
+    rng = np.random.default_rng([seed, index])
+    coarse = rng.normal(size=(height // 25 + 1, width // 25 + 1)).astype(np.float32)
+    anomaly_map = np.kron(coarse, np.ones((25, 25), dtype=np.float32))[:height, :width]
+    anomaly_map += rng.normal(scale=0.5, size=(height, width)).astype(np.float32)
+    regions = []
+    label = index % 2
+    if label:
+        yy, xx = np.ogrid[:height, :width]
+        for _ in range(int(rng.integers(1, 4))):
+            area = float(np.exp(rng.uniform(np.log(100), np.log(60_000))))
+            ry = float(np.sqrt(area / np.pi) * rng.uniform(0.5, 2.0))
+            rx = area / np.pi / ry
+            cy, cx = rng.uniform(0, height), rng.uniform(0, width)
+            mask = ((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1.0
+            if not mask.any():
+                continue
+            anomaly_map[mask] += np.float32(rng.uniform(0.5, 3.0))
+            size = int(mask.sum())
+            regions.append(Region(mask, size if rng.random() < 0.5 else min(size, 2000)))
+    return label, float(anomaly_map.max()), anomaly_map, regions
+
+
+def run_mode(mode: str, images: int, height: int, width: int, seed: int) -> dict:
+    """Evaluate the synthetic category one way; the figures of this interpreter."""
+    from fedinspect.evaluation.protocol import score_with_curves
+    from fedinspect.evaluation.streaming import StreamingEvaluation, streamed_pixel_metrics
+
+    made: Iterator = (synthetic_image(i, height, width, seed) for i in range(images))
+    seconds = 0.0
+    if mode == "streamed":
+        tracemalloc.start()
+        with StreamingEvaluation() as evaluation:
+            for label, score, anomaly_map, regions in made:
+                start = time.perf_counter()
+                evaluation.add(label, score, anomaly_map, regions)
+                seconds += time.perf_counter() - start
+                del anomaly_map, regions
+            start = time.perf_counter()
+            result, curves = evaluation.result(), evaluation.curves()
+            seconds += time.perf_counter() - start
+        held = 0
+    else:
+        labels, scores, maps, regions = (list(column) for column in zip(*made, strict=True))
+        held = sum(m.nbytes for m in maps) + sum(r.mask.nbytes for image in regions for r in image)
+        tracemalloc.start()
+        start = time.perf_counter()
+        if mode == "current":
+            result, curves = score_with_curves(np.array(labels), np.array(scores), maps, regions)
+        else:
+            from fedinspect.evaluation import metrics
+
+            pixel_auroc, (fpr, spro, _) = streamed_pixel_metrics(maps, regions)
+            result = {"pixel_auroc": pixel_auroc,
+                      "auc_spro": {str(limit): metrics.area_under_curve(fpr, spro, limit)
+                                   for limit in metrics.FPR_LIMITS}}
+            curves = None
+        seconds = time.perf_counter() - start
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return {"mode": mode, "seconds": seconds, "tracemalloc_peak_mb": peak / 2**20, "maps_held_mb": held / 2**20,
+            "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "pixel_auroc": result["pixel_auroc"], "auc_spro": result["auc_spro"],
+            "spro_points": None if curves is None else len(curves.spro)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=200, help="test images in the category (default 200)")
+    parser.add_argument("--height", type=int, default=750, help="map height (default 750)")
+    parser.add_argument("--width", type=int, default=1000, help="map width (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic maps (default 0)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
+    parser.add_argument("--json-dir", default=str(ROOT / "benchmarks" / "results"), help="where the JSON goes")
+    parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # run one mode here, print its JSON
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(run_mode(args.one, args.images, args.height, args.width, args.seed)))
+        return
+
+    rows = []
+    for mode in args.modes.split(","):
+        argv = [sys.executable, __file__, "--one", mode, "--images", str(args.images), "--height", str(args.height),
+                "--width", str(args.width), "--seed", str(args.seed)]
+        output = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+        rows.append(json.loads(output.strip().splitlines()[-1]))
+        print(f"{mode}: {rows[-1]['seconds']:.1f} s", file=sys.stderr)
+    reference = next((row for row in rows if row["mode"] == "current"), rows[0])
+    for row in rows:
+        values = [row["pixel_auroc"], *row["auc_spro"].values()]
+        expected = [reference["pixel_auroc"], *reference["auc_spro"].values()]
+        row["max_abs_difference"] = max(abs(a - b) for a, b in zip(values, expected, strict=True))
+        row["bitwise_equal"] = values == expected
+
+    print(f"{args.images} maps of {args.height}x{args.width} float32, "
+          f"{sum(1 for i in range(args.images) if i % 2)} defective\n")
+    print("| path | time (s) | traced peak during evaluation (MB) | maps held by caller (MB) | peak RSS (MB) "
+          "| pixel AUROC | AUC-sPRO@0.3 | max abs diff vs current |")
+    print("|---|---:|---:|---:|---:|---:|---:|---|")
+    for row in rows:
+        same = "bitwise equal" if row["bitwise_equal"] else f"{row['max_abs_difference']:.1e}"
+        print(f"| {row['mode']} | {row['seconds']:.1f} | {row['tracemalloc_peak_mb']:.0f} | {row['maps_held_mb']:.0f} "
+              f"| {row['max_rss_mb']:.0f} | {row['pixel_auroc']:.6f} | {row['auc_spro']['0.3']:.6f} | {same} |")
+    out = Path(args.json_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "bench_evaluation_memory.json"
+    path.write_text(json.dumps({"images": args.images, "height": args.height, "width": args.width,
+                                "seed": args.seed, "rows": rows}, indent=2))
+    print(f"\nwritten: {path}")
+
+
+if __name__ == "__main__":
+    main()
