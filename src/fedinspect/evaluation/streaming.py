@@ -55,34 +55,59 @@ class _SpillFile:
         np.ascontiguousarray(negatives, dtype=dtype).tofile(self._file)
         self._counts.append(negatives.size)
 
-    def negatives(self) -> Iterator[np.ndarray]:
+    def batches(self, max_scores: int) -> Iterator[np.ndarray]:
+        """The stored scores of consecutive images, at most ``max_scores`` at a time (or one whole image)."""
         self._file.seek(0)
-        for count in self._counts:
-            chunk = np.fromfile(self._file, dtype=self._dtype, count=count)
-            if chunk.size != count:
+        for count in _batch_sizes(self._counts, max_scores):
+            batch = np.fromfile(self._file, dtype=self._dtype, count=count)
+            if batch.size != count:
                 raise RuntimeError("the temporary file of defect-free scores was truncated")
-            yield chunk
+            yield batch
 
     def close(self) -> None:
         self._file.close()
+
+
+def _batch_sizes(counts: Sequence[int], max_scores: int) -> Iterator[int]:
+    """Sizes of runs of consecutive counts summing to at most ``max_scores`` (a larger count alone)."""
+    size = 0
+    for count in counts:
+        if size and size + count > max_scores:
+            yield size
+            size = 0
+        size += count
+    if size:
+        yield size
 
 
 class _References:
     """The caller's maps themselves (already in memory), with each union mask packed to one bit per pixel."""
 
     def __init__(self) -> None:
-        self._kept: list[tuple[np.ndarray, np.ndarray | None]] = []
+        self._kept: list[tuple[np.ndarray, np.ndarray | None, int]] = []
+        self._dtype: np.dtype | None = None
 
     def keep(self, anomaly_map: np.ndarray, union: np.ndarray | None, negatives: np.ndarray, dtype: np.dtype) -> None:
-        self._kept.append((anomaly_map, None if union is None else np.packbits(union, axis=None)))
+        self._dtype = dtype
+        self._kept.append((anomaly_map, None if union is None else np.packbits(union, axis=None), negatives.size))
 
-    def negatives(self) -> Iterator[np.ndarray]:
-        for anomaly_map, packed in self._kept:
-            if packed is None:
-                yield anomaly_map.ravel()
-            else:
-                union = np.unpackbits(packed, count=anomaly_map.size).view(bool)
-                yield anomaly_map.ravel()[~union]
+    def batches(self, max_scores: int) -> Iterator[np.ndarray]:
+        """The defect-free scores of consecutive images, at most ``max_scores`` at a time (or one whole image)."""
+        counts = [count for _, _, count in self._kept]
+        buffer = np.empty(min(max([max_scores, *counts]), sum(counts)), dtype=self._dtype)
+        kept = iter(self._kept)
+        for size in _batch_sizes(counts, max_scores):
+            filled = 0
+            while filled < size:
+                anomaly_map, packed, _ = next(kept)
+                if packed is None:
+                    buffer[filled : filled + anomaly_map.size] = anomaly_map.ravel()
+                    filled += anomaly_map.size
+                else:
+                    negatives = anomaly_map.ravel()[~np.unpackbits(packed, count=anomaly_map.size).view(bool)]
+                    buffer[filled : filled + negatives.size] = negatives
+                    filled += negatives.size
+            yield buffer[:size]
 
     def close(self) -> None:
         self._kept.clear()
@@ -101,7 +126,12 @@ class StreamingEvaluation:
     the stored scores cannot be widened exactly afterwards (pass ``dtype=np.float64`` for such maps).
     """
 
-    def __init__(self, dtype: DTypeLike | None = None, spill_dir: str | Path | None = None) -> None:
+    def __init__(
+        self, dtype: DTypeLike | None = None, spill_dir: str | Path | None = None, batch_mib: float = 64.0
+    ) -> None:
+        if not batch_mib > 0:
+            raise ValueError(f"batch_mib must be positive, got {batch_mib!r}")
+        self._batch_bytes = int(batch_mib * 2**20)
         self._dtype: np.dtype | None = None if dtype is None else np.dtype(dtype)
         if self._dtype is not None and self._dtype.kind != "f":
             raise ValueError(f"dtype must be a floating-point type, got {self._dtype}")
@@ -235,7 +265,7 @@ class StreamingEvaluation:
         # Count the defect-free scores at or below every value: "below a positive" is "at or below the float
         # just under it", since every score is held in the same dtype.
         values = np.unique(np.concatenate([thresholds, positive_values, just_below]))
-        at_or_below = _count_at_or_below(self._store.negatives(), values)
+        at_or_below = _count_at_or_below(self._store.batches(max(1, self._batch_bytes // dtype.itemsize)), values)
         if int(at_or_below[-1]) != self._n_neg:
             raise RuntimeError("the stored defect-free scores do not add up to the count seen by add()")
 
@@ -251,24 +281,22 @@ class StreamingEvaluation:
         return pixel_auroc, curve
 
 
-def _count_at_or_below(chunks: Iterator[np.ndarray], values: np.ndarray) -> np.ndarray:
-    """``counts[j]`` = how many scores of all ``chunks`` are <= ``values[j]`` (``values`` ascending, distinct).
+def _count_at_or_below(batches: Iterator[np.ndarray], values: np.ndarray) -> np.ndarray:
+    """``counts[j]`` = how many scores of all ``batches`` are <= ``values[j]`` (``values`` ascending, distinct).
 
-    Each chunk is either binned into the values (cheap when there are few of them) or sorted and the values
-    looked up in it (cheap when there are many); both count exactly.
+    Each batch is sorted in place (fast), then either the values are looked up in it (when there are fewer
+    values than scores) or its scores are binned into the values (when there are more); both count exactly.
+    Large batches make few lookups: the cost is about (scores + values x batches) times a few nanoseconds.
     """
+    at_or_below = np.zeros(values.size, dtype=np.int64)
     histogram = np.zeros(values.size + 1, dtype=np.int64)  # [j]: scores in (values[j-1], values[j]]
-    for chunk in chunks:
-        if chunk.size == 0:
-            continue
-        if values.size * 8 < chunk.size:
-            histogram += np.bincount(np.searchsorted(values, chunk, side="left"), minlength=values.size + 1)
+    for batch in batches:
+        batch.sort()
+        if values.size <= batch.size:
+            at_or_below += np.searchsorted(batch, values, side="right")
         else:
-            ordered = np.sort(chunk)
-            at_or_below = np.searchsorted(ordered, values, side="right")
-            histogram[:-1] += np.diff(at_or_below, prepend=0)
-            histogram[-1] += chunk.size - at_or_below[-1]
-    return np.cumsum(histogram[:-1])
+            histogram += np.bincount(np.searchsorted(values, batch, side="left"), minlength=values.size + 1)
+    return at_or_below + np.cumsum(histogram[:-1])
 
 
 def streamed_pixel_metrics(
