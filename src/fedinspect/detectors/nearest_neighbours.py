@@ -1,26 +1,191 @@
-"""Exact nearest-neighbour search in a memory bank with faiss."""
+"""Nearest-neighbour search in a memory bank with faiss: exact for small banks, approximate for large ones.
+
+Exact search (``IndexFlatL2``) costs O(bank size) per query, which makes it the whole inference cost
+of PatchCore once the bank holds tens of thousands of rows (the magnetic tiles' 10% coreset: 61,709).
+Above :data:`AUTO_EXACT_MAX_BANK` rows, ``method="auto"`` switches to an inverted-file index
+(IVF-Flat: seeded k-means cells, the ``nprobe`` nearest cells scanned exactly). Approximate search
+can only miss the true nearest neighbour, never report a distance smaller than the true one; its
+recall@1 and its effect on PatchCore's image AUROC and AUC-sPRO are measured by
+``benchmarks/bench_search.py`` and stated in the README, and ``nprobe`` / ``ef_search`` trade speed
+for recall.
+"""
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import numpy as np
+
+METHODS = ("auto", "exact", "ivf", "hnsw")
+# Measured break-even (benchmarks/bench_search.py, one thread, real 152-d PatchCore banks): exact search
+# is as fast as IVF-Flat at the default nprobe up to about this many rows, and needs no training.
+AUTO_EXACT_MAX_BANK = 20_000
+DEFAULT_NPROBE = 16
+DEFAULT_EF_SEARCH = 64
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 80
+# faiss k-means warns below 39 training points per centroid; cells this full also keep the lists balanced.
+MIN_POINTS_PER_CELL = 39
+
+
+def default_nlist(n: int) -> int:
+    """Number of IVF cells for ``n`` bank rows: about 4 sqrt(n), at least 39 rows per cell."""
+    return max(1, min(round(4 * math.sqrt(n)), n // MIN_POINTS_PER_CELL))
+
+
+def _faiss_threads() -> None:
+    """Let faiss use as many OpenMP threads as torch (1 under the tests' ``one_torch_thread``)."""
+    import faiss
+    import torch
+
+    faiss.omp_set_num_threads(max(1, torch.get_num_threads()))
+
+
+def _check_positive(name: str, value: int | None) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
 
 
 class NearestNeighbours:
-    """Euclidean k-nearest-neighbour index over the rows of a float32 memory bank."""
+    """Euclidean k-nearest-neighbour index over the rows of a float32 memory bank.
 
-    def __init__(self, bank: np.ndarray) -> None:
+    Parameters
+    ----------
+    bank:
+        (n, d) finite array; copied as float32.
+    method:
+        ``"exact"`` (faiss ``IndexFlatL2``), ``"ivf"`` (IVF-Flat), ``"hnsw"`` (HNSW-Flat) or ``"auto"``:
+        exact up to :data:`AUTO_EXACT_MAX_BANK` rows, IVF above. ``self.method`` is the method chosen.
+    nprobe:
+        IVF cells scanned per query (default :data:`DEFAULT_NPROBE`); more = higher recall, slower.
+    ef_search:
+        HNSW candidate-list size per query (default :data:`DEFAULT_EF_SEARCH`); more = higher recall.
+    nlist:
+        IVF cells (default :func:`default_nlist`).
+    seed:
+        Seed of the IVF k-means (its initial centroids and the training subsample).
+    auto_exact_max:
+        Largest bank that ``"auto"`` searches exactly.
+
+    The same bank, settings, seed and thread count give the same index and the same results. HNSW is
+    built on one thread for that reason (faiss's parallel insertion order depends on thread timing).
+    """
+
+    def __init__(
+        self,
+        bank: np.ndarray,
+        method: str = "auto",
+        *,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+        nlist: int | None = None,
+        seed: int = 0,
+        auto_exact_max: int = AUTO_EXACT_MAX_BANK,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"unknown nearest-neighbour method {method!r}; expected one of {', '.join(METHODS)}")
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search), ("nlist", nlist)):
+            _check_positive(name, value)
         bank = np.ascontiguousarray(bank, dtype=np.float32)
-        if bank.ndim != 2 or bank.shape[0] == 0:
+        if bank.ndim != 2 or bank.shape[0] == 0 or bank.shape[1] == 0:
             raise ValueError(f"memory bank must be a non-empty (n, d) array, got shape {bank.shape}")
+        if not np.isfinite(bank).all():
+            raise ValueError("memory bank contains NaN or infinite values")
         self.bank = bank
+        n, dim = bank.shape
+        if method == "auto":
+            method = "exact" if n <= auto_exact_max else "ivf"
+        self.method = method
+        self.seed = int(seed)
         import faiss  # here, not at import: the command line starts without it
 
-        self.index = faiss.IndexFlatL2(bank.shape[1])
-        self.index.add(bank)
+        _faiss_threads()
+        self._exact: Any = None
+        if method == "exact":
+            self.index = self._exact_index()
+        elif method == "ivf":
+            self.nlist = min(nlist if nlist is not None else default_nlist(n), n)
+            quantizer = faiss.IndexFlatL2(dim)
+            index = faiss.IndexIVFFlat(quantizer, dim, self.nlist)
+            index.cp.seed = self.seed
+            index.cp.min_points_per_centroid = 1  # nlist is ours to choose; no warning for small banks
+            index.train(bank)
+            index.add(bank)
+            self._quantizer = quantizer  # the index refers to it: keep it alive as long as the index
+            self.index = index
+            self.nprobe = nprobe if nprobe is not None else DEFAULT_NPROBE
+        else:
+            index = faiss.IndexHNSWFlat(dim, HNSW_M)
+            index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+            threads = faiss.omp_get_max_threads()
+            faiss.omp_set_num_threads(1)
+            try:
+                index.add(bank)
+            finally:
+                faiss.omp_set_num_threads(threads)
+            self.index = index
+            self.ef_search = ef_search if ef_search is not None else DEFAULT_EF_SEARCH
+
+    # ------------------------------------------------------------------ knobs
+    @property
+    def nprobe(self) -> int:
+        """IVF cells scanned per query (IVF only)."""
+        if self.method != "ivf":
+            raise AttributeError(f"nprobe applies to the IVF index, not to {self.method!r}")
+        return int(self.index.nprobe)
+
+    @nprobe.setter
+    def nprobe(self, value: int) -> None:
+        _check_positive("nprobe", value)
+        if self.method != "ivf":
+            raise AttributeError(f"nprobe applies to the IVF index, not to {self.method!r}")
+        self.index.nprobe = int(min(value, self.nlist))
+
+    @property
+    def ef_search(self) -> int:
+        """HNSW candidate-list size per query (HNSW only)."""
+        if self.method != "hnsw":
+            raise AttributeError(f"ef_search applies to the HNSW index, not to {self.method!r}")
+        return int(self.index.hnsw.efSearch)
+
+    @ef_search.setter
+    def ef_search(self, value: int) -> None:
+        _check_positive("ef_search", value)
+        if self.method != "hnsw":
+            raise AttributeError(f"ef_search applies to the HNSW index, not to {self.method!r}")
+        self.index.hnsw.efSearch = int(value)
+
+    # ------------------------------------------------------------------ search
+    def _exact_index(self) -> Any:
+        import faiss
+
+        if self._exact is None:
+            self._exact = faiss.IndexFlatL2(self.bank.shape[1])
+            self._exact.add(self.bank)
+        return self._exact
 
     def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, indices), each (n_queries, k); distances are Euclidean (not squared)."""
+        """(distances, indices), each (n_queries, k); distances are Euclidean (not squared).
+
+        ``k`` larger than the bank is clipped to its size. A query for which an approximate index finds
+        fewer than ``k`` neighbours (its probed cells hold too few rows) is answered exactly instead.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
         queries = np.ascontiguousarray(queries, dtype=np.float32)
-        k = min(k, self.bank.shape[0])
+        dim = self.bank.shape[1]
+        if queries.ndim != 2 or queries.shape[1] != dim:
+            raise ValueError(f"queries must be an (n, {dim}) array for this {dim}-d memory bank, "
+                             f"got shape {queries.shape}")
+        if not np.isfinite(queries).all():
+            raise ValueError("queries contain NaN or infinite values")
+        k = min(int(k), self.bank.shape[0])
+        if queries.shape[0] == 0:
+            return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
+        _faiss_threads()
         squared, indices = self.index.search(queries, k)
+        missing = (indices < 0).any(axis=1)
+        if missing.any():
+            squared[missing], indices[missing] = self._exact_index().search(queries[missing], k)
         return np.sqrt(np.maximum(squared, 0.0)), indices
