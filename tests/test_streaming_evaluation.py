@@ -195,10 +195,14 @@ def test_undefined_results_are_refused() -> None:
 
 @pytest.mark.parametrize(("batch", "n_values"), [(500, 40), (40, 500), (300, 300)])
 def test_counting_pass_is_exact_both_ways(batch: int, n_values: int) -> None:
-    from fedinspect.evaluation.streaming import _count_at_or_below
+    from fedinspect.evaluation.streaming import _counting_pass
 
     rng = np.random.default_rng(batch)
     scores = np.round(rng.normal(size=3 * batch), 1).astype(np.float32)  # ties with the values
     values = np.unique(np.round(rng.normal(size=n_values), 1).astype(np.float32))
-    counts = _count_at_or_below(iter(np.split(scores.copy(), 3)), values)
-    np.testing.assert_array_equal(counts, [(scores <= v).sum() for v in values])
+    positives, counts = np.unique(np.round(rng.normal(0.5, size=n_values), 1).astype(np.float32), return_counts=True)
+    at_or_below, below, tied = _counting_pass(iter(np.split(scores.copy(), 3)), values, positives, counts)
+    np.testing.assert_array_equal(at_or_below, [(scores <= v).sum() for v in values])
+    pairs = np.repeat(positives, counts)[:, None], scores[None, :]
+    assert below == (pairs[0] > pairs[1]).sum()
+    assert tied == (pairs[0] == pairs[1]).sum()

@@ -1,24 +1,28 @@
 """The AutoVI metrics of a category accumulated one image at a time, in memory that does not grow with the maps.
 
-:func:`~fedinspect.evaluation.protocol.score_with_curves` needs every full-resolution anomaly map of a category
-at once, and :mod:`~fedinspect.evaluation.metrics` copies them all (twice) to sort the defect-free scores. Here
-each image is reduced as it arrives and the map can be dropped:
+:func:`metrics.pixel_auroc` and :func:`metrics.spro_curve` take every full-resolution anomaly map of a
+category at once and copy them all (twice) to sort the defect-free scores. Here each image is reduced as it
+arrives, and the map can be dropped:
 
-- its defect-free scores (outside the union of its regions) are appended to a temporary file on disk, in the
-  work dtype (float32 for float32 maps: 4 bytes per defect-free pixel of the category, on disk, not in RAM);
+- its defect-free scores (outside the union of its regions) are appended to an anonymous temporary file, in
+  the work dtype (float32 for float32 maps: 4 bytes per defect-free pixel of the category, on disk);
 - its in-region scores are kept (for pixel AUROC), and per region the top ``saturation_area`` scores (the only
-  ones that can raise sPRO) with the region's weight;
+  ones that can raise sPRO) with the region's saturation area;
 - its label and image score are kept.
 
 :meth:`StreamingEvaluation.result` then knows every threshold the exact curve needs (the region events, the
-float just below each, the highest score) and every in-region score value, and makes a second pass over the
-file, one image at a time, counting the defect-free scores at or below each of those values. That gives the
-exact false positive count at every curve threshold and the exact Mann-Whitney count of pixel AUROC: the
-results are the floats of :func:`~fedinspect.evaluation.protocol.score_with_curves`, not an approximation.
+float just below each, the highest score; the thresholds of :func:`metrics.spro_curve`) and every in-region
+score, and makes a second pass over the file in sorted batches, counting the defect-free scores at or below
+each threshold and the Mann-Whitney pairs of pixel AUROC. The counts are exact integers and the curve is
+finished by the same code as :func:`metrics.spro_curve`: the results are the same floats (bitwise on the
+benchmark), not an approximation. :func:`streamed_pixel_metrics` runs the same computation over maps already
+in memory (the second pass reads them again instead of a file); ``score_with_curves`` uses it.
 
-Memory: one image's defect-free scores at a time, plus the in-region scores (4 bytes each at float32) and the
-region events (12 bytes each), plus 8 bytes per distinct value counted at (at most 3 per in-region pixel):
-it grows with the defect area of the category, not with the number of images times their size.
+Memory (float32 maps): one batch of defect-free scores (``batch_mib``, 64 MiB by default) and one map at a
+time, plus about 4 bytes per in-region pixel and 12 per region event kept, and at the end about 40 bytes per
+distinct in-region score and 16 per curve threshold (at most two per region event), transiently. It grows
+with the defect area of the category, not with its number of images times their size. Disk: 4 bytes per
+defect-free pixel, freed on :meth:`StreamingEvaluation.close`.
 """
 
 from __future__ import annotations
@@ -261,42 +265,59 @@ class StreamingEvaluation:
         del weights
         thresholds = metrics._corner_thresholds(events, max(dtype.type(self._max_neg), events[-1]), dtype)
         positive_values, positive_counts = np.unique(np.concatenate(self._positives), return_counts=True)
-        just_below = np.nextafter(positive_values, np.array(-np.inf, dtype=dtype))
-        # Count the defect-free scores at or below every value: "below a positive" is "at or below the float
-        # just under it", since every score is held in the same dtype.
-        values = np.unique(np.concatenate([thresholds, positive_values, just_below]))
-        at_or_below = _count_at_or_below(self._store.batches(max(1, self._batch_bytes // dtype.itemsize)), values)
-        if int(at_or_below[-1]) != self._n_neg:
+        ascending = np.ascontiguousarray(thresholds[::-1])
+        batches = self._store.batches(max(1, self._batch_bytes // dtype.itemsize))
+        at_or_below, below, tied = _counting_pass(batches, ascending, positive_values, positive_counts)
+        if int(at_or_below[-1]) != self._n_neg:  # the top threshold is the highest score of all
             raise RuntimeError("the stored defect-free scores do not add up to the count seen by add()")
 
-        false_positives = self._n_neg - at_or_below[np.searchsorted(values, thresholds)]
+        false_positives = self._n_neg - at_or_below[::-1]
         curve = metrics._curve_points(thresholds, false_positives, self._n_neg, events, suffix,
                                       len(self._saturations), drop_intermediate=True)
-        below = at_or_below[np.searchsorted(values, just_below)]
-        tied = at_or_below[np.searchsorted(values, positive_values)] - below
         n_pos = int(positive_counts.sum())
-        below_total = int(np.dot(positive_counts, below))
-        tied_total = int(np.dot(positive_counts, tied))
-        pixel_auroc = float((float(below_total) + 0.5 * float(tied_total)) / (n_pos * self._n_neg))
+        pixel_auroc = float((float(below) + 0.5 * float(tied)) / (n_pos * self._n_neg))
         return pixel_auroc, curve
 
 
-def _count_at_or_below(batches: Iterator[np.ndarray], values: np.ndarray) -> np.ndarray:
-    """``counts[j]`` = how many scores of all ``batches`` are <= ``values[j]`` (``values`` ascending, distinct).
+def _counting_pass(
+    batches: Iterator[np.ndarray], thresholds: np.ndarray, positives: np.ndarray, counts: np.ndarray
+) -> tuple[np.ndarray, int, int]:
+    """One pass over the defect-free scores: what the curve and pixel AUROC need, counted exactly.
 
-    Each batch is sorted in place (fast), then either the values are looked up in it (when there are fewer
-    values than scores) or its scores are binned into the values (when there are more); both count exactly.
-    Large batches make few lookups: the cost is about (scores + values x batches) times a few nanoseconds.
+    ``thresholds`` and ``positives`` (the distinct in-region scores, ``counts`` times each) are ascending and
+    distinct. Returns how many defect-free scores are <= each threshold, and over all (defect-free,
+    in-region) pixel pairs how many have the in-region score above (``below``) and equal (``tied``): the
+    Mann-Whitney counts of pixel AUROC, accumulated as two integers rather than one count per value.
+
+    Each batch is sorted in place (fast), then the values are looked up in it when there are fewer values
+    than scores, or its scores are looked up among the values when there are more (then binned); the cost is
+    about (scores + values x batches) times a few nanoseconds, hence the large batches.
     """
-    at_or_below = np.zeros(values.size, dtype=np.int64)
-    histogram = np.zeros(values.size + 1, dtype=np.int64)  # [j]: scores in (values[j-1], values[j]]
+    at_or_below = np.zeros(thresholds.size, dtype=np.int64)
+    histogram: np.ndarray | None = None  # [j]: scores in (thresholds[j-1], thresholds[j]]
+    cumulative = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])  # in-region pixels among the first j
+    below = tied = 0
     for batch in batches:
         batch.sort()
-        if values.size <= batch.size:
-            at_or_below += np.searchsorted(batch, values, side="right")
+        if thresholds.size <= batch.size:
+            at_or_below += np.searchsorted(batch, thresholds, side="right")
         else:
-            histogram += np.bincount(np.searchsorted(values, batch, side="left"), minlength=values.size + 1)
-    return at_or_below + np.cumsum(histogram[:-1])
+            if histogram is None:
+                histogram = np.zeros(thresholds.size + 1, dtype=np.int64)
+            histogram += np.bincount(np.searchsorted(thresholds, batch, side="left"), minlength=thresholds.size + 1)
+        if positives.size <= batch.size:  # per in-region value: defect-free scores below it, and equal
+            left = np.searchsorted(batch, positives, side="left")
+            right = np.searchsorted(batch, positives, side="right")
+            below += int(np.dot(counts, left))
+            tied += int(np.dot(counts, right - left))
+        else:  # per defect-free score: in-region pixels above it, and equal
+            left = cumulative[np.searchsorted(positives, batch, side="left")]
+            right = cumulative[np.searchsorted(positives, batch, side="right")]
+            below += int(cumulative[-1]) * batch.size - int(right.sum())
+            tied += int((right - left).sum())
+    if histogram is not None:
+        at_or_below += np.cumsum(histogram[:-1])
+    return at_or_below, below, tied
 
 
 def streamed_pixel_metrics(
