@@ -3,7 +3,7 @@
 Usage::
 
     .venv/bin/python benchmarks/bench_evaluation_memory.py [--images 200] [--height 750] [--width 1000]
-        [--seed 0] [--json-dir benchmarks/results]
+        [--seed 0] [--real ../shared/data/real/mpdd/metal_plate] [--json-dir benchmarks/results]
 
 A synthetic category: ``--images`` float32 anomaly maps (smooth background plus noise, every other image
 defective with 1-3 elliptic regions of 100 to 60,000 pixels, saturated either at their full area or at an
@@ -17,6 +17,10 @@ that its peak resident memory (``ru_maxrss``) is its own:
 - ``streamed``: each map made, added to a :class:`StreamingEvaluation` and dropped (its defect-free scores go
   to a temporary file); what a caller that produces maps one at a time gets.
 
+``--real CATEGORY`` (an MVTec-layout folder) evaluates real maps instead: PatchCore (default settings) is fitted
+on the category's good training images and its full-resolution test maps are saved once (``np.save``, no
+pickle) in a temporary folder that each way of evaluating then reads.
+
 The table gives the evaluation's wall time (making the maps excluded), the peak of the memory numpy and
 Python allocated during it (``tracemalloc``, the maps held by the caller excluded), the process's peak
 resident memory (maps included) and whether the results equal the ``whole`` path's (to 1e-6; the table says
@@ -26,10 +30,12 @@ whether they are bitwise equal).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import tracemalloc
 from collections.abc import Iterator
@@ -88,15 +94,49 @@ def whole_category(labels: list, scores: list, maps: list, regions: list) -> tup
     return result, curves
 
 
-def run_mode(mode: str, images: int, height: int, width: int, seed: int) -> dict:
-    """Evaluate the synthetic category one way; the figures of this interpreter."""
+def save_real_maps(category: Path, folder: Path) -> int:
+    """Fit PatchCore on ``category`` and save its test labels, scores and maps in ``folder``; the image count."""
+    from fedinspect.data.dataset import CategoryDataset
+    from fedinspect.pipeline import _naming_the_image, fit_category
+
+    model = fit_category(category, progress=False)
+    dataset = CategoryDataset(category)
+    scores, maps = _naming_the_image(dataset, dataset.test, lambda images: model.predict(images))
+    np.save(folder / "labels.npy", np.array([s.label for s in dataset.test]))
+    np.save(folder / "scores.npy", np.asarray(scores, dtype=np.float64))
+    for i, anomaly_map in enumerate(maps):
+        np.save(folder / f"map_{i:05d}.npy", np.asarray(anomaly_map, dtype=np.float32))
+    (folder / "category.txt").write_text(str(category))
+    return len(maps)
+
+
+@functools.cache
+def _category(folder: Path) -> Any:
+    from fedinspect.data.dataset import CategoryDataset
+
+    return CategoryDataset(Path((folder / "category.txt").read_text()))
+
+
+def real_image(folder: Path, index: int) -> tuple[int, float, np.ndarray, list]:
+    """Test image ``index`` saved by :func:`save_real_maps`, with its regions read from the category."""
+    dataset = _category(folder)
+    sample = dataset.test[index]
+    anomaly_map = np.load(folder / f"map_{index:05d}.npy", allow_pickle=False)
+    regions = dataset.load_regions(sample, anomaly_map.shape) if sample.label else []
+    return (int(np.load(folder / "labels.npy")[index]), float(np.load(folder / "scores.npy")[index]), anomaly_map,
+            regions)
+
+
+def run_mode(mode: str, images: int, height: int, width: int, seed: int, real: Path | None = None) -> dict:
+    """Evaluate the synthetic category (or the real maps in ``real``) one way; the figures of this interpreter."""
     from fedinspect.data.regions import Region
     from fedinspect.evaluation.protocol import score_with_curves
     from fedinspect.evaluation.streaming import StreamingEvaluation
 
     score_with_curves(np.array([0, 1]), np.array([0.0, 1.0]), [np.zeros((1, 2))] * 2,  # warm up: lazy imports
                       [[], [Region(np.array([[True, False]]), 1)]])
-    made: Iterator = (synthetic_image(i, height, width, seed) for i in range(images))
+    made: Iterator = (real_image(real, i) for i in range(images)) if real else (
+        synthetic_image(i, height, width, seed) for i in range(images))
     seconds = 0.0
     if mode == "streamed":
         tracemalloc.start()
@@ -136,16 +176,28 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic maps (default 0)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated subset of {','.join(MODES)}")
     parser.add_argument("--json-dir", default=str(ROOT / "benchmarks" / "results"), help="where the JSON goes")
+    parser.add_argument("--real", type=Path, help="an MVTec-layout category: evaluate PatchCore's real maps")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # run one mode here, print its JSON
+    parser.add_argument("--maps", type=Path, help=argparse.SUPPRESS)  # the real maps' folder, for --one
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(run_mode(args.one, args.images, args.height, args.width, args.seed)))
+        print(json.dumps(run_mode(args.one, args.images, args.height, args.width, args.seed, args.maps)))
         return
+    with tempfile.TemporaryDirectory(prefix="bench-evaluation-") as folder:
+        maps = None
+        if args.real is not None:
+            maps = Path(folder)
+            args.images = save_real_maps(args.real.resolve(), maps)
+        compare(args, maps)
+
+
+def compare(args: argparse.Namespace, maps: Path | None) -> None:
+    """Run every mode in its own interpreter; print the table and write the JSON."""
 
     rows = []
     for mode in args.modes.split(","):
         argv = [sys.executable, __file__, "--one", mode, "--images", str(args.images), "--height", str(args.height),
-                "--width", str(args.width), "--seed", str(args.seed)]
+                "--width", str(args.width), "--seed", str(args.seed), *(["--maps", str(maps)] if maps else [])]
         output = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
         rows.append(json.loads(output.strip().splitlines()[-1]))
         print(f"{mode}: {rows[-1]['seconds']:.1f} s", file=sys.stderr)
@@ -156,8 +208,11 @@ def main() -> None:
         row["max_abs_difference"] = max(abs(a - b) for a, b in zip(values, expected, strict=True))
         row["bitwise_equal"] = values == expected
 
-    print(f"{args.images} maps of {args.height}x{args.width} float32, "
-          f"{sum(1 for i in range(args.images) if i % 2)} defective\n")
+    if maps is None:
+        print(f"{args.images} maps of {args.height}x{args.width} float32, "
+              f"{sum(1 for i in range(args.images) if i % 2)} defective\n")
+    else:
+        print(f"{args.real}: PatchCore's {args.images} full-resolution test maps\n")
     print("| path | time (s) | traced peak during evaluation (MB) | maps held by caller (MB) | peak RSS (MB) "
           "| pixel AUROC | AUC-sPRO@0.3 | max abs diff vs whole |")
     print("|---|---:|---:|---:|---:|---:|---:|---|")
@@ -167,9 +222,9 @@ def main() -> None:
               f"| {row['max_rss_mb']:.0f} | {row['pixel_auroc']:.6f} | {row['auc_spro']['0.3']:.6f} | {same} |")
     out = Path(args.json_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "bench_evaluation_memory.json"
-    path.write_text(json.dumps({"images": args.images, "height": args.height, "width": args.width,
-                                "seed": args.seed, "rows": rows}, indent=2))
+    path = out / ("bench_evaluation_memory.json" if maps is None else f"bench_evaluation_memory_{args.real.name}.json")
+    path.write_text(json.dumps({"images": args.images, "height": args.height, "width": args.width, "seed": args.seed,
+                                "real": None if maps is None else str(args.real), "rows": rows}, indent=2))
     print(f"\nwritten: {path}")
 
 

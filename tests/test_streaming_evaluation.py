@@ -155,6 +155,24 @@ def test_spill_file_is_anonymous(tmp_path) -> None:
         assert list(tmp_path.iterdir()) == []  # unlinked at once: nothing left behind even after a crash
         result = evaluation.result()
     assert evaluation.result() == result  # still readable after close
+    with pytest.raises(ValueError, match="closed"):
+        evaluation.add(labels[0], scores[0], maps[0], regions[0])
+    evaluation = StreamingEvaluation()
+    evaluation.add(labels[0], scores[0], maps[0], regions[0])
+    evaluation.close()
+    with pytest.raises(ValueError, match="closed before its result"):
+        evaluation.result()
+
+
+def test_adding_after_a_result_counts_the_new_images() -> None:
+    labels, scores, maps, regions = random_category(6, images=10)
+    with StreamingEvaluation() as evaluation:
+        for item in list(zip(labels, scores, maps, regions, strict=True))[:5]:
+            evaluation.add(*item)
+        evaluation.result()
+        for item in list(zip(labels, scores, maps, regions, strict=True))[5:]:
+            evaluation.add(*item)
+        assert evaluation.result()["auc_spro"] == pytest.approx(metrics.auc_spro(maps, regions), abs=1e-12)
 
 
 def region(mask_shape, saturation=1, where=(0, 0)):

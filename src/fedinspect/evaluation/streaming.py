@@ -46,7 +46,7 @@ __all__ = ["StreamingEvaluation", "streamed_pixel_metrics"]
 
 
 class _SpillFile:
-    """Defect-free scores of each image, appended to an anonymous temporary file and read back one image at a time."""
+    """Defect-free scores of each image, appended to an anonymous temporary file and read back in batches."""
 
     def __init__(self, directory: str | Path | None) -> None:
         self._file: BinaryIO = tempfile.TemporaryFile(prefix="fedinspect-eval-", dir=directory)
@@ -61,10 +61,13 @@ class _SpillFile:
 
     def batches(self, max_scores: int) -> Iterator[np.ndarray]:
         """The stored scores of consecutive images, at most ``max_scores`` at a time (or one whole image)."""
+        self._file.flush()
         self._file.seek(0)
-        for count in _batch_sizes(self._counts, max_scores):
-            batch = np.fromfile(self._file, dtype=self._dtype, count=count)
-            if batch.size != count:
+        sizes = list(_batch_sizes(self._counts, max_scores))
+        buffer = np.empty(max(sizes, default=0), dtype=self._dtype)  # one buffer, refilled for every batch
+        for size in sizes:
+            batch = buffer[:size]
+            if self._file.readinto(memoryview(batch).cast("B")) != batch.nbytes:
                 raise RuntimeError("the temporary file of defect-free scores was truncated")
             yield batch
 
@@ -148,6 +151,7 @@ class StreamingEvaluation:
         self._n_neg = 0
         self._max_neg: float = -math.inf
         self._cached: tuple[dict[str, Any], Curves] | None = None
+        self._closed = False
 
     @classmethod
     def _over_references(cls, dtype: np.dtype) -> StreamingEvaluation:
@@ -169,6 +173,7 @@ class StreamingEvaluation:
     def close(self) -> None:
         """Delete the temporary file; the results computed so far stay readable."""
         self._store.close()
+        self._closed = True
 
     def add(self, label: int, score: float, anomaly_map: ArrayLike, regions: Sequence[Region]) -> None:
         """One test image: its label (1 defective, 0 good), image score, 2-D anomaly map and defect regions.
@@ -180,6 +185,8 @@ class StreamingEvaluation:
         image, or a map whose dtype needs a wider comparison dtype than the one in use.
         """
         index = len(self._labels)
+        if self._closed:
+            raise ValueError("this StreamingEvaluation is closed: its stored scores are gone")
         if not isinstance(label, int | np.integer | np.bool_) or int(label) not in (0, 1):
             raise ValueError(f"image {index}: label must be 0 (good) or 1 (defective), got {label!r}")
         try:
@@ -236,6 +243,8 @@ class StreamingEvaluation:
     def _compute(self) -> tuple[dict[str, Any], Curves]:
         if self._cached is not None:
             return self._cached
+        if self._closed:
+            raise ValueError("this StreamingEvaluation was closed before its result was computed")
         if not self._labels:
             raise ValueError("no image was added")
         labels = np.asarray(self._labels)
