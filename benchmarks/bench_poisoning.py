@@ -32,7 +32,8 @@ from typing import Any
 
 from fedinspect.federation.client import RoundSettings
 from fedinspect.federation.poisoning import ATTACKS
-from fedinspect.federation.runner import FederationConfig, collect_in_process, conclude_round, plan_round
+from fedinspect.federation.rounds import run_rounds
+from fedinspect.federation.runner import FederationConfig, PatchCoreTask
 from fedinspect.federation.strategies import screen_updates
 from fedinspect.federation.update import ClientUpdate
 from fedinspect.pipeline import peak_memory_mb
@@ -45,9 +46,8 @@ STRATEGIES = ("federated_coreset", "robust_coreset")
 TARGET_POINTS = 1.0  # robust_coreset under attack: image AUROC within 1 point of the clean run
 
 
-def screening_summary(replies: list, config: FederationConfig) -> dict[str, Any]:
-    """What robust_coreset's screening drops from these replies, split into poisoned and honest clients."""
-    updates = [ClientUpdate.from_bytes(reply.payload, source=reply.client_id) for reply in replies]
+def screening_summary(updates: list[ClientUpdate], config: FederationConfig) -> dict[str, Any]:
+    """What robust_coreset's screening drops from these updates, split into poisoned and honest clients."""
     poisoned = {f"client_{i}" for i in config.poisoning().poisoned(config.clients)}
     summary = {"dropped_clients": [], "dropped_rows_poisoned": 0, "rows_poisoned": 0,
                "dropped_rows_honest": 0, "rows_honest": 0}
@@ -100,7 +100,6 @@ def main() -> int:
     grid = [("", 0)] + [(attack, f) for attack in ATTACKS for f in (1, 2)]
     cache: dict = {}
     test_cache: dict = {}
-    detector = settings.detector(progress=False)
     rows: list[dict[str, Any]] = []
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:
@@ -111,10 +110,9 @@ def main() -> int:
                                           write_maps=False, settings=settings)
                 start = time.perf_counter()
                 out = Path(work) / f"{attack or 'clean'}-{f}-{strategy}"
-                plan = plan_round(args.data, config, out)
-                replies, missing = collect_in_process(plan, config, detector, cache, progress=False)
-                results = conclude_round(plan, replies, missing, config, out, detector, cache, progress=False,
-                                         test_cache=test_cache, report=False)
+                task = PatchCoreTask(args.data, config, cache=cache, test_cache=test_cache, report=False)
+                outcome = run_rounds(task, progress=False)
+                results = task.conclude(outcome, out, "in-process")
                 row: dict[str, Any] = {
                     "attack": attack or "none", "poisoned": f, "strategy": strategy,
                     "strength": config.poisoning().level, "image_auroc": results["mean"]["image_auroc"],
@@ -122,7 +120,7 @@ def main() -> int:
                     "missing_clients": results["missing_clients"], "run_s": time.perf_counter() - start,
                 }
                 if strategy == "robust_coreset":
-                    row.update(screening_summary(replies, config))
+                    row.update(screening_summary(task.updates(outcome.final_results), config))
                 rows.append(row)
                 print(f"[{len(rows)}/{2 * len(grid)}] {row['attack']} x{f} {strategy}: image AUROC "
                       f"{row['image_auroc']:.4f}, sPRO@0.05 {row['spro@0.05']:.4f} ({row['run_s']:.0f} s)",

@@ -1,5 +1,8 @@
 #!/usr/bin/env python
-"""Federated PatchCore on Flower's Deployment Engine, every role on this machine (127.0.0.1 only).
+"""A federation on Flower's Deployment Engine, every role on this machine (127.0.0.1 only).
+
+Federated PatchCore by default; ``--detector NAME`` (with ``--rounds``, ``--local-epochs``, ... as
+``fedinspect federate`` takes them) federates any other detector of the registry the same way.
 
 What a real federation runs, in separate processes, with Flower's own components:
 
@@ -51,6 +54,7 @@ The same on real machines (what this script runs, by role; Flower 1.41 flags)::
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import ipaddress
 import json
@@ -297,9 +301,17 @@ def toml_value(value) -> str:
 
 def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, round_timeout: float | None = None,
            kill_client: str | None = None, kill_after: float = 2.0, progress: bool = True) -> dict:
-    """Run one round on a local Flower deployment; returns the results (also in ``out/results.json``)."""
-    from fedinspect.federation.flower_app import run_config_from_config, write_client_folders
-    from fedinspect.federation.runner import RESULTS_FILE, client_id, plan_round
+    """Run a federation (PatchCore's ``FederationConfig`` or any detector's ``DetectorFederationConfig``) on a
+    local Flower deployment; returns the results (also in ``out/results.json``)."""
+    from fedinspect.federation.client import RoundSettings
+    from fedinspect.federation.flower_app import (
+        run_config_from_config,
+        run_config_from_detector_config,
+        write_client_folders,
+    )
+    from fedinspect.federation.runner import RESULTS_FILE, FederationConfig, client_id, plan_round
+
+    patchcore = isinstance(config, FederationConfig)
 
     started = time.monotonic()
     deadline = started + timeout
@@ -313,7 +325,10 @@ def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, r
     names = [client_id(i) for i in range(config.clients)]
     if kill_client is not None and kill_client not in names:
         raise RuntimeError(f"--kill-client {kill_client}: not one of {names}")
-    plan = plan_round(data, config)
+    # the factories' folders: the partition every federation of these settings makes (same scheme and seed)
+    plan = plan_round(data, config if patchcore else FederationConfig(
+        clients=config.clients, partition=config.partition, alpha=config.alpha,
+        settings=RoundSettings(seed=config.seed)))
     folders = write_client_folders(plan, work / "nodes", config.clients)
     say(f"each factory's data: {len(folders)} folders under {work / 'nodes'}")
     certs = make_certificates(work / "certs")
@@ -330,9 +345,10 @@ def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, r
     (work / "flwr-home" / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\naddress = "{HOST}:{port}"\n'
         f'root-certificates = {json.dumps(str(certs["ca"]))}\n')
-    run_config = run_config_from_config(
-        config, data_dir=data, out_dir=out, progress=progress, connect_timeout=min(300.0, timeout),
-        round_timeout=round_timeout if round_timeout is not None else max(60.0, timeout - 120.0))
+    options = {"data_dir": data, "out_dir": out, "progress": progress, "connect_timeout": min(300.0, timeout),
+               "round_timeout": round_timeout if round_timeout is not None else max(60.0, timeout - 120.0)}
+    run_config = (run_config_from_config(config, **options) if patchcore
+                  else run_config_from_detector_config(config, **options))
     (work / "run-config.toml").write_text("".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
 
     processes = Processes(work / "logs")
@@ -406,16 +422,13 @@ def deploy(data: Path, out: Path, config, work: Path, timeout: float = 1800.0, r
 
 def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
-    from fedinspect.cli import (
-        _add_federation_options,
-        _add_model_options,
-        _add_privacy_options,
-        _federation_config,
-        _print_federation,
-    )
+    from fedinspect.cli import _federation_config, _print_federation, build_parser, detector_federation_config
     from fedinspect.errors import FedinspectError
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog="Every other option is `fedinspect federate`'s (--detector, --clients, --rounds, --image-size, ...): "
+               "see `fedinspect federate --help`.")
     parser.add_argument("--data", required=True, help="dataset folder (the server's; split into the factories')")
     parser.add_argument("--out", required=True, help="run folder (results.json, report, maps)")
     parser.add_argument("--work", default=None, help="certificates, keys, node data, logs (default OUT/deployment)")
@@ -426,21 +439,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="--kill-client: seconds after that SuperNode received the round's message")
     parser.add_argument("--no-maps", action="store_true", help="do not write the anomaly maps")
     parser.add_argument("-q", "--quiet", action="store_true")
-    _add_model_options(parser)
-    _add_federation_options(parser)
-    _add_privacy_options(parser)
-    args = parser.parse_args(argv)
-    config = _federation_config(args)
-    config.write_maps = not args.no_maps
+    args, federate_options = parser.parse_known_args(argv)
+    federate = build_parser().parse_args(["federate", "--data", args.data, "--out", args.out, *federate_options])
     out = Path(args.out)
     work = Path(args.work) if args.work else out / "deployment"
     try:
+        if federate.detector == "patchcore":
+            config = _federation_config(federate)
+            config.write_maps = not args.no_maps
+        else:
+            config = dataclasses.replace(detector_federation_config(federate), write_maps=not args.no_maps)
         results = deploy(Path(args.data), out, config, work, args.timeout, args.round_timeout, args.kill_client,
                          args.kill_after, progress=not args.quiet)
     except (FedinspectError, RuntimeError, subprocess.TimeoutExpired) as error:
         print(f"flower_deploy: error: {error}", file=sys.stderr)
         return 2
-    _print_federation(results, out)
+    if "format" in results:  # a detector federation's report
+        print((out / "report.md").read_text(encoding="utf-8").split("## Rounds")[0].rstrip())
+    else:
+        _print_federation(results, out)
     return 0
 
 

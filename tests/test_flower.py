@@ -17,8 +17,9 @@ pytest.importorskip("flwr", reason="Flower is not installed (pip install 'flwr[s
 from flwr.app import Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedinspect.data.dataset import training_images
 from fedinspect.errors import FedinspectError
-from fedinspect.federation import flower_app
+from fedinspect.federation import flower_app, rounds_flower
 from fedinspect.federation.client import RoundSettings
 from fedinspect.federation.runner import FederationConfig, plan_round, run_federation
 
@@ -69,6 +70,7 @@ def test_run_config_matches_pyproject_and_round_trips() -> None:
     assert app["components"] == {"serverapp": "fedinspect.federation.flower_app:server_app",
                                  "clientapp": "fedinspect.federation.flower_app:client_app"}
     assert set(app["config"]) == set(flower_app.run_config_from_config(FederationConfig()))
+    assert {k: app["config"][k] for k in flower_app.DETECTOR_OPTIONS} == flower_app.DETECTOR_OPTIONS
     config, options = flower_app.config_from_run_config(app["config"])
     assert config == FederationConfig() and options == flower_app.DEFAULT_OPTIONS
     custom = FederationConfig(clients=7, partition="dirichlet", global_ratio=0.2, min_clients=3, centralized=False,
@@ -84,22 +86,23 @@ def test_client_folders_give_each_client_its_partition(tiny_dataset: Path, tmp_p
     plan = plan_round(tiny_dataset, config)
     folders = flower_app.write_client_folders(plan, tmp_path / "nodes", config.clients)
     for index, folder in enumerate(folders):
-        own = flower_app.own_images(folder)
+        own = training_images(folder)
         planned = plan.client_images(index)
         assert {c: [p.name for p in paths] for c, paths in own.items()} == {
             c: [p.name for p in paths] for c, paths in planned.items()}
     with pytest.raises(FedinspectError, match="no category folder"):
-        flower_app.own_images(tmp_path / "nodes" / "client_0" / "engine_wiring" / "train")
+        training_images(tmp_path / "nodes" / "client_0" / "engine_wiring" / "train")
 
 
 def test_identity_from_node_config() -> None:
     def context(node_config: dict) -> Context:
         return Context(run_id=1, node_id=42, node_config=node_config, state=RecordDict(), run_config={})
 
-    assert flower_app.identity(context({"partition-id": 3, "num-partitions": 5}))["client"] == "client_3"
-    deployed = flower_app.identity(context({"client-id": "factory_a", "data-dir": "/srv/images"}))
+    simulated = rounds_flower.node_identity(context({"partition-id": 3, "num-partitions": 5}))
+    assert simulated == {"client": "", "partition-id": 3, "own-data": False}
+    deployed = rounds_flower.node_identity(context({"client-id": "factory_a", "data-dir": "/srv/images"}))
     assert deployed == {"client": "factory_a", "partition-id": -1, "own-data": True}
-    assert flower_app.identity(context({"data-dir": "/srv/plant_7"}))["client"] == "plant_7"
+    assert rounds_flower.node_identity(context({"data-dir": "/srv/plant_7"}))["client"] == "plant_7"
 
 
 def test_error_reasons_name_the_exception_not_the_wrapping() -> None:
@@ -107,10 +110,10 @@ def test_error_reasons_name_the_exception_not_the_wrapping() -> None:
            " (pid=1)\n  File \"fit.py\", line 3, in fit\nRuntimeError: disk on fire\n\nThe above exception was the"
            " direct cause of the following exception:\nflwr.clientapp.client_app.ClientAppException: \n"
            "Exception ClientAppException occurred. Message: disk on fire'>")
-    assert flower_app.error_reason(ray) == "RuntimeError: disk on fire"
+    assert rounds_flower.error_reason(ray) == "RuntimeError: disk on fire"
     deployed = "<class 'fedinspect.errors.DataError'>:<'/data/a.png: cannot read image'>"
-    assert flower_app.error_reason(deployed) == "DataError: /data/a.png: cannot read image"
-    assert flower_app.error_reason("/data/a.png: cannot read image") == "/data/a.png: cannot read image"
+    assert rounds_flower.error_reason(deployed) == "DataError: /data/a.png: cannot read image"
+    assert rounds_flower.error_reason("/data/a.png: cannot read image") == "/data/a.png: cannot read image"
 
 
 def test_a_reply_the_superlink_sends_for_a_dead_node_is_that_node_s() -> None:
@@ -126,8 +129,94 @@ def test_a_reply_the_superlink_sends_for_a_dead_node_is_that_node_s() -> None:
             return iter([unavailable, answer])
 
     asks = [SimpleNamespace(metadata=SimpleNamespace(message_id="", dst_node_id=node)) for node in (11, 22)]
-    got = flower_app._exchange(Grid(), asks, timeout=1.0)
+    got = rounds_flower.exchange(Grid(), asks, timeout=1.0)
     assert [(node, reply.metadata.src_node_id) for node, reply in got] == [(22, 0), (11, 11)]
+
+
+def test_nodes_get_client_indices_from_their_identity(monkeypatch) -> None:
+    """A partition-id is the index; deployed nodes named by their operators take the free ones in name order."""
+    from types import SimpleNamespace
+
+    def message(content, dst_node_id, message_type, **options):  # a flwr Message needs a running Grid's run id
+        return SimpleNamespace(content=content, metadata=SimpleNamespace(dst_node_id=dst_node_id, message_id=""))
+
+    monkeypatch.setattr(rounds_flower, "Message", message)
+
+    identities = {11: {"client": "plant_b", "partition-id": -1, "own-data": True},
+                  12: {"client": "plant_a", "partition-id": -1, "own-data": True},
+                  13: {"client": "lab", "partition-id": 0, "own-data": True},
+                  14: {"client": "plant_c", "partition-id": -1, "own-data": True}}  # one too many: left out
+
+    class Grid:
+        def __init__(self, identities: dict, failing: tuple = ()) -> None:
+            self.identities, self.failing = identities, failing
+
+        def get_node_ids(self):
+            return list(self.identities) + list(self.failing)
+
+        def send_and_receive(self, asks, timeout):
+            replies = []
+            for ask in asks:  # a reply whose id is unknown is its source's (here: the node asked)
+                node = ask.metadata.dst_node_id
+                error = SimpleNamespace(reason="<class 'RuntimeError'>:<'no disk'>", code=2)
+                replies.append(SimpleNamespace(
+                    metadata=SimpleNamespace(src_node_id=node, reply_to_message_id=f"unknown-{node}"),
+                    has_error=lambda node=node: node in self.failing, error=error,
+                    content={"identity": self.identities.get(node)}))
+            return replies
+
+    members, absent = rounds_flower.identify_nodes(Grid(identities), 3, {"connect-timeout": 1})
+    assert {node: (m.name, m.node_name) for node, m in members.items()} == {
+        13: ("client_0", "lab"), 12: ("client_1", "plant_a"), 11: ("client_2", "plant_b")}
+    members, absent = rounds_flower.identify_nodes(Grid({1: identities[11]}, failing=(2,)), 2, {"connect-timeout": 1})
+    assert [m.name for m in members.values()] == ["client_0"] and absent == "no identification: RuntimeError: no disk"
+    twins = {1: {"client": "a", "partition-id": 0, "own-data": False}, 2: {"client": "b", "partition-id": 0,
+                                                                          "own-data": False}}
+    with pytest.raises(FedinspectError, match=r"same partition-id: \[0\]"):
+        rounds_flower.identify_nodes(Grid(twins), 2, {"connect-timeout": 1})
+
+
+def test_run_config_describes_a_detector_federation(tiny_dataset: Path, tmp_path: Path) -> None:
+    from fedinspect.federation.detector_task import DetectorFederationConfig, DetectorTask
+
+    config = DetectorFederationConfig(detector="ae_mse", params={"image_size": 64}, clients=3, rounds=2,
+                                      local_epochs=2, proximal_mu=0.1, seed=7, model_scope="shared",
+                                      privacy={"noise_multiplier": 1.0, "max_grad_norm": 1.0})
+    values = flower_app.run_config_from_detector_config(config, data_dir=tiny_dataset, out_dir=tmp_path / "run")
+    task, out, options = flower_app.task_from_run_config(values)
+    assert isinstance(task, DetectorTask) and task.config == config
+    assert out == tmp_path / "run" and options["data-dir"] == str(tiny_dataset)
+    patchcore, _, _ = flower_app.task_from_run_config({"data-dir": str(tiny_dataset), "clients": 4})
+    assert patchcore.kind == "patchcore" and patchcore.n_clients == 4
+    with pytest.raises(FedinspectError, match="detector-params: expected a JSON object"):
+        flower_app.task_from_run_config({**values, "detector-params": "[1]"})
+    with pytest.raises(FedinspectError, match="poisoning"):
+        flower_app.task_from_run_config({"data-dir": str(tiny_dataset), "poison": "noise", "poisoned-clients": 1})
+    with pytest.raises(FedinspectError, match="secure aggregation"):
+        flower_app.run_config_from_detector_config(DetectorFederationConfig(detector="padim", secure=True))
+
+
+def test_a_node_with_its_own_data_sends_what_its_planned_share_gives(tiny_dataset: Path, tmp_path: Path,
+                                                                       one_torch_thread) -> None:
+    """A factory's own folder holding the plan's share of client 1 gives client 1's update, bit for bit."""
+    import torch
+
+    from fedinspect.federation.detector_task import DetectorFederationConfig, DetectorTask
+    from fedinspect.federation.runner import PatchCoreTask, _payload
+
+    config = DetectorFederationConfig(detector="ae_mse", params={"image_size": 32, "batch_size": 4}, clients=3,
+                                      rounds=1, centralized=False)
+    task = DetectorTask(tiny_dataset, config)
+    patchcore = PatchCoreTask(tiny_dataset, small_config(3))
+    folders = flower_app.write_client_folders(patchcore.plan, tmp_path / "nodes", 3)
+    state = task.initial_state()
+    planned, own = task.client_update(1, state, 1, {}), task.with_own_data(folders[1]).client_update(1, state, 1, {})
+    assert own.examples == planned.examples
+    assert all(torch.equal(own.arrays[k], planned.arrays[k]) for k in planned.arrays)
+    assert _payload(patchcore.with_own_data(folders[1]).client_update(1, {}, 1, {})) == _payload(
+        patchcore.client_update(1, {}, 1, {}))
+    lonely = DetectorTask(tmp_path / "nowhere", config).with_own_data(folders[2])  # never reads the server's data
+    assert lonely.client_update(2, state, 1, {}).examples == task.client_update(2, state, 1, {}).examples
 
 
 # ---------------------------------------------------------------- Simulation Engine
@@ -139,15 +228,18 @@ def test_simulation_gives_the_in_process_results(tiny_dataset: Path, tmp_path: P
     assert (tmp_path / "sim" / "report.md").is_file()
 
 
+_tasks = rounds_flower._TaskCache(rounds_flower.task_from_spec)
+
+
 def _fit_or_fail(message: Message, context: Context) -> Message:
     if int(context.node_config["partition-id"]) == FAILING_PARTITION:
         raise RuntimeError("injected fault: this factory's ClientApp crashed")
-    return flower_app.handle_fit(message, context)
+    return rounds_flower.handle_round(message, context, _tasks)
 
 
 failing_client_app = ClientApp()
-failing_client_app.query("identify")(flower_app.handle_identify)
-failing_client_app.train("fit")(_fit_or_fail)
+failing_client_app.query("identify")(rounds_flower.handle_identify)
+failing_client_app.train()(_fit_or_fail)
 
 
 @pytest.mark.slow
@@ -219,6 +311,29 @@ def test_local_deployment_with_tls_and_node_auth(tiny_dataset: Path, tmp_path: P
     for index in range(3):  # each SuperNode held only its own partition
         node = work / "nodes" / f"client_{index}"
         assert sum(1 for _ in node.rglob("*.png")) == results["clients"][index]["samples"]
+    assert _processes_mentioning(str(work)) == []
+
+
+@pytest.mark.slow
+def test_local_deployment_of_a_trained_detector_equals_in_process(tiny_dataset: Path, tmp_path: Path) -> None:
+    """The same round engine serves FedAvg rounds of ae_mse on the TLS deployment, each node with its own folder."""
+    from fedinspect.federation.detector_task import DetectorFederationConfig, run_detector_federation
+
+    out, work = tmp_path / "run", tmp_path / "work"
+    command = [sys.executable, str(ROOT / "scripts" / "flower_deploy.py"), "--data", str(tiny_dataset),
+               "--out", str(out), "--work", str(work), "--detector", "ae_mse", "--clients", "2", "--rounds", "2",
+               "--image-size", "32", "--no-centralized", "--no-maps", "--timeout", "1200", "--round-timeout", "900"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["missing_clients"] == [], results["missing_clients"]
+    assert results["engine"] == "flower" and results["kind"] == "detector"
+    config = DetectorFederationConfig(detector="ae_mse", params={"image_size": 32}, clients=2, rounds=2,
+                                      centralized=False)
+    expected = run_detector_federation(tiny_dataset, tmp_path / "in_process", config, progress=False)
+    assert [r["image_auroc"] for r in results["history"]] == [r["image_auroc"] for r in expected["history"]]
+    assert [c["examples"] for c in results["clients"]] == [c["examples"] for c in expected["clients"]]
+    assert results["categories"].keys() == expected["categories"].keys()
     assert _processes_mentioning(str(work)) == []
 
 

@@ -336,20 +336,22 @@ def tiles_embeddings() -> tuple[dict, dict]:
 
 @pytest.mark.parametrize("attack", ["noise", "scale", "defects"])
 def test_runner_poisons_exactly_the_last_f_clients_reproducibly(tiles: Path, tiles_embeddings, attack: str) -> None:
-    from fedinspect.federation.runner import collect_in_process, plan_round
+    from fedinspect.federation.runner import PatchCoreTask, _payload
 
     cache = tiles_embeddings[0]
-    clean_config = tiles_config()
-    poisoned_config = tiles_config(poison=attack, poisoned_clients=2)
-    plan = plan_round(tiles, clean_config)
-    detector = clean_config.settings.detector()
-    clean, _ = collect_in_process(plan, clean_config, detector, cache, progress=False)
-    first, _ = collect_in_process(plan, poisoned_config, detector, cache, progress=False)
-    again, _ = collect_in_process(plan, poisoned_config, detector, cache, progress=False)
-    def sent(replies) -> list[CategoryUpdate]:
-        return [ClientUpdate.from_bytes(r.payload).categories["tiles"] for r in replies]
 
-    assert [r.client_id for r in first] == [f"client_{i}" for i in range(5)]
+    def updates(config) -> list[ClientUpdate]:  # what every client sends (the engine's client_update)
+        task = PatchCoreTask(tiles, config, cache=cache)
+        return [ClientUpdate.from_bytes(_payload(task.client_update(i, {}, 1, {}))) for i in range(config.clients)]
+
+    clean = updates(tiles_config())
+    first = updates(tiles_config(poison=attack, poisoned_clients=2))
+    again = updates(tiles_config(poison=attack, poisoned_clients=2))
+
+    def sent(sent_updates: list[ClientUpdate]) -> list[CategoryUpdate]:
+        return [update.categories["tiles"] for update in sent_updates]
+
+    assert [u.client_id for u in first] == [f"client_{i}" for i in range(5)]
     changed = [not np.array_equal(p.embeddings, c.embeddings) for p, c in zip(sent(first), sent(clean), strict=True)]
     assert changed == [False, False, False, True, True]
     for p, q in zip(sent(first), sent(again), strict=True):
@@ -395,12 +397,10 @@ def test_defects_attack_hurts_federated_coreset_and_robust_coreset_recovers(tile
         assert all(screenings[f"robust-{f}"]["dropped_rows"][c] > 0 for c in poisoned)
 
 
-def test_the_command_line_runs_the_drill_in_process_only(tmp_path: Path, capsys) -> None:
+def test_the_command_line_refuses_more_poisoned_clients_than_clients(tmp_path: Path, capsys) -> None:
     from fedinspect.cli import main
 
     base = ["-q", "federate", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"), "--clients", "3"]
-    assert main([*base, "--poison", "defects", "--engine", "flower-sim"]) == 2
-    assert "drill of the in-process runner" in capsys.readouterr().err
     assert main([*base, "--poison", "noise", "--poisoned-clients", "4"]) == 2
     assert "poisoned_clients (4) exceeds the number of clients (3)" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()

@@ -114,7 +114,7 @@ def test_a_failing_client_is_recorded_and_the_rounds_go_on(capsys) -> None:
     assert [(m["client"], m["round"]) for m in outcome.missing] == [("client_1", 1), ("client_1", 2)]
     assert "corrupt image x.png" in outcome.missing[0]["reason"]
     assert "client_1 dropped out of round 1" in capsys.readouterr().err
-    with pytest.raises(FedinspectError, match=r"round 1: no client answered.*client_0: corrupt"):
+    with pytest.raises(FedinspectError, match=r"round 1: only 0 of 1 clients answered.*client_0: corrupt"):
         run_rounds(PullTask(n_clients=1, fail=0), progress=False)
 
 
@@ -141,8 +141,7 @@ def test_flower_simulation_equals_in_process(tmp_path: Path) -> None:
     assert results["state"] == {k: v.tolist() for k, v in expected.state.items()}
     missing = sorted((m["round"], m["client"], m["reason"]) for m in results["missing"])  # replies come in any order
     assert [(r, c) for r, c, _ in missing] == [(1, "client_1"), (1, "client_3"), (2, "client_1"), (2, "client_3")]
-    assert missing[1][2] == "update refused: client_3: a/w is torch.float64 (5,), expected torch.float64 (4,)"
-    assert missing[0][2].endswith("client_1: corrupt image x.png")
+    assert missing == sorted((m["round"], m["client"], m["reason"]) for m in expected.missing)  # same wording
     assert results["memories"] == {"client_0": {"visits": 2}, "client_2": {"visits": 2}}
     for got, want in zip(results["history"], expected.history, strict=True):
         assert got["norm"] == want["norm"] and got["bytes_per_client"] == want["bytes_per_client"]

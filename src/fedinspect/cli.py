@@ -17,6 +17,7 @@ from fedinspect.errors import FedinspectError
 from fedinspect.options import NONE, HelpFormatter, obfuscation, obfuscation_list, split_list
 
 if TYPE_CHECKING:
+    from fedinspect.federation.detector_task import DetectorFederationConfig
     from fedinspect.federation.runner import FederationConfig
 
 
@@ -231,8 +232,6 @@ def _cmd_federate(args: argparse.Namespace) -> int:
     if given:
         raise FedinspectError(f"{', '.join(given)}: federated PatchCore is one round of memory banks; these options "
                               "are for the other detectors (--detector)")
-    if args.engine == "flower-sim" and args.poison:
-        raise FedinspectError("--poison is a drill of the in-process runner: use --engine in-process")
     results = _federation_runner(args.engine)(args.data, args.out, _federation_config(args), progress=not args.quiet)
     _print_federation(results, Path(args.out))
     return 0
@@ -240,8 +239,19 @@ def _cmd_federate(args: argparse.Namespace) -> int:
 
 def _federate_detector(args: argparse.Namespace) -> int:
     """`federate --detector NAME` for every detector but PatchCore: the shared round engine."""
+    from fedinspect.federation.detector_task import run_detector_federation
+
+    config = detector_federation_config(args)
+    results = run_detector_federation(args.data, args.out, config, engine=args.engine, progress=not args.quiet)
+    print((Path(args.out) / "report.md").read_text(encoding="utf-8").split("## Rounds")[0].rstrip())
+    print(f"results.json, report.md, report.html, models/ and one evaluation folder per category in {args.out}")
+    return 1 if results["missing_clients"] else 0
+
+
+def detector_federation_config(args: argparse.Namespace) -> DetectorFederationConfig:
+    """The DetectorFederationConfig of `federate --detector NAME` options, refusing those of another kind."""
     from fedinspect.detectors.registry import TRAINED, detector_parameters
-    from fedinspect.federation.detector_task import DetectorFederationConfig, run_detector_federation
+    from fedinspect.federation.detector_task import DetectorFederationConfig
 
     defaults = vars(build_parser().parse_args(["federate", "--data", args.data, "--out", args.out]))
     refused = [f"--{dest.replace('_', '-')}" for dest in PATCHCORE_FEDERATION_OPTIONS
@@ -290,7 +300,7 @@ def _federate_detector(args: argparse.Namespace) -> int:
         privacy = {"clip_norm": args.dp_clip, "epsilon": args.dp_epsilon, "noise_multiplier": args.dp_noise,
                    "delta": args.dp_delta, "mode": args.dp_mode}
     try:
-        config = DetectorFederationConfig(
+        return DetectorFederationConfig(
             detector=args.detector, params=params, clients=args.clients, partition=args.partition, alpha=args.alpha,
             rounds=args.rounds if args.rounds is not None else (5 if trained else 1),
             local_epochs=args.local_epochs if args.local_epochs is not None else 1,
@@ -300,10 +310,6 @@ def _federate_detector(args: argparse.Namespace) -> int:
             local_baseline=args.local_baseline)
     except ValueError as error:
         raise FedinspectError(f"invalid settings: {error}") from error
-    results = run_detector_federation(args.data, args.out, config, engine=args.engine, progress=not args.quiet)
-    print((Path(args.out) / "report.md").read_text(encoding="utf-8").split("## Rounds")[0].rstrip())
-    print(f"results.json, report.md, report.html, models/ and one evaluation folder per category in {args.out}")
-    return 1 if results["missing_clients"] else 0
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:

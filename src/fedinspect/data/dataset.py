@@ -291,3 +291,20 @@ def find_categories(dataset_dir: str | Path) -> list[Path]:
     for folder in others:
         warnings.warn(f"{folder}: not a category (no train/ folder); ignored", stacklevel=2)
     return categories
+
+
+def training_images(dataset_dir: str | Path) -> dict[str, list[Path]]:
+    """A factory's own training images: ``{category: sorted train/good images}`` of its dataset folder.
+
+    The folder has the dataset layout (one subfolder per category, or a single category folder) but only
+    ``train/good`` is needed: a federated client never sees a test split.
+    """
+    images: dict[str, list[Path]] = {}
+    for root in find_categories(dataset_dir):
+        folder = root / "train" / GOOD
+        paths = list_images(folder) if folder.is_dir() else []
+        if paths:
+            images[root.name] = paths
+    if not images:
+        raise DataError(dataset_dir, "no training image in any category's train/good")
+    return images

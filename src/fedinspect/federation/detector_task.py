@@ -19,6 +19,8 @@ calibration); FedAvg averages the clients' values instead of taking the maximum 
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import math
 import time
@@ -32,12 +34,13 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from fedinspect import __version__
-from fedinspect.data.dataset import CategoryDataset, find_categories
+from fedinspect.data.dataset import CategoryDataset, find_categories, training_images
+from fedinspect.data.images import read_image
 from fedinspect.detectors.registry import TRAINED, detector_parameters, get_detector
 from fedinspect.errors import FedinspectError, SettingsError
 from fedinspect.federation.client import derived_seed
-from fedinspect.federation.partition import SCHEMES, partition
-from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id, client_index
+from fedinspect.federation.partition import SCHEMES, Partition, partition
+from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id
 from fedinspect.pipeline import ThresholdOptions, evaluate_category, fit_on_samples, peak_memory_mb
 from fedinspect.run_folder import staged_output
 
@@ -137,12 +140,30 @@ class CategoryTask(FederatedTask):
         self.config = config
         self.progress = progress
         self.n_clients = config.clients
-        self.datasets = {path.name: CategoryDataset(path) for path in find_categories(self.data_dir)}
-        self.items = [(name, index) for name, dataset in self.datasets.items() for index in range(len(dataset.train))]
-        self.split = partition([name for name, _ in self.items], config.clients, config.partition,
-                               seed=config.seed, alpha=config.alpha)
+        self.own_data: Path | None = None
         self._images: dict[tuple[int, str], list[np.ndarray]] = {}
         self._tests: dict[str, tuple[list[np.ndarray], np.ndarray]] = {}
+
+    @functools.cached_property
+    def datasets(self) -> dict[str, CategoryDataset]:
+        """The server's dataset, read on first use (a SuperNode with its own data never reads it)."""
+        return {path.name: CategoryDataset(path) for path in find_categories(self.data_dir)}
+
+    @functools.cached_property
+    def items(self) -> list[tuple[str, int]]:
+        return [(name, index) for name, dataset in self.datasets.items() for index in range(len(dataset.train))]
+
+    @functools.cached_property
+    def split(self) -> Partition:
+        """Which client holds which training image (the federation's partition scheme and seed)."""
+        return partition([name for name, _ in self.items], self.config.clients, self.config.partition,
+                         seed=self.config.seed, alpha=self.config.alpha)
+
+    def with_own_data(self, data_dir: Path) -> CategoryTask:
+        """This task on a SuperNode whose images are its own ``data_dir`` (see :class:`FederatedTask`)."""
+        task = copy.copy(self)
+        task.own_data, task._images = Path(data_dir), {}
+        return task
 
     # ---------------------------------------------------------------- spec
     def spec(self) -> dict[str, Any]:
@@ -164,8 +185,14 @@ class CategoryTask(FederatedTask):
     def group_of(self, category: str) -> str:
         return SHARED if self.config.model_scope == "shared" else category
 
+    @functools.cached_property
+    def _own_images(self) -> dict[str, list[Path]]:
+        return training_images(self.own_data)
+
     def client_categories(self, index: int) -> dict[str, list[int]]:
         """Category -> indices (in the category's training list) of client ``index``'s images."""
+        if self.own_data is not None:
+            return {category: list(range(len(paths))) for category, paths in sorted(self._own_images.items())}
         held: dict[str, list[int]] = {}
         for item in self.split.assignments[index]:
             name, position = self.items[item]
@@ -182,7 +209,11 @@ class CategoryTask(FederatedTask):
         if key not in self._images:
             images = []
             for category, positions in self.client_categories(index).items():
-                if self.group_of(category) == group:
+                if self.group_of(category) != group:
+                    continue
+                if self.own_data is not None:
+                    images += [read_image(self._own_images[category][i]) for i in positions]
+                else:
                     dataset = self.datasets[category]
                     images += [dataset.load_image(dataset.train[i]) for i in positions]
             self._images[key] = images
@@ -423,23 +454,27 @@ class DetectorTask(CategoryTask):
         from the accountant history the client keeps."""
         if self.privacy is None:
             return {}
-        return {"epsilon": {name: self._epsilon(name, result.memory) for name, result in results.items()}}
+        return {"epsilon": {name: self._epsilon(name, result.memory, result.examples)
+                            for name, result in results.items()}}
 
-    def _epsilon(self, name: str, memory: Mapping[str, Any]) -> float:
+    def _epsilon(self, name: str, memory: Mapping[str, Any], examples: Mapping[str, int]) -> float:
+        """The client's epsilon from its accountant history, delta from the images it trained each model on."""
         from fedinspect.privacy.dp_sgd import check_history, epsilon_of
 
         values = []
         for group, history in dict(memory.get("privacy_history", {})).items():
             checked = check_history(history, source=f"{name}'s privacy history of {group}")
-            n = sum(len(self.client_categories(client_index(name)).get(c, [])) for c in self.datasets
-                    if self.group_of(c) == group)
+            n = int(examples.get(group, 0))
+            if n < 1:
+                raise FedinspectError(f"{name}: a privacy history of {group} but no image of it")
             values.append(epsilon_of(checked, self.privacy.delta_for(n), self.privacy.accountant))
         return max(values) if values else 0.0
 
     def extra_results(self, outcome: RoundsOutcome) -> dict[str, Any]:
         if self.privacy is None:
             return {}
-        per_client = {name: self._epsilon(name, memory) for name, memory in outcome.memories.items() if memory}
+        per_client = {name: self._epsilon(name, memory, outcome.clients.get(name, {}).get("examples", {}))
+                      for name, memory in outcome.memories.items() if memory}
         return {"privacy": {
             "mechanism": "DP-SGD (Opacus)", "unit": "image",
             "protects": "one training image of one client (each client's guarantee is its own, over every round "

@@ -20,6 +20,7 @@ round goes on with the others; a round that nobody answers stops the run with ev
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 import time
 from abc import ABC, abstractmethod
@@ -42,6 +43,7 @@ TASKS = {
     "classify": "fedinspect.classification.task:ClassificationTask",
     "detector": "fedinspect.federation.detector_task:DetectorTask",
     "padim_statistics": "fedinspect.federation.statistics_task:StatisticsTask",
+    "patchcore": "fedinspect.federation.runner:PatchCoreTask",
 }
 
 
@@ -49,9 +51,10 @@ def client_id(index: int) -> str:
     return f"client_{index}"
 
 
-def client_index(name: str) -> int:
-    """The index of ``client_<i>``."""
-    return int(name.rsplit("_", 1)[-1])
+def client_order(name: str) -> tuple[int, str]:
+    """Sort key of client names: ``client_<i>`` by ``i``, then any other name (a deployed factory's) by name."""
+    match = re.fullmatch(r"client_(\d+)", name)
+    return (int(match.group(1)) if match else sys.maxsize, name)
 
 
 @dataclass
@@ -84,6 +87,10 @@ class FederatedTask(ABC):
     aggregation: ClassVar[str] = "mean"
     rounds: int
     n_clients: int
+    min_clients: int = 1  # a round with fewer answers stops the run, naming the missing clients' reasons
+    # clients that hold their own data (deployed SuperNodes with a data-dir; set by the Flower engine once it
+    # knows them): the server cannot pin their image counts to its plan
+    own_data_clients: frozenset[str] = frozenset()
 
     @abstractmethod
     def spec(self) -> dict[str, Any]:
@@ -105,6 +112,22 @@ class FederatedTask(ABC):
     @abstractmethod
     def client_update(self, index: int, state: State, round_number: int, memory: Mapping[str, Any]) -> ClientResult:
         """Client ``index``'s work in one round, from the global ``state``; its own data, never another's."""
+
+    def aggregate(self, results: Mapping[str, ClientResult]) -> State:
+        """The new global state from the round's checked answers, given in client order: FedAvg per model
+        (``aggregation = "mean"``) or their sum (``"sum"``); a task with another rule (PatchCore's coreset of
+        the banks) overrides it."""
+        if self.aggregation not in AGGREGATIONS:
+            raise ValueError(f"{type(self).__name__}.aggregation must be one of {AGGREGATIONS} or aggregate() "
+                             "overridden")
+        return aggregate_groups([r.arrays for r in results.values()], [r.examples for r in results.values()],
+                                self.aggregation)
+
+    def with_own_data(self, data_dir: Path) -> FederatedTask:
+        """This task as run by a deployed SuperNode that holds its own images under ``data_dir`` (the dataset
+        layout) instead of the server's partition of one dataset; :meth:`client_update` then reads only those.
+        A kind that cannot do that says so."""
+        raise FedinspectError(f"{self.kind}: a SuperNode with its own data-dir is not supported for this task")
 
     @abstractmethod
     def evaluate(self, state: State, round_number: int) -> dict[str, Any]:
@@ -160,15 +183,12 @@ class RoundsOutcome:
     clients: dict[str, dict[str, Any]]  # per client: examples per group, bytes sent per round
     timing: dict[str, float]
     secure_aggregation: dict[str, Any] = field(default_factory=dict)  # protocol and cost, when the sum was secure
+    final_results: dict[str, ClientResult] = field(default_factory=dict)  # the last round's answers, client order
 
 
 def aggregate(task: FederatedTask, results: Mapping[str, ClientResult]) -> State:
-    """The new global state from the clients' results, in client order (so every engine adds alike)."""
-    if task.aggregation not in AGGREGATIONS:
-        raise ValueError(f"{type(task).__name__}.aggregation must be one of {AGGREGATIONS}")
-    names = sorted(results, key=client_index)
-    return aggregate_groups([results[n].arrays for n in names], [results[n].examples for n in names],
-                            task.aggregation)
+    """:meth:`FederatedTask.aggregate` of the results in client order (so every engine adds alike)."""
+    return task.aggregate({name: results[name] for name in sorted(results, key=client_order)})
 
 
 class RoundRecorder:
@@ -179,17 +199,23 @@ class RoundRecorder:
         self.history: list[dict[str, Any]] = []
         self.missing: list[dict[str, str]] = []
         self.clients: dict[str, dict[str, Any]] = {}
+        self.final_results: dict[str, ClientResult] = {}
         self.started = time.perf_counter()
 
     def drop(self, name: str, round_number: int, reason: str) -> None:
         print(f"warning: {name} dropped out of round {round_number}: {reason}", file=sys.stderr)
         self.missing.append({"client": name, "round": round_number, "reason": reason})
 
+    def check_quorum(self, round_number: int, results: Mapping[str, ClientResult]) -> None:
+        """Stop the run, with every missing client's reason, when fewer than the task's minimum answered."""
+        least = max(1, int(self.task.min_clients))
+        if len(results) < least:
+            reasons = "; ".join(f"{m['client']}: {m['reason']}" for m in self.missing if m["round"] == round_number)
+            raise FedinspectError(f"round {round_number}: only {len(results)} of {self.task.n_clients} clients "
+                                  f"answered (minimum {least}): {reasons or 'no client'}")
+
     def close_round(self, round_number: int, state: State, results: Mapping[str, ClientResult],
                     started: float, bytes_sent: Mapping[str, int]) -> dict[str, Any]:
-        if not results:
-            reasons = "; ".join(f"{m['client']}: {m['reason']}" for m in self.missing if m["round"] == round_number)
-            raise FedinspectError(f"round {round_number}: no client answered ({reasons or 'no client'})")
         aggregated = time.perf_counter()
         record: dict[str, Any] = {"round": round_number, "clients": len(results)}
         record.update(self.task.evaluate(state, round_number))
@@ -200,19 +226,21 @@ class RoundRecorder:
             record["train_loss"] = sum(loss * n for loss, n in losses) / sum(n for _, n in losses)
         record["seconds"] = time.perf_counter() - started
         record["evaluation_s"] = time.perf_counter() - aggregated
-        record["bytes_per_client"] = {name: int(bytes_sent[name]) for name in sorted(results, key=client_index)}
+        record["bytes_per_client"] = {name: int(bytes_sent[name]) for name in sorted(results, key=client_order)}
         for name, result in results.items():
             entry = self.clients.setdefault(name, {"examples": result.examples, "bytes_sent": []})
             entry["examples"] = result.examples
             entry["bytes_sent"].append(int(bytes_sent[name]))
         self.history.append(record)
+        self.final_results = {name: results[name] for name in sorted(results, key=client_order)}
         return record
 
     def outcome(self, state: State, memories: dict[str, dict[str, Any]]) -> RoundsOutcome:
         return RoundsOutcome(state, self.history, memories, self.missing,
-                             dict(sorted(self.clients.items(), key=lambda item: client_index(item[0]))),
+                             dict(sorted(self.clients.items(), key=lambda item: client_order(item[0]))),
                              {"total_s": time.perf_counter() - self.started,
-                              "round_s": [r["seconds"] for r in self.history]})
+                              "round_s": [r["seconds"] for r in self.history]},
+                             final_results=self.final_results)
 
 
 def run_rounds(task: FederatedTask, progress: bool = True,
@@ -225,7 +253,8 @@ def run_rounds(task: FederatedTask, progress: bool = True,
     for round_number in bar:
         started = time.perf_counter()
         results: dict[str, ClientResult] = {}
-        for index in range(task.n_clients):
+        for index in tqdm(range(task.n_clients), desc="clients", unit="client", leave=False,
+                          disable=not progress or task.rounds > 1):
             name = client_id(index)
             try:
                 result = task.client_update(index, state, round_number, memories[name])
@@ -235,8 +264,8 @@ def run_rounds(task: FederatedTask, progress: bool = True,
                 continue
             memories[name] = dict(result.memory)
             results[name] = result
-        if results:
-            state = aggregate(task, results)
+        recorder.check_quorum(round_number, results)
+        state = aggregate(task, results)
         record = recorder.close_round(round_number, state, results, started,
                                       {name: r.n_bytes for name, r in results.items()})
         bar.set_postfix({k: f"{v:.3f}" for k, v in record.items()

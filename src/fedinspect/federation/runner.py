@@ -1,25 +1,32 @@
-"""In-process federated PatchCore: partition, clients, server, evaluation, report, in one call.
+"""Federated PatchCore on the shared round engine: one round of memory banks.
 
-Every role runs in this process, but through the same objects and the same serialized bytes a
-Flower deployment would use: each client's update is turned into bytes and parsed back before
-the server sees it, and the bytes are counted. A centralized baseline (all training images
-pooled, same settings) and a single shared bank are evaluated beside the federated model.
+:class:`PatchCoreTask` is PatchCore's :class:`~fedinspect.federation.rounds.FederatedTask`: each
+client embeds its images and sends a local coreset per category as the bytes of
+:meth:`ClientUpdate.to_bytes` (one uint8 array, checked by :mod:`fedinspect.federation.validation`
+before the server uses it); the server builds the global banks with the round's strategy
+(:mod:`fedinspect.federation.strategies`) and evaluates them with the AutoVI protocol beside a
+centralized baseline (all training images pooled, same settings) and a single shared bank.
+The engines (:func:`rounds.run_rounds` in process, :mod:`rounds_flower` on Flower) carry it as they
+carry every other model, so both give the same numbers for the same seed.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import sys
 import time
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+import torch
 
 from fedinspect import __version__
-from fedinspect.data.dataset import CategoryDataset, find_categories
+from fedinspect.data.dataset import CategoryDataset, find_categories, training_images
 from fedinspect.data.images import read_image
 from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.errors import FedinspectError
@@ -33,6 +40,7 @@ from fedinspect.federation.client import EmbeddingCache, FederatedClient, RoundS
 from fedinspect.federation.client_evaluation import ClientEvaluation, client_test_shares
 from fedinspect.federation.partition import Partition, partition
 from fedinspect.federation.poisoning import DefectSource, Poisoning
+from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id, run_rounds
 from fedinspect.federation.server import SHARED, FederatedServer
 from fedinspect.federation.strategies import CoresetSettings, Screening
 from fedinspect.federation.update import ClientUpdate, UpdateError
@@ -99,6 +107,16 @@ class FederationConfig:
         data["seed"] = self.settings.seed
         return data
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], obfuscation_key: int = 0) -> FederationConfig:
+        """The config :meth:`to_dict` wrote (the obfuscation key, a secret, comes apart)."""
+        values = {key: value for key, value in data.items() if key != "seed"}
+        unknown = set(values) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown federation settings: {sorted(unknown)}")
+        settings = RoundSettings.from_dict({**values.pop("settings", {}), "obfuscation_key": obfuscation_key})
+        return cls(**values, settings=settings)
+
 
 def _log(message: str, progress: bool) -> None:
     if progress:
@@ -121,19 +139,13 @@ class RoundPlan:
             images.setdefault(name, []).append(path)
         return images
 
-
-@dataclass
-class ClientReply:
-    """What reaches the server from one client, whatever the transport: its update bytes and timings."""
-
-    client_id: str
-    payload: bytes
-    timing: dict[str, float] = field(default_factory=dict)
-    partition: int | None = None  # the plan's client index when the plan chose its images (counts checked)
-
-
-def client_id(index: int) -> str:
-    return f"client_{index}"
+    def save(self, out_dir: Path) -> None:
+        """Write the partition (which client holds which image) to ``out_dir/partition.json``."""
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / PARTITION_FILE).write_text(json.dumps({
+            "partition": self.split.to_json(),
+            "items": [{"category": name, "image": str(path)} for name, path in self.items],
+        }, indent=1))
 
 
 def plan_round(data_dir: str | Path, config: FederationConfig, out_dir: Path | None = None) -> RoundPlan:
@@ -142,13 +154,212 @@ def plan_round(data_dir: str | Path, config: FederationConfig, out_dir: Path | N
     items = [(name, sample.image_path) for name, dataset in datasets.items() for sample in dataset.train]
     split = partition([name for name, _ in items], config.clients, config.partition, seed=config.settings.seed,
                       alpha=config.alpha)
+    plan = RoundPlan(datasets, items, split)
     if out_dir is not None:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / PARTITION_FILE).write_text(json.dumps({
-            "partition": split.to_json(),
-            "items": [{"category": name, "image": str(path)} for name, path in items],
-        }, indent=1))
-    return RoundPlan(datasets, items, split)
+        plan.save(out_dir)
+    return plan
+
+
+UPDATE = "update"  # the one array of a PatchCore client's answer: its update's bytes
+
+
+def _payload(result: ClientResult) -> bytes:
+    return result.arrays[UPDATE].numpy().tobytes()
+
+
+class PatchCoreTask(FederatedTask):
+    """One round of PatchCore memory banks (see the module docstring).
+
+    ``cache`` (training embeddings) and ``test_cache`` (test embedding grids), keyed by image path, let
+    a study reuse embeddings across runs with the same feature settings; in process the clients fill
+    ``cache`` and the centralized baseline reuses it. ``report=False`` skips the report.
+    """
+
+    kind = "patchcore"
+    aggregation = "coreset"
+    rounds = 1
+
+    def __init__(self, data_dir: str | Path, config: FederationConfig | None = None, progress: bool = False, *,
+                 cache: EmbeddingCache | None = None, test_cache: dict[Path, Any] | None = None,
+                 report: bool = True) -> None:
+        self.data_dir = Path(data_dir)
+        self.config = config or FederationConfig()
+        self.progress = progress
+        self.n_clients = self.config.clients
+        self.min_clients = self.config.min_clients
+        self.cache: EmbeddingCache = {} if cache is None else cache
+        self.test_cache = {} if test_cache is None else test_cache
+        self.report = report
+        self.own_data: Path | None = None
+        self._detector: PatchCore | None = None
+        self.screening_: list[Screening] = []
+        self.aggregation_s_ = 0.0
+
+    # ---------------------------------------------------------------- spec
+    def spec(self) -> dict[str, Any]:
+        return {"kind": self.kind, "data_dir": str(self.data_dir), "config": self.config.to_dict()}
+
+    def secrets(self) -> dict[str, Any]:
+        return {"obfuscation_key": self.config.settings.obfuscation_key}
+
+    @classmethod
+    def from_spec(cls, spec: Mapping[str, Any], secrets: Mapping[str, Any]) -> PatchCoreTask:
+        try:
+            config = FederationConfig.from_dict(spec["config"], int(secrets.get("obfuscation_key", 0)))
+            return cls(spec["data_dir"], config)
+        except (KeyError, TypeError, ValueError) as error:
+            raise FedinspectError(f"a malformed PatchCoreTask spec: {error!r}") from error
+
+    def with_own_data(self, data_dir: Path) -> PatchCoreTask:
+        task = copy.copy(self)
+        task.own_data, task.cache = Path(data_dir), {}
+        return task
+
+    # ---------------------------------------------------------------- the parties' shared pieces
+    @functools.cached_property
+    def plan(self) -> RoundPlan:
+        """The server's dataset and partition, read on first use (a SuperNode with its own data never reads it)."""
+        return plan_round(self.data_dir, self.config)
+
+    @property
+    def detector(self) -> PatchCore:
+        """The PatchCore the settings describe, loaded once per process."""
+        if self._detector is None:
+            self._detector = self.config.settings.detector(progress=False)
+        return self._detector
+
+    def update_spec(self) -> UpdateSpec:
+        """What every update must look like; image counts pinned for the clients whose images the plan chose."""
+        assigned = {client_id(i): {name: len(paths) for name, paths in self.plan.client_images(i).items()}
+                    for i in range(self.n_clients) if client_id(i) not in self.own_data_clients}
+        return UpdateSpec.for_round(self.config.settings, self.detector, self.plan.datasets, assigned)
+
+    def updates(self, results: Mapping[str, ClientResult]) -> list[ClientUpdate]:
+        """The parsed updates of checked answers, in their order."""
+        spec = self.update_spec()
+        return [receive(_payload(result), name, spec) for name, result in results.items()]
+
+    # ---------------------------------------------------------------- the round
+    def initial_state(self) -> State:
+        """Nothing to send; the server reads its dataset and partition before any client works."""
+        self.plan.split.sizes()
+        return {}
+
+    def client_update(self, index: int, state: State, round_number: int, memory: Mapping[str, Any]) -> ClientResult:
+        """Embed the client's images and send a local coreset per category (a poisoned client alters it)."""
+        name = client_id(index)
+        images = training_images(self.own_data) if self.own_data is not None else self.plan.client_images(index)
+        update, stats = FederatedClient(name, images, read_image).fit(self.config.settings, self.detector,
+                                                                       self.cache)
+        poisoning = self.config.poisoning()
+        if index in poisoning.poisoned(self.n_clients):
+            update = poisoning.apply(update, DefectSource(self.plan.datasets, self.detector, self.config.settings,
+                                                          self.cache))
+        start = time.perf_counter()
+        payload = update.to_bytes(self.config.settings.precision)
+        timing = {"feature_extraction_s": stats.feature_extraction_s, "local_coreset_s": stats.local_coreset_s,
+                  "serialization_s": time.perf_counter() - start}
+        return ClientResult({UPDATE: torch.from_numpy(np.frombuffer(payload, dtype=np.uint8).copy())},
+                            {category: part.n_samples for category, part in update.categories.items()},
+                            timing, dict(memory))
+
+    def check_update(self, name: str, result: ClientResult, state: State) -> None:
+        """One uint8 array of update bytes that :mod:`validation` accepts for this round and this client."""
+        arrays = result.arrays
+        if set(arrays) != {UPDATE} or arrays[UPDATE].dtype != torch.uint8 or arrays[UPDATE].ndim != 1:
+            shapes = {key: (str(value.dtype), tuple(value.shape)) for key, value in arrays.items()}
+            raise UpdateError(f"{name}: update rejected: expected one 1-d uint8 array {UPDATE!r}, got {shapes}")
+        update = receive(_payload(result), name, self.update_spec())
+        sent = {category: part.n_samples for category, part in update.categories.items()}
+        if result.examples != sent:
+            raise UpdateError(f"{name}: update rejected: examples {result.examples} differ from its update's {sent}")
+
+    def aggregate(self, results: Mapping[str, ClientResult]) -> State:
+        """The global banks by the round's strategy; ``robust_coreset`` records its screening in ``screening_``."""
+        start = time.perf_counter()
+        self.screening_ = []
+        banks = self.config.server(screening=self.screening_).aggregate(self.updates(results))
+        self.aggregation_s_ = time.perf_counter() - start
+        return {name: torch.from_numpy(np.ascontiguousarray(bank)) for name, bank in banks.items()}
+
+    def evaluate(self, state: State, round_number: int) -> dict[str, Any]:
+        """Nothing per round: the one round's banks are evaluated in full by :meth:`conclude`."""
+        return {}
+
+    # ---------------------------------------------------------------- the conclusion
+    def conclude(self, outcome: RoundsOutcome, out_dir: str | Path, engine: str) -> dict[str, Any]:
+        """results.json, maps and report of the round; ``out_dir`` is written all at once (:func:`staged_output`)."""
+        inputs = [self.data_dir, *([self.config.attack_data] if self.config.attack_data else [])]
+        with staged_output(out_dir, inputs=inputs) as staging:
+            self.plan.save(staging)
+            return self._conclude(outcome, staging, engine)
+
+    def _conclude(self, outcome: RoundsOutcome, out_dir: Path, engine: str) -> dict[str, Any]:
+        started = time.perf_counter()
+        config, plan, detector = self.config, self.plan, self.detector
+        timing: dict[str, float] = {key: sum(float(r.metrics.get(key, 0.0)) for r in outcome.final_results.values())
+                                    for key in ("feature_extraction_s", "local_coreset_s", "serialization_s")}
+        timing["aggregation_s"] = self.aggregation_s_
+        updates = self.updates(outcome.final_results)
+        rows: list[dict[str, Any]] = []
+        for update, (name, result) in zip(updates, outcome.final_results.items(), strict=True):
+            rows.append({
+                "client": name, "samples": update.n_samples, "patches": update.n_patches,
+                "coreset": update.n_coreset, "bytes_sent": result.n_bytes,
+                "categories": {category: part.n_samples for category, part in update.categories.items()},
+                **({"node": outcome.clients[name]["node"]} if "node" in outcome.clients.get(name, {}) else {}),
+            })
+        total = sum(row["samples"] for row in rows)
+        for row in rows:
+            row["weight"] = row["samples"] / total
+        banks = {name: bank.numpy() for name, bank in outcome.state.items()}
+        start = time.perf_counter()
+        shared = (config.server("shared").aggregate(updates) if config.compare_shared and config.bank != "shared"
+                  else None)
+        timing["aggregation_s"] += time.perf_counter() - start
+
+        results: dict[str, Any] = {
+            "fedinspect_version": __version__,
+            "engine": engine,
+            "config": config.to_dict(),
+            "partition": {"sizes": plan.split.sizes(), "file": PARTITION_FILE},
+            "clients": rows,
+            "missing_clients": outcome.missing,
+            "stages": {
+                "raw_patches": sum(row["patches"] for row in rows),
+                "local_coreset": sum(row["coreset"] for row in rows),
+                "global_bank": int(sum(len(b) for b in banks.values())),
+            },
+        }
+        # Each client scores the global model on its share of the test split (same rule as its training share).
+        test_labels = {name: [s.label for s in dataset.test] for name, dataset in plan.datasets.items()}
+        shares = client_test_shares(test_labels, {row["client"]: row["categories"] for row in rows},
+                                    config.settings.seed)
+        per_client = ClientEvaluation(shares)
+        if self.screening_:  # what robust_coreset dropped, per global bank, with the clients named
+            results["screening"] = {name: _named_screening(decision, [u.client_id for u in updates
+                                                                      if name == SHARED or name in u.categories])
+                                    for name, decision in zip(banks, self.screening_, strict=True)}
+        if (privacy := config.settings.bank_privacy()) is not None:
+            results["privacy"] = privacy.report()
+        if (obfuscation := config.settings.obfuscator()) is not None:
+            results["obfuscation"] = obfuscation.to_dict()
+        evaluation = _evaluate(plan.datasets, banks, shared, config, detector, self.cache, out_dir, timing,
+                               self.progress, per_client, self.test_cache)
+        results.update(evaluation["summary"])
+        if config.attack_data:
+            results["attacks"] = _attacks(plan, updates, banks, config, detector, self.cache, self.progress)
+        per_client.attach(rows)
+        results["fairness"] = run_fairness(results["categories"], rows)
+        timing["conclusion_s"] = time.perf_counter() - started
+        timing["total_s"] = outcome.timing["total_s"] + timing["conclusion_s"]
+        results["timing"] = timing
+        results["peak_memory_mb"] = peak_memory_mb()
+        (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
+        if self.report:
+            write_report(out_dir, results, evaluation["curves"], evaluation["examples"],
+                         title=f"Federated PatchCore: {config.clients} clients, {config.partition}, {config.strategy}")
+        return results
 
 
 def run_federation(data_dir: str | Path, out_dir: str | Path, config: FederationConfig | None = None,
@@ -156,144 +367,11 @@ def run_federation(data_dir: str | Path, out_dir: str | Path, config: Federation
                    test_cache: dict[Path, Any] | None = None, report: bool = True) -> dict[str, Any]:
     """Run one federated round in this process and write results.json, maps and the report.
 
-    ``cache`` (training embeddings) and ``test_cache`` (test embedding grids), keyed by image path, let
-    a study reuse embeddings across runs with the same feature settings; ``report=False`` skips the report.
-    ``out_dir`` is locked and written all at once (:func:`staged_output`): a failed run leaves it untouched.
+    ``cache`` and ``test_cache``: see :class:`PatchCoreTask`. ``out_dir`` is written all at once when the
+    round is over: a failed run leaves an earlier one there untouched.
     """
-    config = config or FederationConfig()
-    started = time.perf_counter()
-    with staged_output(out_dir, inputs=[data_dir, *([config.attack_data] if config.attack_data else [])]) as staging:
-        plan = plan_round(data_dir, config, staging)
-        detector = config.settings.detector(progress=False)
-        cache = {} if cache is None else cache
-        replies, missing = collect_in_process(plan, config, detector, cache, progress)
-        return conclude_round(plan, replies, missing, config, staging, detector, cache, started, progress,
-                              test_cache=test_cache, report=report)
-
-
-def collect_in_process(plan: RoundPlan, config: FederationConfig, detector: PatchCore, cache: EmbeddingCache,
-                       progress: bool = True) -> tuple[list[ClientReply], list[dict[str, str]]]:
-    """Run every client here; a client whose data fails drops out with its reason recorded."""
-    replies: list[ClientReply] = []
-    missing: list[dict[str, str]] = []
-    poisoning = config.poisoning()
-    defects = DefectSource(plan.datasets, detector, config.settings, cache)
-    for index in tqdm(range(config.clients), desc="clients", unit="client", disable=not progress):
-        name = client_id(index)
-        try:
-            update, stats = FederatedClient(name, plan.client_images(index), read_image).fit(
-                config.settings, detector, cache)
-            if index in poisoning.poisoned(config.clients):
-                update = poisoning.apply(update, defects)
-        except FedinspectError as error:  # a client with bad data drops out; the round goes on without it
-            print(f"warning: {name} dropped out: {error}", file=sys.stderr)
-            missing.append({"client": name, "reason": str(error)})
-            continue
-        start = time.perf_counter()
-        payload = update.to_bytes(config.settings.precision)
-        replies.append(ClientReply(name, payload, {
-            "feature_extraction_s": stats.feature_extraction_s, "local_coreset_s": stats.local_coreset_s,
-            "serialization_s": time.perf_counter() - start,
-        }, partition=index))
-    return replies, missing
-
-
-def conclude_round(plan: RoundPlan, replies: list[ClientReply], missing: list[dict[str, str]],
-                   config: FederationConfig, out_dir: Path, detector: PatchCore | None = None,
-                   cache: EmbeddingCache | None = None, started: float | None = None,
-                   progress: bool = True, test_cache: dict[Path, Any] | None = None,
-                   report: bool = True) -> dict[str, Any]:
-    """The server's side: parse the replies, aggregate, evaluate every category, write results and report."""
-    started = time.perf_counter() if started is None else started
-    detector = detector or config.settings.detector(progress=False)
-    cache = {} if cache is None else cache
-    timing: dict[str, float] = {"feature_extraction_s": 0.0, "local_coreset_s": 0.0, "serialization_s": 0.0}
-    updates: list[ClientUpdate] = []
-    rows: list[dict[str, Any]] = []
-    spec = round_spec(plan, replies, config.settings, detector)
-    missing = list(missing)
-    for reply in replies:
-        start = time.perf_counter()
-        try:  # an update that does not fit the round is dropped like a client that did not answer
-            if any(row["client"] == reply.client_id for row in rows):
-                raise UpdateError(f"{reply.client_id}: update rejected: a second update from the same client")
-            update = receive(reply.payload, reply.client_id, spec)
-        except UpdateError as error:
-            print(f"warning: {reply.client_id} dropped out: {error}", file=sys.stderr)
-            missing.append({"client": reply.client_id, "reason": str(error)})
-            continue
-        timing["serialization_s"] += time.perf_counter() - start
-        for key in timing:
-            timing[key] += reply.timing.get(key, 0.0)
-        updates.append(update)
-        rows.append({
-            "client": reply.client_id, "samples": update.n_samples, "patches": update.n_patches,
-            "coreset": update.n_coreset, "bytes_sent": len(reply.payload),
-            "categories": {name: part.n_samples for name, part in update.categories.items()},
-        })
-    if len(updates) < config.min_clients:
-        raise FedinspectError(
-            f"only {len(updates)} of {config.clients} clients answered (minimum {config.min_clients}); "
-            f"missing: {missing}"
-        )
-    total = sum(row["samples"] for row in rows)
-    for row in rows:
-        row["weight"] = row["samples"] / total
-
-    start = time.perf_counter()
-    screening: list[Screening] = []
-    banks = config.server(screening=screening).aggregate(updates)
-    shared = config.server("shared").aggregate(updates) if config.compare_shared and config.bank != "shared" else None
-    timing["aggregation_s"] = time.perf_counter() - start
-
-    results: dict[str, Any] = {
-        "fedinspect_version": __version__,
-        "config": config.to_dict(),
-        "partition": {"sizes": plan.split.sizes(), "file": PARTITION_FILE},
-        "clients": rows,
-        "missing_clients": missing,
-        "stages": {
-            "raw_patches": sum(row["patches"] for row in rows),
-            "local_coreset": sum(row["coreset"] for row in rows),
-            "global_bank": int(sum(len(b) for b in banks.values())),
-        },
-    }
-    # Each client scores the global model on its share of the test split (same rule as its training share).
-    test_labels = {name: [s.label for s in dataset.test] for name, dataset in plan.datasets.items()}
-    per_client = ClientEvaluation(client_test_shares(test_labels, {row["client"]: row["categories"] for row in rows},
-                                                     config.settings.seed))
-    if screening:  # what robust_coreset dropped, per global bank, with the clients named
-        results["screening"] = {name: _named_screening(decision, [u.client_id for u in updates
-                                                                  if name == SHARED or name in u.categories])
-                                for name, decision in zip(banks, screening, strict=True)}
-    if (privacy := config.settings.bank_privacy()) is not None:
-        results["privacy"] = privacy.report()
-    if (obfuscation := config.settings.obfuscator()) is not None:
-        results["obfuscation"] = obfuscation.to_dict()
-    evaluation = _evaluate(plan.datasets, banks, shared, config, detector, cache, out_dir, timing, progress,
-                           per_client, test_cache)
-    results.update(evaluation["summary"])
-    if config.attack_data:
-        results["attacks"] = _attacks(plan, updates, banks, config, detector, cache, progress)
-    per_client.attach(rows)
-    results["fairness"] = run_fairness(results["categories"], rows)
-    timing["total_s"] = time.perf_counter() - started
-    results["timing"] = timing
-    results["peak_memory_mb"] = peak_memory_mb()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RESULTS_FILE).write_text(json.dumps(results, indent=2))
-    if report:
-        write_report(out_dir, results, evaluation["curves"], evaluation["examples"],
-                     title=f"Federated PatchCore: {config.clients} clients, {config.partition}, {config.strategy}")
-    return results
-
-
-def round_spec(plan: RoundPlan, replies: list[ClientReply], settings: RoundSettings,
-               detector: PatchCore) -> UpdateSpec:
-    """What the round's updates must look like; counts are pinned for clients whose images the plan chose."""
-    assigned = {reply.client_id: {name: len(paths) for name, paths in plan.client_images(reply.partition).items()}
-                for reply in replies if reply.partition is not None}
-    return UpdateSpec.for_round(settings, detector, plan.datasets, assigned)
+    task = PatchCoreTask(data_dir, config, progress, cache=cache, test_cache=test_cache, report=report)
+    return task.conclude(run_rounds(task, progress=progress), out_dir, engine="in-process")
 
 
 def _named_screening(decision: Screening, clients: list[str]) -> dict[str, Any]:
@@ -315,13 +393,20 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
     examples: list[Example] = []
     timing.update(evaluation_s=0.0, centralized_fit_s=0.0)
     skipped: list[str] = []
+    not_evaluated: dict[str, str] = {}
     for name, dataset in datasets.items():
         _log(f"== evaluating {name}", progress)
         start = time.perf_counter()
         shapes, regions = load_ground_truth(dataset, progress=False)
         labels = np.array([s.label for s in dataset.test])
+        federated = banks.get(name, banks.get(SHARED))
+        if federated is None:  # none of the clients that answered holds this category
+            print(f"warning: {name}: no global bank (no client that answered holds it); not evaluated",
+                  file=sys.stderr)
+            not_evaluated[name] = "no client that answered holds this category"
+            continue
         grids = _test_grids(dataset, detector, config, {} if test_cache is None else test_cache)
-        models = {"federated": banks.get(name, banks.get(SHARED))}
+        models = {"federated": federated}
         if shared is not None:
             models["shared_bank"] = shared[SHARED]
         timing["evaluation_s"] += time.perf_counter() - start
@@ -355,7 +440,11 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
                 timing["centralized_fit_s"] += time.perf_counter() - start
             else:
                 timing["evaluation_s"] += time.perf_counter() - start
+    if not per_model["federated"]:
+        raise FedinspectError(f"no category has a global bank: {not_evaluated}")
     summary: dict[str, Any] = {"categories": per_model["federated"], "mean": _mean(per_model["federated"])}
+    if not_evaluated:
+        summary["not_evaluated"] = not_evaluated
     if per_model["centralized"]:
         summary["centralized"] = {"categories": per_model["centralized"], "mean": _mean(per_model["centralized"]),
                                   "skipped_images": skipped}

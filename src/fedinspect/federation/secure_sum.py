@@ -345,7 +345,7 @@ class MeteredGrid:
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Any, *, timeout: float | None = None) -> Any:
-        from fedinspect.federation.flower_app import error_reason
+        from fedinspect.federation.rounds_flower import error_reason
 
         messages = list(messages)
         start = time.perf_counter()
@@ -578,7 +578,7 @@ def secure_sum_simulation(compute: Compute, n_clients: int, settings: SecureSumS
     """Run the secure sum (or, ``secure=False``, the plain one) on Flower's Simulation Engine: one virtual
     SuperNode per client, client i computing ``compute(i, config)``. Returns the :class:`SecureSumResult`
     with the wall time of the whole simulation; raises :class:`SecureSumError` when it cannot be formed."""
-    from fedinspect.federation.flower_app import simulate, simulation_backend
+    from fedinspect.federation.rounds_flower import simulate, simulation_backend
 
     settings.protocol(n_clients)  # bad settings fail here, before Ray starts
     if backend_config is None:
