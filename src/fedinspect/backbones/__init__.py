@@ -9,6 +9,9 @@ Backbones: ``efficientnet_lite0`` (default), ``efficientnet_lite2``, ``wide_resn
 must be on the local disk; see :mod:`fedinspect.backbones.weights`). A backbone whose weights
 cannot be found raises :class:`~fedinspect.errors.WeightsNotFoundError`; none ever runs with random
 weights.
+
+:class:`BackboneRuntime` runs a frozen extractor through onnxruntime or OpenVINO with the same face
+(see :mod:`fedinspect.backbones.runtime`).
 """
 
 # The backbone modules register the built-in backbones when imported.
@@ -22,16 +25,22 @@ from fedinspect.backbones.registry import (
     register_backbone,
     untrained_backbone,
 )
+from fedinspect.backbones.runtime import DEFAULT_RUNTIME, RUNTIMES, BackboneRuntime, check_runtime, with_runtime
 
 __all__ = [
     "DEFAULT_BACKBONE",
+    "DEFAULT_RUNTIME",
+    "RUNTIMES",
+    "BackboneRuntime",
     "FeatureExtractor",
     "LayerSpec",
     "available_backbones",
+    "check_runtime",
     "efficientnet_lite",
     "get_backbone",
     "register_architecture",
     "register_backbone",
     "untrained_backbone",
     "wide_resnet",
+    "with_runtime",
 ]

@@ -1,14 +1,14 @@
 """The part PatchCore and PaDiM share: the backbone's patch features, built on first use, and the letterbox.
 
 Both estimators score :class:`~fedinspect.detectors.patch_features.PatchFeatures`; a subclass sets
-``backbone``, ``weights``, ``layers``, ``image_size`` and ``_features = None`` in its ``__init__``.
+``backbone``, ``weights``, ``layers``, ``image_size``, ``runtime`` and ``_features = None`` in its ``__init__``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from fedinspect.backbones import get_backbone
+from fedinspect.backbones import get_backbone, with_runtime
 from fedinspect.detectors.patch_features import PatchFeatures
 from fedinspect.detectors.preprocessing import Letterbox
 
@@ -20,15 +20,16 @@ class FeatureDetector:
     weights: str | None
     layers: Sequence[str] | None
     image_size: int
+    runtime: str  # "torch", "onnx", "openvino" or "openvino-bf16" (fedinspect.backbones.RUNTIMES)
     _features: PatchFeatures | None
     keep_aspect_ratio: bool = True  # a subclass may take it as a parameter (PaDiM)
 
     @property
     def features(self) -> PatchFeatures:
-        """The torch feature model, built on first use."""
+        """The patch feature model, built on first use: the BatchNorm-fused backbone run by ``runtime``."""
         if self._features is None:
             extractor = get_backbone(self.backbone, weights=self.weights, layers=self.layers)
-            self._features = PatchFeatures(extractor.fuse_batchnorm())
+            self._features = PatchFeatures(with_runtime(extractor.fuse_batchnorm(), self.runtime))
         return self._features
 
     @property

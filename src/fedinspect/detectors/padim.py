@@ -37,6 +37,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedinspect import __version__
+from fedinspect.backbones import DEFAULT_RUNTIME, check_runtime
 from fedinspect.detectors.feature_detector import FeatureDetector
 from fedinspect.detectors.model_files import (
     check_image_size,
@@ -236,7 +237,7 @@ class Padim(FeatureDetector):
 
     Parameters
     ----------
-    backbone, layers, weights, image_size, sigma, batch_size, seed, progress:
+    backbone, layers, weights, image_size, sigma, batch_size, seed, progress, runtime:
         As for :class:`~fedinspect.detectors.patchcore.PatchCore` (same patch features and letterbox).
     n_features:
         Channels kept, chosen at random with ``seed`` (paper: 100 of 448 for ResNet18, 550 for WRN50).
@@ -261,6 +262,7 @@ class Padim(FeatureDetector):
         keep_aspect_ratio: bool = True,
         seed: int = 0,
         progress: bool = False,
+        runtime: str = DEFAULT_RUNTIME,
     ) -> None:
         self.backbone = backbone
         if not isinstance(keep_aspect_ratio, bool):
@@ -268,6 +270,7 @@ class Padim(FeatureDetector):
         self.keep_aspect_ratio = keep_aspect_ratio
         self.layers = tuple(layers) if layers is not None else None
         self.weights = weights
+        self.runtime = check_runtime(runtime)
         self.image_size = check_image_size(image_size)
         if isinstance(n_features, bool) or not isinstance(n_features, int) or n_features < 1:
             raise SettingsError(f"n_features must be a positive integer, got {n_features!r}")
@@ -296,6 +299,7 @@ class Padim(FeatureDetector):
             "batch_size": self.batch_size,
             "keep_aspect_ratio": self.keep_aspect_ratio,
             "seed": self.seed,
+            "runtime": self.runtime,
         }
 
     @property
@@ -480,7 +484,8 @@ class Padim(FeatureDetector):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, progress: bool = False, weights: str | Path | None = None) -> Padim:
+    def load(cls, directory: str | Path, progress: bool = False, weights: str | Path | None = None,
+             runtime: str | None = None) -> Padim:
         """Read a model written by :meth:`save`, checking every file and the backbone against it (ModelFileError)."""
         directory = Path(directory)
         config_path, tensors_path = directory / CONFIG_FILE, directory / GAUSSIANS_FILE
@@ -493,6 +498,9 @@ class Padim(FeatureDetector):
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in grid)):
             raise ModelFileError(f"{config_path}: grid_shape must be two positive integers, got {grid!r}")
         params = constructor_params(config, config_path)
+        params.setdefault("runtime", "torch")  # written before runtimes existed: torch eager
+        if runtime is not None:  # the caller's choice of how to run the backbone (the features are the same)
+            params["runtime"] = runtime
         try:
             model = cls(**params, weights=weights, progress=progress)
             channels = model.channels

@@ -24,6 +24,7 @@ from safetensors.numpy import save as save_tensors
 from tqdm.auto import tqdm
 
 from fedinspect import __version__
+from fedinspect.backbones import DEFAULT_RUNTIME, check_runtime
 from fedinspect.detectors.coreset import coreset_size, greedy_coreset
 from fedinspect.detectors.feature_detector import FeatureDetector
 from fedinspect.detectors.model_files import (
@@ -77,6 +78,10 @@ class PatchCore(FeatureDetector):
         Standard deviation, in resized-image pixels, of the Gaussian smoothing of anomaly maps.
     batch_size, seed, progress:
         Images per forward pass, seed of every random choice, and whether to show progress bars.
+    runtime:
+        How the frozen backbone runs: ``"openvino"`` (default, f32, the fastest on CPU), ``"onnx"``
+        (onnxruntime), ``"torch"`` (eager) or ``"openvino-bf16"`` (lower precision, opt-in); every
+        runtime's maps are checked against torch's (:mod:`fedinspect.backbones.runtime`).
     """
 
     def __init__(
@@ -93,10 +98,12 @@ class PatchCore(FeatureDetector):
         batch_size: int = 8,
         seed: int = 0,
         progress: bool = False,
+        runtime: str = DEFAULT_RUNTIME,
     ) -> None:
         self.backbone = backbone
         self.layers = tuple(layers) if layers is not None else None
         self.weights = weights
+        self.runtime = check_runtime(runtime)
         self.image_size = check_image_size(image_size)
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
@@ -124,6 +131,7 @@ class PatchCore(FeatureDetector):
             "sigma": self.sigma,
             "batch_size": self.batch_size,
             "seed": self.seed,
+            "runtime": self.runtime,
         }
 
     # ------------------------------------------------------------------ embedding
@@ -321,7 +329,8 @@ class PatchCore(FeatureDetector):
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, progress: bool = False, weights: str | Path | None = None) -> PatchCore:
+    def load(cls, directory: str | Path, progress: bool = False, weights: str | Path | None = None,
+             runtime: str | None = None) -> PatchCore:
         """Read a model written by :meth:`save`, checking every file and the backbone against it.
 
         A model folder is untrusted: it names no file to open. ``weights`` (the user's own file, else
@@ -341,6 +350,9 @@ class PatchCore(FeatureDetector):
                 f"{config.get('memory_bank_shape')} recorded in {config_path}"
             )
         params = constructor_params(config, config_path)
+        params.setdefault("runtime", "torch")  # written before runtimes existed: torch eager
+        if runtime is not None:  # the caller's choice of how to run the backbone (the features are the same)
+            params["runtime"] = runtime
         try:
             model = cls(**params, weights=weights, progress=progress)
         except (TypeError, ValueError) as error:
