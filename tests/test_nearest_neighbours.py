@@ -167,3 +167,28 @@ def test_knob_of_another_method_is_refused():
         NearestNeighbours(np.eye(2), method="hnsw").nprobe = 4
     with pytest.raises(AttributeError, match="ef_search applies to the HNSW index"):
         _ = NearestNeighbours(np.eye(2), method="exact").ef_search
+
+
+def test_exact_flag_overrides_an_approximate_index(one_torch_thread):
+    bank, queries = clustered(seed=6)
+    index = NearestNeighbours(bank, method="ivf", nprobe=1)
+    distances, indices = index.search(queries, k=4, exact=True)
+    expected_d, expected_i = brute_force(bank, queries, 4)
+    np.testing.assert_allclose(distances, expected_d, rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(indices, expected_i)
+    assert recall_at_1(bank, queries, index) < 0.9  # while the index itself misses often at nprobe 1
+
+
+@pytest.mark.parametrize("method", ["ivf", "hnsw"])
+def test_refine_maximum_makes_the_largest_distance_exact(method, one_torch_thread):
+    bank, queries = clustered(seed=7, n_queries=300)
+    index = NearestNeighbours(bank, method=method, nprobe=1) if method == "ivf" else \
+        NearestNeighbours(bank, method=method, ef_search=1)
+    distances, indices = index.search(queries, k=1)
+    refined_d, refined_i = index.refine_maximum(queries, distances, indices, chunk=4)
+    exact_d, _ = brute_force(bank, queries, 1)
+    assert distances.max() > exact_d.max() + 1e-3 or method == "hnsw"  # the approximate maximum was off (IVF)
+    np.testing.assert_allclose(refined_d.max(), exact_d.max(), rtol=1e-5)
+    assert int(np.argmax(refined_d[:, 0])) == int(np.argmax(exact_d[:, 0]))
+    assert (refined_d[:, 0] <= distances[:, 0] + 1e-5).all()  # refining only ever lowers a distance
+    np.testing.assert_allclose(refined_d[:, 0], np.linalg.norm(bank[refined_i[:, 0]] - queries, axis=1), rtol=1e-4)

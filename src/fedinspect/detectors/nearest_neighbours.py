@@ -165,14 +165,7 @@ class NearestNeighbours:
             self._exact.add(self.bank)
         return self._exact
 
-    def search(self, queries: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """(distances, indices), each (n_queries, k); distances are Euclidean (not squared).
-
-        ``k`` larger than the bank is clipped to its size. A query for which an approximate index finds
-        fewer than ``k`` neighbours (its probed cells hold too few rows) is answered exactly instead.
-        """
-        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}")
+    def _checked_queries(self, queries: np.ndarray) -> np.ndarray:
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         dim = self.bank.shape[1]
         if queries.ndim != 2 or queries.shape[1] != dim:
@@ -180,11 +173,53 @@ class NearestNeighbours:
                              f"got shape {queries.shape}")
         if not np.isfinite(queries).all():
             raise ValueError("queries contain NaN or infinite values")
+        return queries
+
+    def refine_maximum(
+        self, queries: np.ndarray, distances: np.ndarray, indices: np.ndarray, chunk: int = 16
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Nearest (distances, indices), (n, 1), of ``queries`` with their largest distance made exact.
+
+        ``distances``/``indices`` are this index's k=1 answer for ``queries``. An approximate answer is
+        never closer than the true one, so re-searching exactly the queries in decreasing order of distance
+        until the largest exact distance found reaches the next approximate one certifies the maximum and
+        its query: PatchCore's image score (the largest patch distance of an image) then equals exact
+        search's, at the cost of a few exact queries. Nothing to do for an exact index.
+        """
+        queries = self._checked_queries(queries)
+        distances = np.array(distances, dtype=np.float32).reshape(len(queries), -1)[:, :1]
+        indices = np.array(indices, dtype=np.int64).reshape(len(queries), -1)[:, :1]
+        if self.method == "exact" or len(queries) == 0:
+            return distances, indices
+        _faiss_threads()
+        order = np.argsort(-distances[:, 0], kind="stable")
+        best = -np.inf
+        for start in range(0, len(order), chunk):
+            if best >= distances[order[start], 0]:
+                break
+            rows = order[start:start + chunk]
+            squared, nearest = self._exact_index().search(queries[rows], 1)
+            distances[rows] = np.sqrt(np.maximum(squared, 0.0))
+            indices[rows] = nearest
+            best = max(best, float(distances[rows, 0].max()))
+        return distances, indices
+
+    def search(self, queries: np.ndarray, k: int = 1, *, exact: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(distances, indices), each (n_queries, k); distances are Euclidean (not squared).
+
+        ``k`` larger than the bank is clipped to its size. ``exact=True`` searches exactly whatever the
+        method (for a few queries whose answer matters most, such as PatchCore's reweighting neighbourhood).
+        A query for which an approximate index finds fewer than ``k`` neighbours (its probed cells hold too
+        few rows) is answered exactly instead.
+        """
+        if isinstance(k, bool) or not isinstance(k, int | np.integer) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
+        queries = self._checked_queries(queries)
         k = min(int(k), self.bank.shape[0])
         if queries.shape[0] == 0:
             return np.zeros((0, k), dtype=np.float32), np.zeros((0, k), dtype=np.int64)
         _faiss_threads()
-        squared, indices = self.index.search(queries, k)
+        squared, indices = (self._exact_index() if exact else self.index).search(queries, k)
         missing = (indices < 0).any(axis=1)
         if missing.any():
             squared[missing], indices[missing] = self._exact_index().search(queries[missing], k)
