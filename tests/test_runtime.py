@@ -98,6 +98,19 @@ def test_a_second_runtime_reads_the_cache_without_exporting(extractor, tmp_path:
     assert second.exports == 1  # another shape, another graph
 
 
+def test_a_copy_loads_its_graphs_again(extractor, shared_cache) -> None:
+    import copy
+
+    x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(5))
+    runtime = BackboneRuntime(extractor, "onnx", cache=shared_cache)
+    a = runtime(x)
+    clone = copy.deepcopy(runtime)
+    assert clone._sessions == {} and runtime._sessions
+    b = clone(x)
+    for layer in a:
+        assert torch.equal(a[layer], b[layer])
+
+
 def test_corrupt_cache_file_is_exported_again_with_a_warning(extractor, tmp_path: Path) -> None:
     x = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     BackboneRuntime(extractor, "onnx", cache=tmp_path)(x)
