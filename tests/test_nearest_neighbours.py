@@ -67,10 +67,11 @@ def test_exact_matches_brute_force_on_random_data():
 
 
 @pytest.mark.parametrize(("method", "knobs", "minimum"), [
-    ("ivf", {}, 0.93), ("ivf", {"nprobe": 64}, 0.99), ("hnsw", {}, 0.99),
+    ("ivf", {}, 0.97), ("ivf", {"nprobe": 16}, 0.93), ("ivf", {"nprobe": 64}, 0.99), ("hnsw", {}, 0.99),
 ])
 def test_approximate_recall_on_a_clustered_bank(method, knobs, minimum, one_torch_thread):
-    """Measured on this case (seed 0): IVF 0.954 at nprobe 16, 0.996 at 64 (0.716 at 1); HNSW 1.0 at ef 64."""
+    """Measured on this case (seed 0): IVF 0.988 at the default nprobe 32, 0.954 at 16, 0.996 at 64 (0.716 at 1);
+    HNSW 1.0 at the default ef_search 64."""
     bank, queries = clustered(seed=0)
     index = NearestNeighbours(bank, method=method, seed=0, **knobs)
     assert index.method == method
