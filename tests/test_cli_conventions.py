@@ -107,3 +107,21 @@ def test_renamed_classify_options_keep_working_with_a_deprecation(capsys) -> Non
     err = capsys.readouterr().err
     assert (new.dp_clip, new.dp_delta) == (old.dp_clip, old.dp_delta) == (2.0, 1e-6)
     assert "--max-grad-norm is now --dp-clip" in err and "--delta is now --dp-delta" in err
+
+
+def test_runtime_choices_are_the_backbones_and_apply_only_where_there_is_a_backbone(tmp_path, capsys) -> None:
+    from fedinspect.backbones import DEFAULT_RUNTIME, RUNTIMES
+    from fedinspect.cli import RUNTIMES as CLI_RUNTIMES
+    from fedinspect.federation.client import RoundSettings
+
+    assert CLI_RUNTIMES == RUNTIMES and RoundSettings().runtime == DEFAULT_RUNTIME
+    with pytest.raises(ValueError, match="unknown runtime 'tensorrt'"):
+        RoundSettings(runtime="tensorrt")
+    assert main(["-q", "fit", "--detector", "ae_mse", "--runtime", "onnx", "--data", str(tmp_path),
+                 "--out", str(tmp_path / "m")]) == 2
+    assert "--runtime does not apply to --detector ae_mse (detectors that take it: patchcore, padim)" in \
+        capsys.readouterr().err
+    args = build_parser().parse_args(["federate", "--data", "d", "--out", "o", "--runtime", "torch"])
+    from fedinspect.cli import _federation_config
+
+    assert _federation_config(args).settings.runtime == "torch"

@@ -154,6 +154,7 @@ def evaluate_category(
     write_maps: bool = True,
     weights: str | Path | None = None,
     thresholds: ThresholdOptions | None = ThresholdOptions(),
+    runtime: str | None = None,
 ) -> dict[str, Any]:
     """Score a category's test split with the AutoVI protocol and thresholds T1-T3; write results.json and maps.
 
@@ -161,19 +162,20 @@ def evaluate_category(
     ``thresholds.png``). ``out_dir`` is written all at once and replaces a previous evaluation there (no
     old maps stay beside new results); a failure leaves it untouched. ``weights``: the backbone's local
     weights file, for a model folder (which names none); it must be the file the model was fitted with.
-    ``thresholds``: None skips T1-T3.
+    ``thresholds``: None skips T1-T3. ``runtime``: the backbone runtime of a model folder's PatchCore or PaDiM
+    (default: the one it was fitted with).
     """
-    if out_dir is None:
-        return _evaluate(model, data_dir, None, progress, write_maps, weights, thresholds)
     inputs = [data_dir, model] if isinstance(model, str | Path) else [data_dir]
-    with staged_output(out_dir, inputs=inputs) as staging:
-        return _evaluate(model, data_dir, staging, progress, write_maps, weights, thresholds)
-
-
-def _evaluate(model: Detector | str | Path, data_dir: str | Path, out_dir: Path | None, progress: bool,
-              write_maps: bool, weights: str | Path | None, thresholds: ThresholdOptions | None) -> dict[str, Any]:
     if isinstance(model, str | Path):
-        model = load_detector(model, weights=weights, progress=progress)
+        model = load_detector(model, weights=weights, progress=progress, runtime=runtime)
+    if out_dir is None:
+        return _evaluate(model, data_dir, None, progress, write_maps, thresholds)
+    with staged_output(out_dir, inputs=inputs) as staging:
+        return _evaluate(model, data_dir, staging, progress, write_maps, thresholds)
+
+
+def _evaluate(model: Detector, data_dir: str | Path, out_dir: Path | None, progress: bool, write_maps: bool,
+              thresholds: ThresholdOptions | None) -> dict[str, Any]:
     model.progress = progress
     dataset = CategoryDataset(data_dir)
     timings: dict[str, float] = {}

@@ -100,11 +100,13 @@ def detector_name(model: Detector) -> str:
     raise KeyError(f"{type(model).__name__} is not a registered detector")
 
 
-def load_detector(directory: str | Path, weights: str | Path | None = None, progress: bool = False) -> Detector:
+def load_detector(directory: str | Path, weights: str | Path | None = None, progress: bool = False,
+                  runtime: str | None = None) -> Detector:
     """Load a saved model of any registered detector, chosen by the ``format`` of its settings file.
 
     Exactly one detector settings file must be in ``directory``; an unknown format is a ModelFileError
-    naming the file (the detector's own ``load`` then checks everything else).
+    naming the file (the detector's own ``load`` then checks everything else). ``runtime`` replaces the
+    backbone runtime of a detector that has one (PatchCore, PaDiM).
     """
     directory = Path(directory)
     found = [directory / entry[2] for entry in _ENTRIES.values() if (directory / entry[2]).is_file()]
@@ -120,6 +122,10 @@ def load_detector(directory: str | Path, weights: str | Path | None = None, prog
     fmt = config.get("format") if isinstance(config, dict) else None
     for name, entry in _ENTRIES.items():
         if entry[3] == fmt:
-            return DETECTORS[name].load(directory, progress=progress, weights=weights)
+            if runtime is None:
+                return DETECTORS[name].load(directory, progress=progress, weights=weights)
+            if "runtime" not in detector_parameters(name):
+                raise SettingsError(f"{directory}: a {name} model has no backbone runtime to choose")
+            return DETECTORS[name].load(directory, progress=progress, weights=weights, runtime=runtime)
     known = ", ".join(entry[3] for entry in _ENTRIES.values())
     raise ModelFileError(f"{path}: unknown model format {fmt!r} (this fedinspect reads {known})")

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from fedinspect.backbones import DEFAULT_RUNTIME, check_runtime
 from fedinspect.data.images import read_image
 from fedinspect.detectors.model_files import check_image_size
 from fedinspect.detectors.patchcore import PatchCore
@@ -33,6 +34,7 @@ class RoundSettings:
     backbone: str = "efficientnet_lite0"
     layers: tuple[str, ...] | None = None
     image_size: int = 256
+    runtime: str = DEFAULT_RUNTIME  # what runs the backbone (fedinspect.backbones.RUNTIMES): same features
     # 3% of each client's patches, sent as float16: measured to keep accuracy while cutting traffic
     # to ~17 MB for AutoVI-sized data (benchmarks/bench_federation.py; README "Traffic").
     local_coreset_ratio: float = 0.03
@@ -58,6 +60,7 @@ class RoundSettings:
 
     def __post_init__(self) -> None:
         check_image_size(self.image_size)
+        check_runtime(self.runtime)
         self.obfuscator()  # validate early: a bad method name or DP setting fails before any work
         self.bank_privacy()
 
@@ -84,7 +87,7 @@ class RoundSettings:
     def detector(self, progress: bool = False) -> PatchCore:
         """A PatchCore configured as the server asked (used for embedding and local coresets)."""
         return PatchCore(
-            backbone=self.backbone, layers=self.layers, image_size=self.image_size,
+            backbone=self.backbone, layers=self.layers, image_size=self.image_size, runtime=self.runtime,
             coreset_ratio=self.local_coreset_ratio, projection_dim=self.projection_dim,
             coreset_chunk_size=self.coreset_chunk_size, seed=self.seed, progress=progress,
         )
