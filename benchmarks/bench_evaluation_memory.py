@@ -179,15 +179,21 @@ def main() -> None:
     parser.add_argument("--real", type=Path, help="an MVTec-layout category: evaluate PatchCore's real maps")
     parser.add_argument("--one", choices=MODES, help=argparse.SUPPRESS)  # run one mode here, print its JSON
     parser.add_argument("--maps", type=Path, help=argparse.SUPPRESS)  # the real maps' folder, for --one
+    parser.add_argument("--save-real", action="store_true", help=argparse.SUPPRESS)  # fit and save, in a child
     args = parser.parse_args()
+    if args.save_real:
+        print(save_real_maps(args.real.resolve(), args.maps))
+        return
     if args.one:
         print(json.dumps(run_mode(args.one, args.images, args.height, args.width, args.seed, args.maps)))
         return
     with tempfile.TemporaryDirectory(prefix="bench-evaluation-") as folder:
         maps = None
         if args.real is not None:
-            maps = Path(folder)
-            args.images = save_real_maps(args.real.resolve(), maps)
+            maps = Path(folder)  # fitted in a child: on Linux a child starts from its parent's peak RSS
+            argv = [sys.executable, __file__, "--save-real", "--real", str(args.real), "--maps", str(maps)]
+            output = subprocess.run(argv, check=True, capture_output=True, text=True).stdout
+            args.images = int(output.strip().splitlines()[-1])
         compare(args, maps)
 
 

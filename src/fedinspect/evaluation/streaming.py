@@ -215,6 +215,7 @@ class StreamingEvaluation:
         negatives = anomaly_map.ravel() if union is None else anomaly_map[~union]
         if negatives.size:
             self._max_neg = max(self._max_neg, float(negatives.max()))
+        self._dtype = dtype
         self._store.keep(anomaly_map, union, negatives, dtype)
         self._n_neg += negatives.size
         self._labels.append(int(label))
@@ -224,8 +225,8 @@ class StreamingEvaluation:
     def _check_dtype(self, anomaly_map: np.ndarray, index: int) -> np.dtype:
         wanted = np.result_type(anomaly_map.dtype, np.float32)
         if self._dtype is None:
-            self._dtype = wanted
-        elif np.result_type(wanted, self._dtype) != self._dtype:
+            return wanted  # becomes the dtype in use once the image is accepted
+        if np.result_type(wanted, self._dtype) != self._dtype:
             raise ValueError(
                 f"image {index}: anomaly map of dtype {anomaly_map.dtype} cannot be compared exactly in "
                 f"{self._dtype} (the dtype of the first map); pass dtype={np.result_type(wanted, self._dtype)}"
