@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 
 from fedinspect import __version__
 from fedinspect.backbones import DEFAULT_RUNTIME, check_runtime
+from fedinspect.data.prefetch import prefetch
 from fedinspect.detectors.feature_detector import FeatureDetector
 from fedinspect.detectors.model_files import (
     check_image_size,
@@ -343,10 +344,12 @@ class Padim(FeatureDetector):
             if batch:
                 yield batch
 
+        # one grid, but images of one grid may differ in size: the letterbox resizes each; reading and resizing
+        # the next batch overlaps the backbone's work on this one
+        ready = prefetch((batch, torch.stack([letterbox(image) for image in batch])) for batch in batches())
         with tqdm(total=total, desc=desc, unit="img", disable=not self.progress) as bar:
-            for batch in batches():
-                # one grid, but images of one grid may differ in size: the letterbox resizes each
-                yield batch, self.features(torch.stack([letterbox(image) for image in batch]))
+            for batch, tensor in ready:
+                yield batch, self.features(tensor)
                 bar.update(len(batch))
 
     # ------------------------------------------------------------------ fitting

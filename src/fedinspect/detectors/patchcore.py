@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from fedinspect import __version__
 from fedinspect.backbones import DEFAULT_RUNTIME, check_runtime
+from fedinspect.data.prefetch import prefetch
 from fedinspect.detectors.coreset import coreset_size, greedy_coreset
 from fedinspect.detectors.feature_detector import FeatureDetector
 from fedinspect.detectors.model_files import (
@@ -159,9 +160,10 @@ class PatchCore(FeatureDetector):
         self, images: Iterable[np.ndarray], total: int | None, desc: str
     ) -> Iterator[tuple[list[np.ndarray], torch.Tensor]]:
         letterbox = self.letterbox
+        # reading and resizing the next batch overlaps the backbone's work on this one
+        ready = prefetch((batch, torch.stack([letterbox(image) for image in batch])) for batch in self._batches(images))
         with tqdm(total=total, desc=desc, unit="img", disable=not self.progress) as bar:
-            for batch in self._batches(images):
-                tensor = torch.stack([letterbox(image) for image in batch])
+            for batch, tensor in ready:
                 yield batch, self.features(tensor)
                 bar.update(len(batch))
 

@@ -172,7 +172,8 @@ class PatchCoreTask(FederatedTask):
 
     ``cache`` (training embeddings) and ``test_cache`` (test embedding grids), keyed by image path, let
     a study reuse embeddings across runs with the same feature settings; in process the clients fill
-    ``cache`` and the centralized baseline reuses it. ``report=False`` skips the report.
+    ``cache`` and the centralized baseline reuses it (without a baseline, attacks or a caller's cache,
+    no training embedding is kept: memory stays bounded). ``report=False`` skips the report.
     """
 
     kind = "patchcore"
@@ -188,6 +189,9 @@ class PatchCoreTask(FederatedTask):
         self.n_clients = self.config.clients
         self.min_clients = self.config.min_clients
         self.cache: EmbeddingCache = {} if cache is None else cache
+        # the clients' training embeddings are kept only for someone who reads them again: the centralized
+        # baseline, the attacks, or a caller's own cache (a study reusing them across runs)
+        self.keep_embeddings = cache is not None or self.config.centralized or bool(self.config.attack_data)
         self.test_cache = {} if test_cache is None else test_cache
         self.report = report
         self.own_data: Path | None = None
@@ -249,8 +253,8 @@ class PatchCoreTask(FederatedTask):
         """Embed the client's images and send a local coreset per category (a poisoned client alters it)."""
         name = client_id(index)
         images = training_images(self.own_data) if self.own_data is not None else self.plan.client_images(index)
-        update, stats = FederatedClient(name, images, read_image).fit(self.config.settings, self.detector,
-                                                                       self.cache)
+        update, stats = FederatedClient(name, images, read_image).fit(
+            self.config.settings, self.detector, self.cache if self.keep_embeddings else None)
         poisoning = self.config.poisoning()
         if index in poisoning.poisoned(self.n_clients):
             update = poisoning.apply(update, DefectSource(self.plan.datasets, self.detector, self.config.settings,
