@@ -112,3 +112,31 @@ def test_a_corrupt_or_mismatched_weights_file_is_refused(tmp_path):
     (tmp_path / WEIGHTS_FILE).unlink()
     with pytest.raises(ModelFileError, match="missing"):
         ToyAutoencoder.load(tmp_path)
+
+
+def test_device_is_checked_and_only_trained_detectors_have_one(tmp_path, capsys) -> None:
+    import torch
+
+    from fedinspect.cli import main
+    from fedinspect.detectors.registry import get_detector, set_device
+    from fedinspect.detectors.trained_detector import resolve_device
+    from fedinspect.errors import SettingsError
+    from fedinspect.federation.detector_task import DetectorFederationConfig
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(SettingsError, match="device must be one of"):
+        resolve_device("gpu")
+    model = set_device(get_detector("ae_mse"), "cpu")
+    assert model.device == "cpu" and "device" not in model.get_params()  # not a model parameter: never saved
+    with pytest.raises(SettingsError, match="patchcore has no device to choose"):
+        set_device(get_detector("patchcore"), "cpu")
+    assert set_device(get_detector("padim"), "auto") is not None
+    with pytest.raises(SettingsError, match="only the trained detectors"):
+        DetectorFederationConfig(detector="padim", device="cpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(SettingsError, match="torch sees no CUDA GPU"):
+            resolve_device("cuda")
+        assert main(["-q", "fit", "--detector", "ae_mse", "--device", "cuda", "--data", str(tmp_path / "none"),
+                     "--out", str(tmp_path / "m")]) == 2
+        assert "torch sees no CUDA GPU" in capsys.readouterr().err

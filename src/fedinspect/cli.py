@@ -36,6 +36,11 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice")
 
 
+def _add_device_option(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                       help="where a trained detector trains and scores (auto: CUDA when torch sees a GPU)")
+
+
 def _model_params(args: argparse.Namespace) -> dict:
     return {
         "backbone": args.backbone,
@@ -91,7 +96,8 @@ def _detectors_taking(parameter: str) -> list[str]:
 def _cmd_fit(args: argparse.Namespace) -> int:
     from fedinspect.pipeline import fit_category, peak_memory_mb
 
-    model = fit_category(args.data, args.out, progress=not args.quiet, detector=args.detector, **_fit_params(args))
+    model = fit_category(args.data, args.out, progress=not args.quiet, detector=args.detector, device=args.device,
+                         **_fit_params(args))
     if args.detector == "padim":
         fitted = (f"PaDiM Gaussians on a {model.grid_shape_[0]} x {model.grid_shape_[1]} grid of "
                   f"{model.n_features} features")
@@ -315,7 +321,7 @@ def detector_federation_config(args: argparse.Namespace) -> DetectorFederationCo
             proximal_mu=args.proximal_mu if args.proximal_mu is not None else 0.0, seed=args.seed,
             centralized=not args.no_centralized,
             privacy=privacy, secure=args.secure_aggregation, model_scope=args.model_scope,
-            local_baseline=args.local_baseline)
+            local_baseline=args.local_baseline, device=args.device)
     except ValueError as error:
         raise FedinspectError(f"invalid settings: {error}") from error
 
@@ -517,6 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     trained = fit.add_argument_group("trained detectors (ae_mse, ae_ssim, stfpm, reverse_distillation, draem, "
                                      "cflow; defaults: 'fedinspect detectors')")
     trained.add_argument("--epochs", type=int, default=None, help="most passes over the training images")
+    _add_device_option(trained)
     trained.add_argument("--lr", dest="learning_rate", type=float, default=None, help="learning rate (Adam)")
     trained.add_argument("--batch-size", type=int, default=None, help="images per step (every detector)")
     trained.add_argument("--patience", type=int, default=None,
@@ -558,6 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="also train each client's model on its own images alone and test it on every category")
     rounds = federate.add_argument_group("trained detectors (FedAvg / FedProx over rounds)")
     rounds.add_argument("--rounds", type=int, default=None, help="federated rounds (none given: 5)")
+    _add_device_option(rounds)
     rounds.add_argument("--local-epochs", type=int, default=None,
                         help="epochs each client trains per round (none given: 1)")
     rounds.add_argument("--proximal-mu", type=float, default=None,

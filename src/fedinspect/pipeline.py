@@ -26,7 +26,7 @@ from fedinspect.data.images import image_size, read_image
 from fedinspect.data.regions import Region
 from fedinspect.detectors.padim import GridMismatchError
 from fedinspect.detectors.patchcore import PatchCore
-from fedinspect.detectors.registry import Detector, detector_name, get_detector, load_detector
+from fedinspect.detectors.registry import Detector, detector_name, get_detector, load_detector, set_device
 from fedinspect.detectors.trained_detector import TrainedDetector
 from fedinspect.errors import DataError, SettingsError
 from fedinspect.evaluation import anomaly_maps
@@ -70,17 +70,19 @@ def _naming_the_images(parts: list[tuple[CategoryDataset, list[Sample]]], run: C
 
 def fit_category(
     data_dir: str | Path, model_dir: str | Path | None = None, progress: bool = True, detector: str = "patchcore",
-    hold_out_t1: bool = False, split_seed: int = 0, **params: Any,
+    hold_out_t1: bool = False, split_seed: int = 0, device: str = "auto", **params: Any,
 ) -> Detector:
     """Fit a detector (by registry name) on a category's good training images; save it to ``model_dir`` if given.
 
     ``hold_out_t1``: leave out the T1 share of the training images (15%, drawn with ``split_seed``; see
     :func:`~fedinspect.evaluation.thresholds.train_shares`) so that T1 is later estimated on unseen good
-    images, as seed 004's protocol does. ``model_dir`` is locked for the whole fit and written all at
+    images, as seed 004's protocol does. ``device``: where a trained detector trains (:func:`set_device`).
+    ``model_dir`` is locked for the whole fit and written all at
     once (:func:`staged_output`): a failed fit leaves a previous model there untouched, and a second fit
     into it at the same time fails.
     """
     model = get_detector(detector, progress=progress, **params)  # settings checked before the data are read
+    set_device(model, device)
     dataset = CategoryDataset(data_dir)
     samples = dataset.train
     if hold_out_t1:

@@ -205,14 +205,14 @@ class Cflow(TrainedDetector):
     def _training_loss(self, module: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         losses = []
         for flow, (x, condition, _) in zip(module.flows, module.fibers(images), strict=True):
-            chosen = torch.randperm(x.shape[0], generator=generator)[:self.fiber_batch]
+            chosen = torch.randperm(x.shape[0], generator=generator)[:self.fiber_batch].to(x.device)
             losses.append(-flow.log_likelihood(x[chosen], condition[chosen]).mean() / x.shape[1])
         return torch.stack(losses).mean()
 
     def _calibrate(self, module: nn.Module, images: list[torch.Tensor]) -> None:
         best = torch.full_like(module.reference, -math.inf)
         for batch in self._shape_batches(images, range(len(images))):
-            maps = module.log_likelihood_maps(torch.stack([images[i] for i in batch]))
+            maps = module.log_likelihood_maps(torch.stack([images[i] for i in batch]).to(best.device))
             best = torch.maximum(best, torch.stack([m.max() for m in maps]))
         module.reference.copy_(best)
 

@@ -172,9 +172,9 @@ class Draem(TrainedDetector):
         rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
         images = self._random_crops(images, rng)
         pairs = [simulate_anomaly(image, rng, self.textures, anomaly_probability=ANOMALY_PROBABILITY)
-                 for image in images.permute(0, 2, 3, 1).numpy()]
-        augmented = torch.from_numpy(np.stack([pair[0] for pair in pairs])).permute(0, 3, 1, 2)
-        masks = torch.from_numpy(np.stack([pair[1] for pair in pairs]))
+                 for image in images.permute(0, 2, 3, 1).cpu().numpy()]
+        augmented = torch.from_numpy(np.stack([pair[0] for pair in pairs])).permute(0, 3, 1, 2).to(images.device)
+        masks = torch.from_numpy(np.stack([pair[1] for pair in pairs])).to(images.device)
         logits, reconstruction = module(augmented)
         reconstruction_loss = F.mse_loss(reconstruction, images) + 1 - ssim_map(reconstruction, images).mean()
         return reconstruction_loss + focal_loss(logits, masks)

@@ -129,3 +129,19 @@ def load_detector(directory: str | Path, weights: str | Path | None = None, prog
             return DETECTORS[name].load(directory, progress=progress, weights=weights, runtime=runtime)
     known = ", ".join(entry[3] for entry in _ENTRIES.values())
     raise ModelFileError(f"{path}: unknown model format {fmt!r} (this fedinspect reads {known})")
+
+
+def set_device(model: Detector, device: str) -> Detector:
+    """Train and score ``model`` on ``device`` (``"auto"``, ``"cpu"`` or ``"cuda"``; see
+    :func:`~fedinspect.detectors.trained_detector.resolve_device`). Only the trained detectors have a device:
+    PatchCore and PaDiM run their frozen backbone with their ``runtime`` (on the CPU), so anything but
+    ``"auto"`` is refused for them."""
+    from fedinspect.detectors.trained_detector import TrainedDetector, resolve_device
+
+    if isinstance(model, TrainedDetector):
+        resolve_device(device)  # checked now, before any work
+        model.device = device
+    elif device != "auto":
+        raise SettingsError(f"device {device!r}: {detector_name(model)} has no device to choose (its frozen "
+                            "backbone runs with its runtime, on the CPU); only the trained detectors do")
+    return model

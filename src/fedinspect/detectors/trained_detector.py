@@ -84,6 +84,21 @@ def _check_positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+DEVICES = ("auto", "cpu", "cuda")
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"cpu"``, ``"cuda"`` (an error naming the problem when torch sees no GPU) or ``"auto"`` (CUDA when torch
+    sees one, else the CPU)."""
+    if device not in DEVICES:
+        raise SettingsError(f"device must be one of {list(DEVICES)}, got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SettingsError("device 'cuda': torch sees no CUDA GPU here (torch.cuda.is_available() is False)")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(device)
+
+
 class TrainedDetector:
     """Base of the trained detectors (see the module docstring for what a subclass provides).
 
@@ -140,7 +155,14 @@ class TrainedDetector:
         self.sigma = float(sigma)
         self.seed = seed
         self.progress = progress
+        # Where the network trains and scores ("auto": CUDA when torch sees a GPU, else the CPU). Not a model
+        # parameter: it does not change what is learned beyond float rounding, and a saved model loads anywhere.
+        self.device = "auto"
         self.module_: nn.Module | None = None
+
+    def torch_device(self) -> torch.device:
+        """The device of :attr:`device`: ``"auto"`` is CUDA when torch sees a GPU, else the CPU."""
+        return resolve_device(self.device)
 
     # ------------------------------------------------------------------ what a subclass provides
     def _build_module(self) -> nn.Module:
@@ -237,7 +259,8 @@ class TrainedDetector:
         total, count = 0.0, 0
         with torch.no_grad():
             for batch in self._shape_batches(tensors, range(len(tensors))):
-                loss = self._training_loss(module, torch.stack([tensors[i] for i in batch]), generator)
+                images = torch.stack([tensors[i] for i in batch]).to(self.torch_device())
+                loss = self._training_loss(module, images, generator)
                 total += float(loss) * len(batch)
                 count += len(batch)
         return total / count
@@ -259,7 +282,7 @@ class TrainedDetector:
         validation = [tensors[i] for i in sorted(permutation[:n_validation])]
         train = [tensors[i] for i in sorted(permutation[n_validation:])]
         torch.manual_seed(self.seed)
-        module = self._new_module()
+        module = self._new_module().to(self.torch_device())
         self._train(module, train, validation, rng)
         self.n_train_images_ = len(tensors)  # all images given; the validation share is among them
         self.n_validation_images_ = len(validation)
@@ -269,13 +292,13 @@ class TrainedDetector:
     def initialize(self) -> TrainedDetector:
         """Build the untrained network (seeded): the global model of a federation's round 0."""
         torch.manual_seed(self.seed)
-        self.module_ = self._new_module()
+        self.module_ = self._new_module().to(self.torch_device())
         self.module_.eval()
         return self
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """What a federation exchanges: the state dict without the pretrained (frozen) part, detached copies."""
-        return {key: value.detach().clone() for key, value in self._saved_state(self._check_fitted()).items()}
+        return {key: value.detach().cpu().clone() for key, value in self._saved_state(self._check_fitted()).items()}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state") -> TrainedDetector:
         """Set the weights from :meth:`trainable_state`'s form (e.g. a global model), checked name by name.
@@ -332,7 +355,7 @@ class TrainedDetector:
         tensors = self._read(images, total)
         if not tensors:
             raise TrainingError(f"{self.name}: no training image given")
-        module = self.module_ if self.module_ is not None else self.initialize().module_
+        module = (self.module_ if self.module_ is not None else self.initialize().module_).to(self.torch_device())
         anchor = [(p, p.detach().clone()) for p in self._parameters_to_train(module)] if proximal_mu else None
         if privacy is None:
             self._train(module, tensors, [], np.random.default_rng(self.seed), anchor=anchor, mu=float(proximal_mu))
@@ -385,7 +408,7 @@ class TrainedDetector:
         start = time.perf_counter()
 
         def loss_fn(net: nn.Module, images: torch.Tensor) -> torch.Tensor:
-            loss = self._training_loss(net, images, generator)
+            loss = self._training_loss(net, images.to(self.torch_device()), generator)
             if not math.isfinite(float(loss.detach())):
                 raise TrainingError(f"{self.name}: the training loss became {float(loss)} under DP-SGD "
                                     f"(learning rate {self.learning_rate}): lower it")
@@ -425,7 +448,8 @@ class TrainedDetector:
             module.train()
             epoch_loss, seen = 0.0, 0
             for batch in self._shape_batches(train, rng.permutation(len(train))):
-                loss = self._training_loss(module, torch.stack([train[i] for i in batch]), generator)
+                images = torch.stack([train[i] for i in batch]).to(self.torch_device())
+                loss = self._training_loss(module, images, generator)
                 value = float(loss.detach())
                 if not math.isfinite(value):
                     raise TrainingError(f"{self.name}: the training loss became {value} at epoch {epoch} "
@@ -476,15 +500,16 @@ class TrainedDetector:
 
     def predict(self, images: Iterable[np.ndarray], total: int | None = None) -> tuple[np.ndarray, list[np.ndarray]]:
         """Image anomaly scores (n,) and anomaly maps, each float32 at its image's original size."""
-        module = self._check_fitted()
+        module = self._check_fitted().to(self.torch_device())
         module.eval()
         letterbox = self.letterbox
         scores: list[float] = []
         maps: list[np.ndarray] = []
         with tqdm(total=total, desc="scoring", unit="img", disable=not self.progress) as bar, torch.no_grad():
             for batch in self._prediction_batches(images):
-                raw = self._anomaly_maps(module, torch.stack([letterbox(image) for image in batch]))
-                smoothed = gaussian_blur(raw.float(), self.sigma)
+                images = torch.stack([letterbox(image) for image in batch]).to(self.torch_device())
+                raw = self._anomaly_maps(module, images).float().cpu()
+                smoothed = gaussian_blur(raw, self.sigma)
                 for image, smooth in zip(batch, smoothed, strict=True):
                     restored = letterbox.restore(smooth, image.shape[:2])
                     maps.append(restored)
@@ -503,7 +528,7 @@ class TrainedDetector:
         return f"{cls.name}.json"
 
     def _saved_state(self, module: nn.Module) -> dict[str, torch.Tensor]:
-        return {key: value for key, value in module.state_dict().items()
+        return {key: value.cpu() for key, value in module.state_dict().items()
                 if not key.startswith(self.frozen_prefixes)}
 
     def _teacher_weights_path(self, module: nn.Module) -> Path | None:

@@ -36,7 +36,7 @@ from sklearn.metrics import roc_auc_score
 from fedinspect import __version__
 from fedinspect.data.dataset import CategoryDataset, find_categories, training_images
 from fedinspect.data.images import read_image
-from fedinspect.detectors.registry import TRAINED, detector_parameters, get_detector
+from fedinspect.detectors.registry import TRAINED, detector_parameters, get_detector, set_device
 from fedinspect.errors import FedinspectError, SettingsError
 from fedinspect.federation.client import derived_seed
 from fedinspect.federation.partition import SCHEMES, Partition, partition
@@ -83,6 +83,8 @@ class DetectorFederationConfig:
     # (measured: <= 62 for efficientnet_lite0 on the real metal plates and magnetic tiles); an entry beyond the
     # bound it implies is clipped and counted in results.json. With DP, the clip norm is the bound.
     secure_bound: float = 100.0
+    # where each party trains and scores a trained detector ("auto": CUDA when torch sees a GPU, else the CPU)
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "params", dict(self.params))
@@ -94,6 +96,8 @@ class DetectorFederationConfig:
             self.statistics_privacy()  # a bad setting fails before any work
         elif self.privacy:
             self.dp_sgd()
+        if self.device != "auto" and self.detector not in TRAINED:
+            raise SettingsError(f"device {self.device!r}: only the trained detectors have one, not {self.detector}")
         if self.model_scope not in MODEL_SCOPES:
             raise SettingsError(f"model scope must be one of {MODEL_SCOPES}, got {self.model_scope!r}")
         if self.partition not in SCHEMES:
@@ -406,7 +410,7 @@ class DetectorTask(CategoryTask):
             params.setdefault("normalization", "group")
         model = get_detector(self.config.detector, seed=self.config.seed if seed is None else seed, **params)
         model.epochs = self.config.local_epochs
-        return model
+        return set_device(model, self.config.device)
 
     def initial_state(self) -> State:
         weights = self.detector().initialize().trainable_state()
