@@ -9,8 +9,8 @@ For each detector and each device torch sees (``cpu``, and ``cuda`` when there i
 number of epochs (no early stopping, no validation share) on the category's good training images, then
 score its test split; prints seconds per epoch, ms per test image and image AUROC (which should agree
 across devices up to float rounding), and writes ``bench_device.json``. Without ``--data`` it generates the
-synthetic ``small`` set's ``pipe_clip`` category (no real image needed). ``--weights``: the EfficientNet-Lite0
-file for the detectors with a pretrained teacher (default: the packaged one).
+synthetic set's ``pipe_clip`` category at ``--synthetic-size`` (no real image needed). ``--weights``: the
+EfficientNet-Lite0 file for the detectors with a pretrained teacher (default: the packaged one).
 """
 
 from __future__ import annotations
@@ -67,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--data", type=Path, default=None, help="category folder (default: synthetic pipe_clip)")
     parser.add_argument("--detectors", default="ae_mse,stfpm", help="comma-separated trained detectors")
+    parser.add_argument("--synthetic-size", default="small", help="size of the generated set without --data")
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--image-size", type=int, default=256)
     parser.add_argument("--weights", default=None, help="EfficientNet-Lite0 weights file (default: packaged)")
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.data is None:
             from fedinspect.data.synthetic import generate_dataset
 
-            root = generate_dataset(Path(work) / "small", seed=0, size="small", categories=["pipe_clip"],
-                                    progress=False)
+            root = generate_dataset(Path(work) / "synthetic", seed=0, size=args.synthetic_size,
+                                    categories=["pipe_clip"], progress=False)
             args.data = root / "pipe_clip"
         dataset = CategoryDataset(args.data)
         rows = [measure(name.strip(), device, dataset, args) for name in args.detectors.split(",") if name.strip()
