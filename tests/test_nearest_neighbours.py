@@ -124,14 +124,6 @@ def test_default_nlist_keeps_cells_full():
     assert default_nlist(60_000) == 980  # 4 sqrt(60000)
 
 
-def test_faiss_uses_torch_thread_count(one_torch_thread):
-    import faiss
-
-    faiss.omp_set_num_threads(2)
-    NearestNeighbours(np.zeros((3, 2))).search(np.zeros((1, 2)))
-    assert faiss.omp_get_max_threads() == 1
-
-
 def test_empty_queries_give_empty_results():
     distances, indices = NearestNeighbours(np.eye(3)).search(np.zeros((0, 3)), k=2)
     assert distances.shape == indices.shape == (0, 2)
@@ -193,3 +185,24 @@ def test_refine_maximum_makes_the_largest_distance_exact(method, one_torch_threa
     assert int(np.argmax(refined_d[:, 0])) == int(np.argmax(exact_d[:, 0]))
     assert (refined_d[:, 0] <= distances[:, 0] + 1e-5).all()  # refining only ever lowers a distance
     np.testing.assert_allclose(refined_d[:, 0], np.linalg.norm(bank[refined_i[:, 0]] - queries, axis=1), rtol=1e-4)
+
+
+def test_patchcore_searches_with_its_search_setting_and_keeps_it_in_its_files(tmp_path) -> None:
+    import json
+
+    from fedinspect.detectors.patchcore import CONFIG_FILE, PatchCore
+
+    bank = np.random.default_rng(0).normal(size=(50, 152)).astype(np.float32)  # Lite0 width
+    model = PatchCore(search="hnsw", runtime="torch")
+    with pytest.raises(ValueError, match="unknown search 'kdtree'"):
+        PatchCore(search="kdtree")
+    assert model.get_params()["search"] == "hnsw"
+    model.set_memory_bank(bank)
+    assert model._check_fitted().method == "hnsw"
+    assert PatchCore(runtime="torch").set_memory_bank(bank)._check_fitted().method == "exact"  # auto, small bank
+    folder = model.save(tmp_path / "model")
+    assert PatchCore.load(folder).search == "hnsw"
+    config = json.loads((folder / CONFIG_FILE).read_text())
+    del config["params"]["search"]  # a model written before approximate search existed: searched exactly
+    (folder / CONFIG_FILE).write_text(json.dumps(config))
+    assert PatchCore.load(folder).search == "exact"

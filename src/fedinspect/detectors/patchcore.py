@@ -35,6 +35,7 @@ from fedinspect.detectors.model_files import (
     file_sha256,
     read_settings,
 )
+from fedinspect.detectors.nearest_neighbours import METHODS as SEARCH_METHODS
 from fedinspect.detectors.nearest_neighbours import NearestNeighbours
 from fedinspect.detectors.patch_features import PatchFeatures
 from fedinspect.detectors.preprocessing import gaussian_blur
@@ -83,6 +84,10 @@ class PatchCore(FeatureDetector):
         How the frozen backbone runs: ``"openvino"`` (default, f32, the fastest on CPU), ``"onnx"``
         (onnxruntime), ``"torch"`` (eager) or ``"openvino-bf16"`` (lower precision, opt-in); every
         runtime's maps are checked against torch's (:mod:`fedinspect.backbones.runtime`).
+    search:
+        Nearest-neighbour search in the bank (:class:`NearestNeighbours`): ``"auto"`` (default: exact up to
+        20,000 rows, IVF above, measured within 1e-3 of exact in image AUROC and AUC-sPRO), ``"exact"``,
+        ``"ivf"`` or ``"hnsw"``.
     """
 
     def __init__(
@@ -100,11 +105,15 @@ class PatchCore(FeatureDetector):
         seed: int = 0,
         progress: bool = False,
         runtime: str = DEFAULT_RUNTIME,
+        search: str = "auto",
     ) -> None:
         self.backbone = backbone
         self.layers = tuple(layers) if layers is not None else None
         self.weights = weights
         self.runtime = check_runtime(runtime)
+        if search not in SEARCH_METHODS:
+            raise ValueError(f"unknown search {search!r}; choices: {', '.join(SEARCH_METHODS)}")
+        self.search = search
         self.image_size = check_image_size(image_size)
         self.coreset_ratio = coreset_ratio
         self.projection_dim = projection_dim
@@ -133,6 +142,7 @@ class PatchCore(FeatureDetector):
             "batch_size": self.batch_size,
             "seed": self.seed,
             "runtime": self.runtime,
+            "search": self.search,
         }
 
     # ------------------------------------------------------------------ embedding
@@ -209,7 +219,7 @@ class PatchCore(FeatureDetector):
             raise ValueError("memory bank contains NaN or infinite values")
         self.memory_bank_ = bank
         self.n_train_patches_ = int(n_train_patches if n_train_patches is not None else bank.shape[0])
-        self._index = NearestNeighbours(bank)
+        self._index = NearestNeighbours(bank, method=self.search, seed=self.seed)
         return self
 
     def with_memory_bank(self, bank: np.ndarray) -> PatchCore:
@@ -353,6 +363,7 @@ class PatchCore(FeatureDetector):
             )
         params = constructor_params(config, config_path)
         params.setdefault("runtime", "torch")  # written before runtimes existed: torch eager
+        params.setdefault("search", "exact")  # written before approximate search existed
         if runtime is not None:  # the caller's choice of how to run the backbone (the features are the same)
             params["runtime"] = runtime
         try:
