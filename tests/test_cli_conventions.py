@@ -125,3 +125,7 @@ def test_runtime_choices_are_the_backbones_and_apply_only_where_there_is_a_backb
     from fedinspect.cli import _federation_config
 
     assert _federation_config(args).settings.runtime == "torch"
+    args = build_parser().parse_args(["federate", "--data", "d", "--out", "o", "--search", "hnsw"])
+    assert _federation_config(args).settings.search == "hnsw"
+    with pytest.raises(ValueError, match="unknown search 'kdtree'"):
+        RoundSettings(search="kdtree")

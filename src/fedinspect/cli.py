@@ -31,6 +31,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--runtime", choices=RUNTIMES, default=None,
                        help="what runs the frozen backbone of patchcore and padim (none given: openvino, measured "
                             "3.75x faster than torch with the same scores; see README 'Speed')")
+    group.add_argument("--search", choices=("auto", "exact", "ivf", "hnsw"), default=None,
+                       help="nearest-neighbour search in patchcore's memory bank (none given: auto, exact up to "
+                            "20,000 rows and IVF above; see README 'Speed')")
     group.add_argument("--coreset-ratio", type=float, default=0.1,
                        help="fraction of patches kept (the centralized baseline's when federating)")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice")
@@ -63,7 +66,7 @@ def _cmd_synth(args: argparse.Namespace) -> int:
 # `fit` options whose detector parameter not every detector has: given for one that lacks it, they are refused.
 # the backbone runtimes (fedinspect.backbones.RUNTIMES; spelled out so that --help imports no torch; a test checks)
 RUNTIMES = ("torch", "onnx", "openvino", "openvino-bf16")
-FIT_OPTIONS = {"backbone": "--backbone", "weights": "--weights", "runtime": "--runtime",
+FIT_OPTIONS = {"backbone": "--backbone", "weights": "--weights", "runtime": "--runtime", "search": "--search",
                "coreset_ratio": "--coreset-ratio",
                "n_features": "--n-features", "epochs": "--epochs", "learning_rate": "--lr",
                "batch_size": "--batch-size", "patience": "--patience", "texture_dir": "--texture-dir"}
@@ -147,6 +150,7 @@ def _federation_config(args: argparse.Namespace) -> FederationConfig:
             backbone=args.backbone, image_size=args.image_size, local_coreset_ratio=args.local_coreset_ratio,
             precision=args.precision, seed=args.seed, **_privacy_settings(args),
             **({"runtime": args.runtime} if args.runtime is not None else {}),
+            **({"search": args.search} if args.search is not None else {}),
         )
         return FederationConfig(
             clients=args.clients, partition=args.partition, alpha=args.alpha, strategy=args.strategy,
@@ -275,7 +279,7 @@ def detector_federation_config(args: argparse.Namespace) -> DetectorFederationCo
                               f"{args.detector}")
     takes = detector_parameters(args.detector)
     params: dict[str, object] = {"image_size": args.image_size}
-    for dest in ("backbone", "weights", "runtime", "learning_rate", "batch_size"):
+    for dest in ("backbone", "weights", "runtime", "search", "learning_rate", "batch_size"):
         value = getattr(args, dest)
         if value is not None and value != defaults[dest]:
             if dest not in takes:

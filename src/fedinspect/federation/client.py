@@ -19,6 +19,7 @@ import numpy as np
 from fedinspect.backbones import DEFAULT_RUNTIME, check_runtime
 from fedinspect.data.images import read_image
 from fedinspect.detectors.model_files import check_image_size
+from fedinspect.detectors.nearest_neighbours import METHODS as SEARCH_METHODS
 from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.federation.update import CategoryUpdate, ClientUpdate
 from fedinspect.privacy.bank_dp import DEFAULT_CLIP_NORM, BankPrivacy, private_centres, privatize_embeddings
@@ -35,6 +36,7 @@ class RoundSettings:
     layers: tuple[str, ...] | None = None
     image_size: int = 256
     runtime: str = DEFAULT_RUNTIME  # what runs the backbone (fedinspect.backbones.RUNTIMES): same features
+    search: str = "auto"  # nearest-neighbour search of the banks (detectors/nearest_neighbours.py)
     # 3% of each client's patches, sent as float16: measured to keep accuracy while cutting traffic
     # to ~17 MB for AutoVI-sized data (benchmarks/bench_federation.py; README "Traffic").
     local_coreset_ratio: float = 0.03
@@ -61,6 +63,8 @@ class RoundSettings:
     def __post_init__(self) -> None:
         check_image_size(self.image_size)
         check_runtime(self.runtime)
+        if self.search not in SEARCH_METHODS:
+            raise ValueError(f"unknown search {self.search!r}; choices: {', '.join(SEARCH_METHODS)}")
         self.obfuscator()  # validate early: a bad method name or DP setting fails before any work
         self.bank_privacy()
 
@@ -88,6 +92,7 @@ class RoundSettings:
         """A PatchCore configured as the server asked (used for embedding and local coresets)."""
         return PatchCore(
             backbone=self.backbone, layers=self.layers, image_size=self.image_size, runtime=self.runtime,
+            search=self.search,
             coreset_ratio=self.local_coreset_ratio, projection_dim=self.projection_dim,
             coreset_chunk_size=self.coreset_chunk_size, seed=self.seed, progress=progress,
         )
