@@ -190,8 +190,10 @@ class PatchCoreTask(FederatedTask):
         self.min_clients = self.config.min_clients
         self.cache: EmbeddingCache = {} if cache is None else cache
         # the clients' training embeddings are kept only for someone who reads them again: the centralized
-        # baseline, the attacks, or a caller's own cache (a study reusing them across runs)
+        # baseline, the attacks, or a caller's own cache (a study reusing them across runs); embeddings in a
+        # cache of our own are dropped category by category once evaluated (memory stays bounded)
         self.keep_embeddings = cache is not None or self.config.centralized or bool(self.config.attack_data)
+        self.own_caches = (cache is None, test_cache is None)
         self.test_cache = {} if test_cache is None else test_cache
         self.report = report
         self.own_data: Path | None = None
@@ -348,8 +350,10 @@ class PatchCoreTask(FederatedTask):
             results["privacy"] = privacy.report()
         if (obfuscation := config.settings.obfuscator()) is not None:
             results["obfuscation"] = obfuscation.to_dict()
+        own_cache, own_test_cache = self.own_caches
         evaluation = _evaluate(plan.datasets, banks, shared, config, detector, self.cache, out_dir, timing,
-                               self.progress, per_client, self.test_cache)
+                               self.progress, per_client, None if own_test_cache else self.test_cache,
+                               release=own_cache and not config.attack_data)
         results.update(evaluation["summary"])
         if config.attack_data:
             results["attacks"] = _attacks(plan, updates, banks, config, detector, self.cache, self.progress)
@@ -391,7 +395,10 @@ def _named_screening(decision: Screening, clients: list[str]) -> dict[str, Any]:
 def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray], shared: dict[str, np.ndarray] | None,
               config: FederationConfig, detector: PatchCore, cache: EmbeddingCache, out_dir: Path,
               timing: dict[str, float], progress: bool, per_client: ClientEvaluation | None = None,
-              test_cache: dict[Path, Any] | None = None) -> dict[str, Any]:
+              test_cache: dict[Path, Any] | None = None, release: bool = False) -> dict[str, Any]:
+    """Every category's models (federated, centralized, shared) scored with the AutoVI protocol, one category
+    at a time; ``test_cache=None`` keeps a category's test grids only while it is evaluated, ``release`` drops
+    its training embeddings from ``cache`` once its baseline is fitted."""
     per_model: dict[str, dict[str, Any]] = {"federated": {}, "centralized": {}, "shared_bank": {}}
     curves: dict[str, dict[str, Curves]] = {"federated": {}, "centralized": {}}
     examples: list[Example] = []
@@ -418,6 +425,10 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
             start = time.perf_counter()
             pooled = _pooled_embeddings(dataset, detector, cache, skipped, config)
             models["centralized"] = detector.select_coreset(pooled, config.centralized_coreset_ratio)
+            del pooled
+            if release:
+                for sample in dataset.train:
+                    cache.pop(sample.image_path, None)
             timing["centralized_fit_s"] += time.perf_counter() - start
         for model_name, bank in models.items():
             start = time.perf_counter()
