@@ -148,7 +148,7 @@ def task_from_run_config(run_config: Mapping[str, Any]) -> tuple[FederatedTask, 
 
         task: FederatedTask = PatchCoreTask(options["data-dir"], config, bool(options["progress"]))
     else:
-        from fedinspect.federation.detector_task import DetectorFederationConfig, make_task
+        from fedinspect.federation.detector_task import make_task
 
         def json_object(key: str) -> dict[str, Any]:
             try:
@@ -159,20 +159,31 @@ def task_from_run_config(run_config: Mapping[str, Any]) -> tuple[FederatedTask, 
                 raise SettingsError(f"run config {key}: expected a JSON object, got {value!r}")
             return value
 
-        settings = DetectorFederationConfig(
-            detector=detector, params=json_object("detector-params"), clients=config.clients,
-            partition=config.partition, alpha=config.alpha, seed=config.settings.seed,
-            rounds=int(run_config.get("rounds", DETECTOR_OPTIONS["rounds"])),
-            local_epochs=int(run_config.get("local-epochs", DETECTOR_OPTIONS["local-epochs"])),
-            proximal_mu=float(run_config.get("proximal-mu", DETECTOR_OPTIONS["proximal-mu"])),
-            model_scope=str(run_config.get("model-scope", DETECTOR_OPTIONS["model-scope"])),
-            centralized=config.centralized, write_maps=config.write_maps,
-            local_baseline=bool(run_config.get("local-baseline", False)), privacy=json_object("privacy"))
+        try:
+            settings = _detector_config(run_config, config, detector, json_object)
+        except (TypeError, ValueError) as error:
+            raise SettingsError(f"run config of detector {detector!r}: {error}") from error
         task = make_task(options["data-dir"], settings, bool(options["progress"]))
         if getattr(task, "secure", False):
             raise SettingsError("secure aggregation runs on the Simulation Engine only (flwr 1.41's legacy "
                                 "SecAgg+ workflow); unset secure for a deployment")
     return task, Path(str(options["out-dir"])), options
+
+
+def _detector_config(run_config: Mapping[str, Any], config: FederationConfig, detector: str,
+                     json_object: Any) -> DetectorFederationConfig:
+    """The detector federation's settings from the run config (PatchCore's shared keys included)."""
+    from fedinspect.federation.detector_task import DetectorFederationConfig
+
+    return DetectorFederationConfig(
+        detector=detector, params=json_object("detector-params"), clients=config.clients,
+        partition=config.partition, alpha=config.alpha, seed=config.settings.seed,
+        rounds=int(run_config.get("rounds", DETECTOR_OPTIONS["rounds"])),
+        local_epochs=int(run_config.get("local-epochs", DETECTOR_OPTIONS["local-epochs"])),
+        proximal_mu=float(run_config.get("proximal-mu", DETECTOR_OPTIONS["proximal-mu"])),
+        model_scope=str(run_config.get("model-scope", DETECTOR_OPTIONS["model-scope"])),
+        centralized=config.centralized, write_maps=config.write_maps,
+        local_baseline=bool(run_config.get("local-baseline", False)), privacy=json_object("privacy"))
 
 
 def _setup(context: Context) -> tuple[FederatedTask, Path, dict[str, Any]]:
