@@ -6,4 +6,22 @@ written with ``torch.func``) learns an initialisation across product tasks, :fun
 a new product and :func:`grad_cam` shows where the "defective" answer comes from.
 """
 
-__all__: list[str] = []
+from fedinspect.meta.gradcam import grad_cam
+from fedinspect.meta.maml import FineTuneResult, MetaTrainResult, adapt, fine_tune, meta_loss, meta_train, pair_loss
+from fedinspect.meta.model import ATTENTIONS, BACKBONES, CoordinateAttention, MeDetectionNet, count_parameters
+
+__all__ = [
+    "ATTENTIONS",
+    "BACKBONES",
+    "CoordinateAttention",
+    "FineTuneResult",
+    "MeDetectionNet",
+    "MetaTrainResult",
+    "adapt",
+    "count_parameters",
+    "fine_tune",
+    "grad_cam",
+    "meta_loss",
+    "meta_train",
+    "pair_loss",
+]
