@@ -236,3 +236,18 @@ def test_fine_tune_learns_keeps_the_best_validation_weights_and_is_seeded(one_to
     assert no_validation.validation_loss == []
     with pytest.raises(ValueError, match="fine-tuning training set: labels"):
         fine_tune(model, PairBatch(train.reference, train.test, train.label * 3), epochs=1)
+
+
+def test_meta_training_gradient_task_by_task_equals_the_meta_loss_gradient():
+    from fedinspect.meta.maml import _accumulate_meta_gradient
+
+    torch.manual_seed(3)
+    model = LinearOnTest(12)
+    episodes = [(random_batch(6, seed=i), random_batch(4, seed=10 + i)) for i in range(3)]
+    params = dict(model.named_parameters())
+    loss = meta_loss(model, params, episodes, inner_steps=2, inner_lr=0.5)
+    expected = torch.autograd.grad(loss, list(params.values()))
+    value = _accumulate_meta_gradient(model, params, episodes, inner_steps=2, inner_lr=0.5, first_order=False)
+    assert value == pytest.approx(float(loss.detach()), rel=1e-6)
+    for p, g in zip(params.values(), expected, strict=True):
+        torch.testing.assert_close(p.grad, g)

@@ -95,15 +95,38 @@ def meta_loss(model: nn.Module, params: Mapping[str, torch.Tensor], episodes: Se
     """Eq. 2: the query loss of each task after adapting on its support set, averaged over the tasks."""
     if not episodes:
         raise ValueError("meta_loss: no episodes")
-    losses = []
-    for index, episode in enumerate(episodes):
-        if not isinstance(episode, (tuple, list)) or len(episode) != 2:
-            raise ValueError(f"meta_loss: episode {index} must be a (support, query) pair of PairBatch")
-        support, query = episode
-        check_batch(query, f"query set of episode {index}")
-        adapted = adapt(model, params, support, inner_steps, inner_lr, first_order)
-        losses.append(pair_loss(model, adapted, query))
+    losses = [_episode_loss(model, params, episode, index, inner_steps, inner_lr, first_order)
+              for index, episode in enumerate(episodes)]
     return torch.stack(losses).mean()
+
+
+def _episode_loss(model: nn.Module, params: Mapping[str, torch.Tensor], episode: Episode, index: int,
+                  inner_steps: int, inner_lr: float, first_order: bool) -> torch.Tensor:
+    """Query loss of one (support, query) episode after adaptation on its support set."""
+    if not isinstance(episode, (tuple, list)) or len(episode) != 2:
+        raise ValueError(f"meta_loss: episode {index} must be a (support, query) pair of PairBatch")
+    support, query = episode
+    check_batch(support, f"support set of episode {index}")
+    check_batch(query, f"query set of episode {index}")
+    adapted = adapt(model, params, support, inner_steps, inner_lr, first_order)
+    return pair_loss(model, adapted, query)
+
+
+def _accumulate_meta_gradient(model: nn.Module, params: Mapping[str, torch.Tensor], episodes: Sequence[Episode],
+                              inner_steps: int, inner_lr: float, first_order: bool) -> float:
+    """Add the gradient of :func:`meta_loss` to the parameters' ``.grad``, one task at a time; return the loss.
+
+    The same gradient as ``meta_loss(...).backward()``, but each task's graph (with second order, the graph of its
+    inner gradients, several times the size of a forward pass) is freed before the next task is adapted.
+    """
+    if not episodes:
+        raise ValueError("meta_train: sample_episodes returned no episodes")
+    total = 0.0
+    for index, episode in enumerate(episodes):
+        loss = _episode_loss(model, params, episode, index, inner_steps, inner_lr, first_order) / len(episodes)
+        loss.backward()
+        total += float(loss.detach())
+    return total
 
 
 @dataclass
@@ -144,9 +167,8 @@ def meta_train(model: nn.Module, sample_episodes: EpisodeSampler, *, meta_steps:
     bar = _progress(meta_steps, "meta-train", progress)
     try:
         for step in range(meta_steps):
-            episodes = sample_episodes(rng)
-            loss = meta_loss(model, params, episodes, inner_steps, inner_lr, first_order)
-            value = float(loss.detach())
+            optimizer.zero_grad(set_to_none=True)
+            value = _accumulate_meta_gradient(model, params, sample_episodes(rng), inner_steps, inner_lr, first_order)
             if not math.isfinite(value):
                 raise FloatingPointError(f"meta_train: query loss became {value} at meta-step {step}")
             history.append(value)
@@ -155,8 +177,6 @@ def meta_train(model: nn.Module, sample_episodes: EpisodeSampler, *, meta_steps:
             elif patience is not None and step - best_step >= patience:
                 stopped_early = True
                 break
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
             optimizer.step()
             if bar is not None:
                 bar.update(1)
