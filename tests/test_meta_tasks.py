@@ -389,3 +389,17 @@ def test_pair_batch_refuses_inconsistent_tensors() -> None:
         make_pairs(torch.zeros(1, 4, 4, 3, dtype=torch.uint8), torch.zeros(1, 4, 4, 3, dtype=torch.uint8), [2])
     with pytest.raises(ValueError, match="uint8"):
         normalise(torch.zeros(1, 4, 4, 3))
+
+
+def test_an_episode_is_the_support_query_pair_meta_loss_takes(one_torch_thread: None) -> None:
+    from fedinspect.meta.maml import meta_loss, trainable_parameters
+    from fedinspect.meta.model import MeDetectionNet
+
+    torch.manual_seed(0)
+    split = split_task(constant_task(n_good=10, n_defective=6, size=32), seed=0)
+    episode = sample_episode(split, np.random.default_rng(0), n_support=8, n_query=4)
+    support, query = episode
+    assert support is episode.support and query is episode.query
+    model = MeDetectionNet(width=4)
+    loss = meta_loss(model, trainable_parameters(model), [episode], inner_steps=1, inner_lr=1e-3, first_order=True)
+    assert loss.ndim == 0 and torch.isfinite(loss)

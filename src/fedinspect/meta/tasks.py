@@ -41,7 +41,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Literal
+from typing import Literal, NamedTuple
 
 try:
     import tomllib
@@ -530,11 +530,12 @@ def pairs_for(images: TaskImages, tests: np.ndarray, pool_good: np.ndarray, refe
                       images.labels[tests].tolist())
 
 
-@dataclass(frozen=True)
-class Episode:
-    """One meta-training draw of a task: support pairs for the inner loop, query pairs for the outer loss."""
+class Episode(NamedTuple):
+    """One meta-training draw of a task: support pairs for the inner loop, query pairs for the outer loss.
 
-    task: str
+    A (support, query) tuple, the episode :func:`fedinspect.meta.maml.meta_loss` takes.
+    """
+
     support: PairBatch
     query: PairBatch
 
@@ -556,7 +557,7 @@ def sample_episode(split: TaskSplit, rng: np.random.Generator, n_support: int = 
     references = split.good(split.pool)
     support = _draw_pairs(split, split.pool, n_support, balanced, rng)
     query = _draw_pairs(split, split.holdout, n_query, balanced, rng)
-    return Episode(split.name, pairs_for(split.images, support, references, reference, rng),
+    return Episode(pairs_for(split.images, support, references, reference, rng),
                    pairs_for(split.images, query, references, reference, rng))
 
 
