@@ -128,9 +128,10 @@ def load_inpaint_pipeline(model_dir: str | Path | None, device: str = "cpu") -> 
     from diffusers.utils import logging as diffusers_logging
 
     diffusers_logging.set_verbosity_error()
-    dtype = torch.float16 if device.startswith("cuda") else torch.float32
+    # half precision on a GPU (as the checkpoints are published); the default float32 on the CPU
+    options = {"torch_dtype": torch.float16} if device.startswith("cuda") else {}
     try:
-        pipeline = AutoPipelineForInpainting.from_pretrained(model_dir, local_files_only=True, torch_dtype=dtype)
+        pipeline = AutoPipelineForInpainting.from_pretrained(model_dir, local_files_only=True, **options)
     except (OSError, ValueError, KeyError) as error:
         raise WeightsNotFoundError(f"{model_dir}: could not load an inpainting pipeline ({error})") from error
     pipeline.set_progress_bar_config(disable=True)
