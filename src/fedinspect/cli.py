@@ -639,6 +639,9 @@ def build_parser() -> argparse.ArgumentParser:
     from fedinspect.classification.commands import add_classification_commands
 
     add_classification_commands(commands)  # classify, classify-experiment (the PIDS paper)
+    from fedinspect.synthesis.commands import add_synthesis_commands
+
+    add_synthesis_commands(commands)  # synthesize (seed 003's defect generators)
     _finish_commands(commands)
     return parser
 
