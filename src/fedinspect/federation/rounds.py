@@ -42,6 +42,7 @@ State = dict[str, torch.Tensor]
 TASKS = {
     "classify": "fedinspect.classification.task:ClassificationTask",
     "detector": "fedinspect.federation.detector_task:DetectorTask",
+    "meta": "fedinspect.meta.federated:MetaLearningTask",
     "padim_statistics": "fedinspect.federation.statistics_task:StatisticsTask",
     "patchcore": "fedinspect.federation.runner:PatchCoreTask",
 }
