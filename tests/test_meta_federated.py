@@ -60,9 +60,10 @@ def states_close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], at
         torch.testing.assert_close(got[key], want[key], atol=atol, rtol=0)
 
 
-def test_one_client_one_round_is_centralized_meta_training(products, one_torch_thread) -> None:
+@pytest.mark.parametrize("first_order", [True, False])
+def test_one_client_one_round_is_centralized_meta_training(products, first_order, one_torch_thread) -> None:
     k = 3
-    config = settings(local_steps=k)
+    config = settings(local_steps=k, first_order=first_order)
     own = [products["a"], products["b"]]
     outcome = run_rounds(MetaLearningTask([own], config), progress=False)
 
@@ -71,7 +72,7 @@ def test_one_client_one_round_is_centralized_meta_training(products, one_torch_t
     model = load_meta_state(config.build_model(), initial_meta_state(config), "initial weights")
     central = meta_train(model, lambda rng: [sample_episode(s, rng, 8, 4, "nearest") for s in splits],
                          meta_steps=k + 1, inner_steps=1, inner_lr=0.05, outer_lr=0.01, betas=(0.5, 0.999),
-                         first_order=True, patience=None, seed=client_seed(config.seed, 0, 1), progress=False)
+                         first_order=first_order, patience=None, seed=client_seed(config.seed, 0, 1), progress=False)
     record = outcome.history[0]
     assert record["client_query_loss"]["client_0"] == pytest.approx(central.history[0], abs=1e-6)
     assert record["train_loss"] == pytest.approx(np.mean(central.history[:k]), abs=1e-6)
