@@ -119,8 +119,8 @@ def test_runtime_choices_are_the_backbones_and_apply_only_where_there_is_a_backb
         RoundSettings(runtime="tensorrt")
     assert main(["-q", "fit", "--detector", "ae_mse", "--runtime", "onnx", "--data", str(tmp_path),
                  "--out", str(tmp_path / "m")]) == 2
-    assert "--runtime does not apply to --detector ae_mse (detectors that take it: patchcore, padim)" in \
-        capsys.readouterr().err
+    assert "--runtime does not apply to --detector ae_mse (detectors that take it: patchcore, padim, stfpm, " \
+        "reverse_distillation, cflow)" in capsys.readouterr().err
     args = build_parser().parse_args(["federate", "--data", "d", "--out", "o", "--runtime", "torch"])
     from fedinspect.cli import _federation_config
 

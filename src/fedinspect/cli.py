@@ -29,8 +29,9 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--weights", default=None, help="local weights file of the backbone (none: packaged weights)")
     group.add_argument("--image-size", type=int, default=256, help="short side after resizing (px)")
     group.add_argument("--runtime", choices=RUNTIMES, default=None,
-                       help="what runs the frozen backbone of patchcore and padim (none given: openvino, measured "
-                            "3.75x faster than torch with the same scores; see README 'Speed')")
+                       help="what runs the frozen pretrained backbone of patchcore and padim and the frozen teacher "
+                            "of stfpm, reverse_distillation and cflow (none given: openvino, measured 3.75x faster "
+                            "than torch with the same features; see README 'Speed')")
     group.add_argument("--search", choices=("auto", "exact", "ivf", "hnsw"), default=None,
                        help="nearest-neighbour search in patchcore's memory bank (none given: auto, exact up to "
                             "20,000 rows and IVF above; see README 'Speed')")
@@ -547,8 +548,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--weights", default=None,
                           help="the backbone's local weights file the model was fitted with (checked by SHA-256)")
     evaluate.add_argument("--runtime", choices=RUNTIMES, default=None,
-                          help="run the backbone of a patchcore or padim model with this runtime (none given: the "
-                               "one it was fitted with)")
+                          help="run the frozen backbone of a patchcore, padim, stfpm, reverse_distillation or cflow "
+                               "model with this runtime (none given: the one it was fitted with)")
     evaluate.set_defaults(run=_cmd_evaluate)
 
     federate = commands.add_parser("federate", help="federate a detector (PatchCore by default), evaluated per "

@@ -349,14 +349,7 @@ class BackboneRuntime(nn.Module):
                 raise RuntimeError(f"{layer}: graph gives shape {found.shape}, torch {expected.shape}")
             if not np.isfinite(found).all():
                 raise RuntimeError(f"{layer}: graph gives NaN or infinite values")
-            diff, cos = map_agreement(expected, found)
-            scale = max(float(np.abs(expected).max()), 1e-6)
-            if self.runtime.endswith("bf16"):
-                if cos < BF16_MIN_COSINE:
-                    raise RuntimeError(f"{layer}: bf16 cosine {cos:.5f} to torch is below {BF16_MIN_COSINE}")
-            elif diff > F32_MAX_RELATIVE_DIFF * scale:
-                raise RuntimeError(f"{layer}: max |difference| to torch {diff:.3g} exceeds "
-                                   f"{F32_MAX_RELATIVE_DIFF} x {scale:.3g}")
+            check_agreement(expected, found, self.runtime, layer)
 
 
 def map_agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, float]:
@@ -366,6 +359,21 @@ def map_agreement(reference: np.ndarray, other: np.ndarray) -> tuple[float, floa
     diff = float(np.abs(a - b).max()) if a.size else 0.0
     norm = float(np.linalg.norm(a) * np.linalg.norm(b))
     cos = float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b))
+    return diff, cos
+
+
+def check_agreement(reference: np.ndarray, found: np.ndarray, runtime: str, what: str) -> tuple[float, float]:
+    """(max |difference|, cosine) of ``found`` to torch's ``reference`` maps, or RuntimeError naming ``what`` when
+    they differ beyond ``runtime``'s gate: f32, a max |difference| of :data:`F32_MAX_RELATIVE_DIFF` times the
+    largest |reference| value; bf16, a cosine of :data:`BF16_MIN_COSINE`."""
+    diff, cos = map_agreement(reference, found)
+    scale = max(float(np.abs(reference).max()), 1e-6) if reference.size else 1e-6
+    if runtime.endswith("bf16"):
+        if cos < BF16_MIN_COSINE:
+            raise RuntimeError(f"{what}: bf16 cosine {cos:.5f} to torch is below {BF16_MIN_COSINE}")
+    elif diff > F32_MAX_RELATIVE_DIFF * scale:
+        raise RuntimeError(f"{what}: max |difference| to torch {diff:.3g} exceeds "
+                           f"{F32_MAX_RELATIVE_DIFF} x {scale:.3g}")
     return diff, cos
 
 

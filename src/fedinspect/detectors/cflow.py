@@ -19,8 +19,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedinspect.backbones.extractor import FeatureExtractor
+from fedinspect.backbones.runtime import DEFAULT_RUNTIME
 from fedinspect.detectors.distillation import build_teacher, check_backbone_settings
-from fedinspect.detectors.trained_detector import TrainedDetector, _check_positive_float, _check_positive_int
+from fedinspect.detectors.trained_detector import (
+    TrainedDetector,
+    _check_positive_float,
+    _check_positive_int,
+    checked_runtime,
+)
 from fedinspect.errors import SettingsError
 
 LOG_2PI = math.log(2 * math.pi)
@@ -111,10 +117,15 @@ class CflowModule(nn.Module):
                                    for layer in teacher.layers)
         self.register_buffer("reference", torch.zeros(len(teacher.layers)))
 
-    def fibers(self, images: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
-        """Per scale: fibers (B*h*w, C), their positional conditions (B*h*w, condition) and (h, w)."""
-        with torch.no_grad():
-            maps = self.teacher(images)
+    def fibers(self, images: torch.Tensor, maps: dict[str, torch.Tensor] | None = None
+               ) -> list[tuple[torch.Tensor, torch.Tensor, tuple[int, int]]]:
+        """Per scale: fibers (B*h*w, C), their positional conditions (B*h*w, condition) and (h, w).
+
+        ``maps``: the teacher's maps of ``images`` if already computed (by a faster runtime), else torch's.
+        """
+        if maps is None:
+            with torch.no_grad():
+                maps = self.teacher(images)
         out = []
         for layer in self.teacher.layers:
             features = maps[layer]
@@ -124,10 +135,12 @@ class CflowModule(nn.Module):
             out.append((features.permute(0, 2, 3, 1).reshape(-1, channels), condition, (height, width)))
         return out
 
-    def log_likelihood_maps(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per scale, (B, h, w) log-likelihood per feature dimension of every position."""
+    def log_likelihood_maps(self, images: torch.Tensor, teacher: dict[str, torch.Tensor] | None = None
+                            ) -> list[torch.Tensor]:
+        """Per scale, (B, h, w) log-likelihood per feature dimension of every position (``teacher``: as
+        :meth:`fibers`'s ``maps``)."""
         maps = []
-        for flow, (x, condition, (height, width)) in zip(self.flows, self.fibers(images), strict=True):
+        for flow, (x, condition, (height, width)) in zip(self.flows, self.fibers(images, teacher), strict=True):
             maps.append((flow.log_likelihood(x, condition) / x.shape[1]).reshape(-1, height, width))
         return maps
 
@@ -146,7 +159,9 @@ class Cflow(TrainedDetector):
     Defaults (sized for a 2-core CPU): EfficientNet-Lite0 scales stride8 and stride16 (40 and 112
     channels; the analogue of the paper's WRN50 layer2 + layer3), 8 coupling blocks, clamp 1.9,
     condition vector 128, fiber batch 2048 per scale and step, Adam at 1e-3, batch 8, at most 20 epochs with
-    patience 5 on a 10% validation split, image_size 256, map smoothing sigma 4.
+    patience 5 on a 10% validation split, image_size 256, map smoothing sigma 4. ``runtime`` (default
+    ``"openvino"``; ``"onnx"``, ``"torch"``, ``"openvino-bf16"``) runs the frozen encoder on the CPU, see
+    :mod:`fedinspect.backbones.runtime`; the flows train in torch whatever it is.
     Paper: WRN50 encoder with 3 scales (layer1-3), 8 coupling blocks, clamp 1.9, condition vector 128,
     fiber batch 256 with one step per fiber batch (every position of every image used each epoch), Adam
     at 2e-4 with warm-up and cosine decay, ~100 meta-epochs, 256x256 (MVTec). The seed trained 300 epochs
@@ -169,6 +184,7 @@ class Cflow(TrainedDetector):
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] = ("stride8", "stride16"),
         weights: str | None = None,
+        runtime: str = DEFAULT_RUNTIME,
         coupling_blocks: int = 8,
         condition_vector: int = 128,
         clamp_alpha: float = 1.9,
@@ -190,6 +206,7 @@ class Cflow(TrainedDetector):
         self.backbone = backbone
         self.layers = tuple(layers)
         self.weights = None if weights is None else str(weights)
+        self.runtime = checked_runtime(runtime)
         self.coupling_blocks = _check_positive_int("coupling_blocks", coupling_blocks)
         self.condition_vector = _check_positive_int("condition_vector", condition_vector, minimum=4)
         if condition_vector % 4:
@@ -204,7 +221,8 @@ class Cflow(TrainedDetector):
 
     def _training_loss(self, module: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         losses = []
-        for flow, (x, condition, _) in zip(module.flows, module.fibers(images), strict=True):
+        fibers = module.fibers(images, self._teacher_maps(module, images))
+        for flow, (x, condition, _) in zip(module.flows, fibers, strict=True):
             chosen = torch.randperm(x.shape[0], generator=generator)[:self.fiber_batch].to(x.device)
             losses.append(-flow.log_likelihood(x[chosen], condition[chosen]).mean() / x.shape[1])
         return torch.stack(losses).mean()
@@ -212,14 +230,16 @@ class Cflow(TrainedDetector):
     def _calibrate(self, module: nn.Module, images: list[torch.Tensor]) -> None:
         best = torch.full_like(module.reference, -math.inf)
         for batch in self._shape_batches(images, range(len(images))):
-            maps = module.log_likelihood_maps(torch.stack([images[i] for i in batch]).to(best.device))
+            x = torch.stack([images[i] for i in batch]).to(best.device)
+            maps = module.log_likelihood_maps(x, self._teacher_maps(module, x))
             best = torch.maximum(best, torch.stack([m.max() for m in maps]))
         module.reference.copy_(best)
 
     def _anomaly_maps(self, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
         size = images.shape[-2:]
         likelihood = images.new_zeros(images.shape[0], *size)
-        for log_p, reference in zip(module.log_likelihood_maps(images), module.reference, strict=True):
+        log_likelihoods = module.log_likelihood_maps(images, self._teacher_maps(module, images))
+        for log_p, reference in zip(log_likelihoods, module.reference, strict=True):
             scale = torch.exp(log_p - reference)[:, None]
             likelihood += F.interpolate(scale, size=size, mode="bilinear", align_corners=False)[:, 0]
         return len(module.flows) - likelihood

@@ -56,6 +56,11 @@ _ENTRIES: dict[str, tuple[str, str, str, str, str]] = {
 TRAINED = ("ae_mse", "ae_ssim", "stfpm", "reverse_distillation", "draem", "cflow")
 """Detectors trained by gradient descent (:class:`~fedinspect.detectors.trained_detector.TrainedDetector`)."""
 
+WITH_RUNTIME = ("patchcore", "padim", "stfpm", "reverse_distillation", "cflow")
+"""Detectors with a frozen pretrained backbone and a ``runtime`` parameter choosing what runs it
+(:data:`fedinspect.backbones.RUNTIMES`): PatchCore's and PaDiM's backbone, STFPM's and reverse
+distillation's teacher, CFLOW's encoder. A test checks it against the constructors."""
+
 DESCRIPTIONS: dict[str, str] = {name: entry[4] for name, entry in _ENTRIES.items()}
 SETTINGS_FILES: tuple[str, ...] = tuple(entry[2] for entry in _ENTRIES.values())
 
@@ -106,7 +111,7 @@ def load_detector(directory: str | Path, weights: str | Path | None = None, prog
 
     Exactly one detector settings file must be in ``directory``; an unknown format is a ModelFileError
     naming the file (the detector's own ``load`` then checks everything else). ``runtime`` replaces the
-    backbone runtime of a detector that has one (PatchCore, PaDiM).
+    backbone runtime of a detector that has one (:data:`WITH_RUNTIME`); for another it is a SettingsError.
     """
     directory = Path(directory)
     found = [directory / entry[2] for entry in _ENTRIES.values() if (directory / entry[2]).is_file()]
@@ -124,8 +129,9 @@ def load_detector(directory: str | Path, weights: str | Path | None = None, prog
         if entry[3] == fmt:
             if runtime is None:
                 return DETECTORS[name].load(directory, progress=progress, weights=weights)
-            if "runtime" not in detector_parameters(name):
-                raise SettingsError(f"{directory}: a {name} model has no backbone runtime to choose")
+            if name not in WITH_RUNTIME:
+                raise SettingsError(f"{directory}: a {name} model has no frozen backbone runtime to choose "
+                                    f"(those that do: {', '.join(WITH_RUNTIME)})")
             return DETECTORS[name].load(directory, progress=progress, weights=weights, runtime=runtime)
     known = ", ".join(entry[3] for entry in _ENTRIES.values())
     raise ModelFileError(f"{path}: unknown model format {fmt!r} (this fedinspect reads {known})")

@@ -17,8 +17,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedinspect.backbones import FeatureExtractor
+from fedinspect.backbones.runtime import DEFAULT_RUNTIME
 from fedinspect.detectors.distillation import build_teacher, check_backbone_settings, combine_maps
-from fedinspect.detectors.trained_detector import TrainedDetector, check_normalization
+from fedinspect.detectors.trained_detector import TrainedDetector, check_normalization, checked_runtime
 from fedinspect.errors import SettingsError
 
 
@@ -88,10 +89,14 @@ class ReverseDistillationModule(nn.Module):
             c_in = c
         self.decoder = nn.ModuleList(stages)
 
-    def distances(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per scale, 1 - cosine similarity of teacher and student features at each position: (B, h, w)."""
-        with torch.no_grad():
-            teacher = self.teacher(images)
+    def distances(self, images: torch.Tensor, teacher: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per scale, 1 - cosine similarity of teacher and student features at each position: (B, h, w).
+
+        ``teacher``: the teacher's maps of ``images`` if already computed (by a faster runtime), else torch's.
+        """
+        if teacher is None:
+            with torch.no_grad():
+                teacher = self.teacher(images)
         encoded = [teacher[k] for k in self.teacher.layers]
         x = self.bottleneck(encoded)
         rebuilt = []
@@ -122,7 +127,9 @@ class ReverseDistillation(TrainedDetector):
     lr 0.005, betas (0.5, 0.999), batch 16, 200 epochs; the seed study: 300 epochs at lr 0.01, 256x256.
 
     Parameters: ``backbone``, ``layers`` (None: the three scales above), ``weights`` (the teacher's
-    weight file; None = the packaged Lite weights; required, local, for wide_resnet50_2), then those of
+    weight file; None = the packaged Lite weights; required, local, for wide_resnet50_2), ``runtime``
+    (what runs the frozen teacher encoder on the CPU: ``"openvino"``, ``"onnx"``, ``"torch"`` or
+    ``"openvino-bf16"``, see :mod:`fedinspect.backbones.runtime`; bottleneck and decoder train in torch), then those of
     :class:`~fedinspect.detectors.trained_detector.TrainedDetector`.
     """
 
@@ -136,6 +143,7 @@ class ReverseDistillation(TrainedDetector):
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
         weights: str | Path | None = None,
+        runtime: str = DEFAULT_RUNTIME,
         normalization: str = "batch",
         image_size: int = 256,
         epochs: int = 6,
@@ -154,6 +162,7 @@ class ReverseDistillation(TrainedDetector):
         self.backbone = backbone
         self.layers = None if layers is None else tuple(layers)
         self.weights = None if weights is None else str(weights)
+        self.runtime = checked_runtime(runtime)
         self.normalization = check_normalization(normalization)
 
     def _build_module(self) -> ReverseDistillationModule:
@@ -170,7 +179,7 @@ class ReverseDistillation(TrainedDetector):
         return torch.optim.Adam(self._parameters_to_train(module), lr=self.learning_rate, betas=(0.5, 0.999))
 
     def _training_loss(self, module: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return sum(d.mean() for d in module.distances(images))
+        return sum(d.mean() for d in module.distances(images, self._teacher_maps(module, images)))
 
     def _anomaly_maps(self, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return combine_maps(module.distances(images), images.shape[-2:], how="sum")
+        return combine_maps(module.distances(images, self._teacher_maps(module, images)), images.shape[-2:], how="sum")

@@ -16,8 +16,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fedinspect.backbones import FeatureExtractor, untrained_backbone
+from fedinspect.backbones.runtime import DEFAULT_RUNTIME
 from fedinspect.detectors.distillation import build_teacher, check_backbone_settings, combine_maps
-from fedinspect.detectors.trained_detector import TrainedDetector, check_normalization
+from fedinspect.detectors.trained_detector import TrainedDetector, check_normalization, checked_runtime
 
 
 class StfpmModule(nn.Module):
@@ -28,10 +29,14 @@ class StfpmModule(nn.Module):
         self.teacher = teacher
         self.student = student
 
-    def distances(self, images: torch.Tensor) -> list[torch.Tensor]:
-        """Per layer, 0.5 * squared distance of the L2-normalised teacher and student features: (B, h, w)."""
-        with torch.no_grad():
-            teacher = self.teacher(images)
+    def distances(self, images: torch.Tensor, teacher: dict[str, torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Per layer, 0.5 * squared distance of the L2-normalised teacher and student features: (B, h, w).
+
+        ``teacher``: the teacher's maps of ``images`` if already computed (by a faster runtime), else torch's.
+        """
+        if teacher is None:
+            with torch.no_grad():
+                teacher = self.teacher(images)
         student = self.student(images)
         return [0.5 * (F.normalize(teacher[k], dim=1) - F.normalize(student[k], dim=1)).pow(2).sum(1)
                 for k in self.teacher.layers]
@@ -56,7 +61,9 @@ class Stfpm(TrainedDetector):
 
     Parameters: ``backbone`` (``efficientnet_lite0``, ``efficientnet_lite2``, ``wide_resnet50_2``),
     ``layers`` (None: the three scales above), ``weights`` (the teacher's weight file; None = the
-    packaged Lite weights; required, local, for wide_resnet50_2), then those of
+    packaged Lite weights; required, local, for wide_resnet50_2), ``runtime`` (what runs the frozen
+    teacher on the CPU: ``"openvino"``, ``"onnx"``, ``"torch"`` or ``"openvino-bf16"``, see
+    :mod:`fedinspect.backbones.runtime`; the student trains in torch whatever it is), then those of
     :class:`~fedinspect.detectors.trained_detector.TrainedDetector`. The student never loads ImageNet
     weights.
     """
@@ -71,6 +78,7 @@ class Stfpm(TrainedDetector):
         backbone: str = "efficientnet_lite0",
         layers: Sequence[str] | None = None,
         weights: str | Path | None = None,
+        runtime: str = DEFAULT_RUNTIME,
         normalization: str = "batch",
         image_size: int = 256,
         epochs: int = 6,
@@ -89,6 +97,7 @@ class Stfpm(TrainedDetector):
         self.backbone = backbone
         self.layers = None if layers is None else tuple(layers)
         self.weights = None if weights is None else str(weights)
+        self.runtime = checked_runtime(runtime)
         self.normalization = check_normalization(normalization)
 
     def _build_module(self) -> StfpmModule:
@@ -97,7 +106,8 @@ class Stfpm(TrainedDetector):
         return StfpmModule(teacher, student)
 
     def _training_loss(self, module: nn.Module, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        return sum(d.mean(dim=(1, 2)) for d in module.distances(images)).mean()
+        return sum(d.mean(dim=(1, 2)) for d in module.distances(images, self._teacher_maps(module, images))).mean()
 
     def _anomaly_maps(self, module: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        return combine_maps(module.distances(images), images.shape[-2:], how="product")
+        distances = module.distances(images, self._teacher_maps(module, images))
+        return combine_maps(distances, images.shape[-2:], how="product")

@@ -6,7 +6,9 @@ A subclass (autoencoder, STFPM, reverse distillation, DRAEM, CFLOW) says only wh
 - ``input_multiple``: the letterboxed input is padded to a multiple of it (the network's total stride);
 - ``frozen_prefixes``: state-dict prefixes that are *not* saved because they come from a weights file
   (a pretrained teacher), e.g. ``("teacher.",)``;
-- ``_build_module()``: the plain ``nn.Module`` (teacher included, loaded from its weights);
+- ``_build_module()``: the plain ``nn.Module`` (teacher included, loaded from its weights; a frozen pretrained
+  teacher is its ``teacher`` attribute, whose maps the subclass takes from :meth:`TrainedDetector._teacher_maps`
+  so that they run with the detector's ``runtime`` parameter, if it has one);
 - ``_training_loss(module, images, generator)``: a scalar loss on a batch of good images (B, 3, H, W)
   in [0, 1]; ``generator`` seeds any randomness of the loss (DRAEM's simulated anomalies);
 - ``_anomaly_maps(module, images)``: (B, H, W) anomaly maps at the input's resolution, higher = more
@@ -45,6 +47,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from fedinspect import __version__
+from fedinspect.backbones.runtime import BackboneRuntime, check_agreement, check_runtime
 from fedinspect.detectors.model_files import (
     check_image_size,
     check_weights,
@@ -82,6 +85,15 @@ def _check_positive_float(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
         raise SettingsError(f"{name} must be a positive number, got {value!r}")
     return float(value)
+
+
+def checked_runtime(value: Any) -> str:
+    """``value`` if it is a backbone runtime (:data:`fedinspect.backbones.RUNTIMES`), else SettingsError listing
+    them: what runs a trained detector's frozen teacher."""
+    try:
+        return check_runtime(value)
+    except ValueError as error:
+        raise SettingsError(f"runtime: {error}") from None
 
 
 DEVICES = ("auto", "cpu", "cuda")
@@ -159,6 +171,8 @@ class TrainedDetector:
         # parameter: it does not change what is learned beyond float rounding, and a saved model loads anywhere.
         self.device = "auto"
         self.module_: nn.Module | None = None
+        self._teacher_runtime: tuple[tuple[Any, ...], BackboneRuntime] | None = None  # (teacher key, runtime)
+        self._checked_shapes: set[tuple[int, int]] = set()  # input shapes whose runtime maps were compared to torch
 
     def torch_device(self) -> torch.device:
         """The device of :attr:`device`: ``"auto"`` is CUDA when torch sees a GPU, else the CPU."""
@@ -207,6 +221,82 @@ class TrainedDetector:
     def _image_score(self, score_map: np.ndarray) -> float:
         """An image's score from its map at its own size: the maximum (a subclass may smooth first)."""
         return float(score_map.max())
+
+    # ------------------------------------------------------------------ the frozen teacher's runtime
+    def _teacher_maps(self, module: nn.Module, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The frozen teacher's maps of ``images`` (B, 3, H, W), without gradient: run by the detector's
+        ``runtime`` (:mod:`fedinspect.backbones.runtime`) when it is not ``"torch"``, the teacher is frozen and
+        the images are on the CPU and need no gradient; by torch eager otherwise (a GPU, say).
+
+        The first batch of each input shape is also run by torch and compared (:meth:`check_teacher_runtime`'s
+        gate): a runtime whose maps differ from torch's on the real images is an error, not a silent change.
+        """
+        teacher = module.teacher
+        runtime = getattr(self, "runtime", "torch")
+        if (runtime == "torch" or getattr(teacher, "trainable", True) or images.device.type != "cpu"
+                or images.requires_grad):
+            with torch.no_grad():
+                return teacher(images)
+        compiled = self._runtime_of(teacher)
+        shape = (int(images.shape[2]), int(images.shape[3]))
+        if shape not in self._checked_shapes:
+            maps, _ = self._compare_teacher(teacher, images)
+            self._checked_shapes.add(shape)
+            return maps
+        return compiled(images)
+
+    def _runtime_of(self, teacher: nn.Module) -> BackboneRuntime:
+        """The :class:`BackboneRuntime` of ``teacher`` (built once per backbone, layers and weights file; every
+        teacher of this detector is the same frozen network, rebuilt from its weights)."""
+        key = (teacher.name, tuple(teacher.layers), str(teacher.weights_path), self.runtime)
+        if self._teacher_runtime is None or self._teacher_runtime[0] != key:
+            self._teacher_runtime = (key, BackboneRuntime(teacher, self.runtime))
+            self._checked_shapes = set()
+        return self._teacher_runtime[1]
+
+    def _compare_teacher(self, teacher: nn.Module, images: torch.Tensor
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[float, float]]]:
+        """The runtime's maps of ``images`` and, per layer, (max |difference|, cosine) to torch eager's;
+        RuntimeError when a layer differs beyond the runtime's gate."""
+        with torch.no_grad():
+            expected = teacher(images)
+        found = self._runtime_of(teacher)(images)
+        agreement = {}
+        for layer in teacher.layers:
+            what = (f"{self.name}: teacher {teacher.name} layer {layer} run by runtime {self.runtime!r} on "
+                    f"{images.shape[0]} images of {images.shape[2]}x{images.shape[3]} (use runtime 'torch' "
+                    f"to run it in torch)")
+            agreement[layer] = check_agreement(expected[layer].numpy(), found[layer].numpy(), self.runtime, what)
+        return found, agreement
+
+    def check_teacher_runtime(self, images: Iterable[np.ndarray]) -> dict[str, tuple[float, float]]:
+        """Run the frozen teacher on ``images`` (uint8 RGB, letterboxed as :meth:`predict` does) with ``runtime``
+        and with torch: per layer, the worst (max |difference|, cosine) over the batches.
+
+        Raises:
+            RuntimeError: a layer's maps differ beyond the runtime's gate (f32: max |difference| over
+                1e-4 x the largest |torch| value; bf16: cosine below 0.995), naming the layer and the shape.
+            SettingsError: the detector has no frozen teacher, or its ``runtime`` is ``"torch"``.
+        """
+        if self.module_ is not None:
+            module = self.module_
+        else:
+            with torch.random.fork_rng():  # only the pretrained teacher matters: the global seed is left alone
+                module = self._new_module()
+        teacher = getattr(module, "teacher", None)
+        if teacher is None or getattr(teacher, "trainable", True):
+            raise SettingsError(f"{self.name} has no frozen teacher to run with a runtime")
+        if getattr(self, "runtime", "torch") == "torch":
+            raise SettingsError(f"{self.name}: runtime 'torch' is torch itself; nothing to compare")
+        letterbox = self.letterbox
+        worst: dict[str, tuple[float, float]] = {}
+        for batch in self._prediction_batches(images):
+            x = torch.stack([letterbox(image) for image in batch])
+            _, agreement = self._compare_teacher(teacher, x)
+            for layer, (diff, cos) in agreement.items():
+                old_diff, old_cos = worst.get(layer, (0.0, 1.0))
+                worst[layer] = (max(old_diff, diff), min(old_cos, cos))
+        return worst
 
     # ------------------------------------------------------------------ scikit-learn conventions
     @classmethod
@@ -559,8 +649,19 @@ class TrainedDetector:
         return directory
 
     @classmethod
-    def load(cls, directory: str | Path, progress: bool = False, weights: str | Path | None = None) -> TrainedDetector:
-        """Read a model written by :meth:`save`; every tensor must match the architecture (ModelFileError)."""
+    def load(cls, directory: str | Path, progress: bool = False, weights: str | Path | None = None,
+             runtime: str | None = None) -> TrainedDetector:
+        """Read a model written by :meth:`save`; every tensor must match the architecture (ModelFileError).
+
+        ``runtime`` replaces the saved runtime of the frozen teacher (the maps are the same, checked); a model
+        saved before the teacher had a runtime loads with ``"torch"``. A detector without a ``runtime``
+        parameter refuses one (SettingsError).
+        """
+        has_runtime = "runtime" in cls._param_names()
+        if runtime is not None:
+            if not has_runtime:
+                raise SettingsError(f"{cls.name} has no frozen backbone to run with runtime {runtime!r}")
+            runtime = checked_runtime(runtime)
         directory = Path(directory)
         config_path, tensors_path = directory / cls.config_file(), directory / WEIGHTS_FILE
         for path in (config_path, tensors_path):
@@ -570,6 +671,10 @@ class TrainedDetector:
         params = constructor_params(config, config_path)
         if "weights" in cls._param_names():
             params["weights"] = None if weights is None else str(weights)
+        if has_runtime:
+            params.setdefault("runtime", "torch")  # saved before the teacher had a runtime: torch eager
+            if runtime is not None:  # the caller's choice of how to run the teacher (the maps are the same)
+                params["runtime"] = runtime
         try:
             model = cls(**params, progress=progress)
             torch.manual_seed(model.seed)
