@@ -164,8 +164,8 @@ def evaluate_category(
     ``thresholds.png``). ``out_dir`` is written all at once and replaces a previous evaluation there (no
     old maps stay beside new results); a failure leaves it untouched. ``weights``: the backbone's local
     weights file, for a model folder (which names none); it must be the file the model was fitted with.
-    ``thresholds``: None skips T1-T3. ``runtime``: the backbone runtime of a model folder's PatchCore or PaDiM
-    (default: the one it was fitted with).
+    ``thresholds``: None skips T1-T3. ``runtime``: the backbone runtime of a model folder's PatchCore or PaDiM,
+    or of a trained detector's frozen teacher (default: the one it was fitted with).
     """
     inputs = [data_dir, model] if isinstance(model, str | Path) else [data_dir]
     if isinstance(model, str | Path):
