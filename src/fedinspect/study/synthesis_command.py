@@ -7,7 +7,7 @@ import argparse
 from fedinspect.options import split_list
 
 
-def _methods(value: str) -> tuple[str, ...]:
+def parse_study_methods(value: str) -> tuple[str, ...]:
     from fedinspect.study.synthesis import DEFAULT_METHODS
 
     methods: list[str] = []
@@ -24,7 +24,7 @@ def cmd_synthesis_study(args: argparse.Namespace) -> int:
 
     counts = split_list(args.counts, "--counts", int)
     settings = SynthesisStudySettings(
-        methods=_methods(args.methods), counts=counts, seed=args.seed, epochs=args.epochs,
+        methods=parse_study_methods(args.methods), counts=counts, seed=args.seed, epochs=args.epochs,
         image_size=args.image_size, batch_size=args.batch_size, lr=args.lr, patience=args.patience,
         validation_fraction=args.validation_fraction, backbone=args.backbone, weights=args.weights,
         real_fraction=args.real_fraction, masks=args.masks, texture_dir=args.texture_dir,
