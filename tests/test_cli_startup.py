@@ -22,7 +22,8 @@ def test_building_the_parser_imports_no_heavy_library() -> None:
 
 def test_help_of_every_command_imports_no_heavy_library() -> None:
     code = ("from fedinspect.cli import main\n"
-            "for argv in (['--help'], ['federate', '--help'], ['classify', '--help'], ['privacy-study', '--help']):\n"
+            "for argv in (['--help'], ['federate', '--help'], ['classify', '--help'], ['privacy-study', '--help'],\n"
+            "             ['synthesize', '--help'], ['synthesis-study', '--help'], ['meta-study', '--help']):\n"
             "    try:\n        main(argv)\n    except SystemExit:\n        pass")
     assert _imported_after(f"exec({code!r})") == set()
 

@@ -643,6 +643,12 @@ def build_parser() -> argparse.ArgumentParser:
     from fedinspect.synthesis.commands import add_synthesis_commands
 
     add_synthesis_commands(commands)  # synthesize (seed 003's defect generators)
+    from fedinspect.study.synthesis_command import add_synthesis_study_command
+
+    add_synthesis_study_command(commands)  # synthesis-study (seed 003's Tables 1-2)
+    from fedinspect.meta.commands import add_meta_commands
+
+    add_meta_commands(commands)  # meta-study (seed 002's MeDetection experiments)
     _finish_commands(commands)
     return parser
 
