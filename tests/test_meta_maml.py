@@ -239,7 +239,7 @@ def test_fine_tune_learns_keeps_the_best_validation_weights_and_is_seeded(one_to
 
 
 def test_meta_training_gradient_task_by_task_equals_the_meta_loss_gradient():
-    from fedinspect.meta.maml import _accumulate_meta_gradient
+    from fedinspect.meta.maml import accumulate_meta_gradient
 
     torch.manual_seed(3)
     model = LinearOnTest(12)
@@ -247,7 +247,7 @@ def test_meta_training_gradient_task_by_task_equals_the_meta_loss_gradient():
     params = dict(model.named_parameters())
     loss = meta_loss(model, params, episodes, inner_steps=2, inner_lr=0.5)
     expected = torch.autograd.grad(loss, list(params.values()))
-    value = _accumulate_meta_gradient(model, params, episodes, inner_steps=2, inner_lr=0.5, first_order=False)
+    value = accumulate_meta_gradient(model, params, episodes, inner_steps=2, inner_lr=0.5, first_order=False)
     assert value == pytest.approx(float(loss.detach()), rel=1e-6)
     for p, g in zip(params.values(), expected, strict=True):
         torch.testing.assert_close(p.grad, g)

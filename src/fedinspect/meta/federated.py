@@ -54,7 +54,7 @@ from fedinspect.errors import DataError, FedinspectError, SettingsError
 from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id, client_order
 from fedinspect.meta.maml import (
     EpisodeSampler,
-    _accumulate_meta_gradient,
+    accumulate_meta_gradient,
     adapt,
     fine_tune,
     meta_train,
@@ -228,7 +228,7 @@ def local_meta_steps(model: torch.nn.Module, sample_episodes: EpisodeSampler, se
     losses: list[float] = []
     for step in range(settings.local_steps):
         optimizer.zero_grad(set_to_none=True)
-        value = _accumulate_meta_gradient(model, params, sample_episodes(rng), settings.inner_steps,
+        value = accumulate_meta_gradient(model, params, sample_episodes(rng), settings.inner_steps,
                                           settings.inner_lr, settings.first_order)
         if not math.isfinite(value):
             raise FloatingPointError(f"query loss became {value} at local meta-step {step}")

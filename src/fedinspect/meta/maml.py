@@ -112,7 +112,7 @@ def _episode_loss(model: nn.Module, params: Mapping[str, torch.Tensor], episode:
     return pair_loss(model, adapted, query)
 
 
-def _accumulate_meta_gradient(model: nn.Module, params: Mapping[str, torch.Tensor], episodes: Sequence[Episode],
+def accumulate_meta_gradient(model: nn.Module, params: Mapping[str, torch.Tensor], episodes: Sequence[Episode],
                               inner_steps: int, inner_lr: float, first_order: bool) -> float:
     """Add the gradient of :func:`meta_loss` to the parameters' ``.grad``, one task at a time; return the loss.
 
@@ -168,7 +168,7 @@ def meta_train(model: nn.Module, sample_episodes: EpisodeSampler, *, meta_steps:
     try:
         for step in range(meta_steps):
             optimizer.zero_grad(set_to_none=True)
-            value = _accumulate_meta_gradient(model, params, sample_episodes(rng), inner_steps, inner_lr, first_order)
+            value = accumulate_meta_gradient(model, params, sample_episodes(rng), inner_steps, inner_lr, first_order)
             if not math.isfinite(value):
                 raise FloatingPointError(f"meta_train: query loss became {value} at meta-step {step}")
             history.append(value)
