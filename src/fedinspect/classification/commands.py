@@ -14,22 +14,43 @@ MODEL_CHOICES = ("cnn", "large", "mobile", "resnet50", "mobilenet_v2")
 
 
 def _add_training_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("federated training")
+    """Options of the run; those left unset take the recipe's value (fedinspect.classification.runner.recipe:
+    the best measured one, with or without DP)."""
+    group = parser.add_argument_group("federated training (unset: the best measured recipe, with or without DP)")
     group.add_argument("--clients", type=int, default=3, help="number of clients")
     group.add_argument("--rounds", type=int, default=5, help="FedAvg rounds")
     group.add_argument("--partition", choices=("iid", "dirichlet"), default="iid",
                        help="client shares: iid, or label skew by a Dirichlet over classes")
     group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
-    group.add_argument("--image-size", type=int, default=96, help="images are resized to this square (px)")
+    group.add_argument("--image-size", type=int, default=None, help="images are resized to this square in px "
+                       "(default: 224)")
     group.add_argument("--seed", type=int, default=0, help="seed of the split, shares, init, batches and noise")
-    group.add_argument("--local-epochs", type=int, default=3, help="local epochs per round")
-    group.add_argument("--batch-size", type=int, default=8, help="physical batch (micro-batch) size")
-    group.add_argument("--accumulation-steps", type=int, default=4,
-                       help="physical batches per optimizer step (logical batch = batch size x this)")
-    group.add_argument("--optimizer", choices=("sgd", "adam"), default="adam",
-                       help="local optimizer (the PIDS paper: sgd with --lr 0.1 --momentum 0)")
-    group.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    group.add_argument("--local-epochs", type=int, default=None,
+                       help="local epochs per round (default: 20, 10 under DP)")
+    group.add_argument("--batch-size", type=int, default=None, help="physical batch (micro-batch) size "
+                       "(default: 32)")
+    group.add_argument("--accumulation-steps", type=int, default=None,
+                       help="physical batches per optimizer step (logical batch = batch size x this; "
+                            "default: 1, 4 under DP)")
+    group.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
+                       help="local optimizer (default: adam; the PIDS paper: sgd with --lr 0.1 --momentum 0)")
+    group.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3, 1e-2 under DP)")
     group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    group.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
+                       help="learning rate over the rounds: constant, or a cosine decay to 0")
+    group.add_argument("--class-weight", choices=("none", "balanced"), default="none",
+                       help="weigh the loss by inverse class frequency (without DP only)")
+    group.add_argument("--resize", choices=("squash", "letterbox"), default="squash",
+                       help="images to the square: stretched, or letterboxed on mid-grey")
+    group.add_argument("--pooling", choices=("avg", "avgmax", "blocks"), default=None,
+                       help="pooled features of a transfer model: average of the last map, average and maximum, "
+                            "or the averages of the last stride-16 and stride-32 blocks (EfficientNet-Lite) "
+                            "(default: blocks, avgmax under DP)")
+    group.add_argument("--head", choices=("mlp", "linear"), default=None,
+                       help="head on the pooled features: the seed's dense 128 + dense, or one dense layer "
+                            "(default: mlp, linear under DP)")
+    group.add_argument("--flip-augment", action="store_true",
+                       help="add the training images' mirrors as more samples (without DP only)")
     group.add_argument("--fine-tune", action="store_true",
                        help="train the pretrained backbone too (slow on CPU; BatchNorm -> GroupNorm under DP)")
     group.add_argument("--weights", default=None, help="local weight file of the backbone")
@@ -44,24 +65,29 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                     help="privacy accountant of Opacus that reports epsilon")
 
 
-def _config(args: argparse.Namespace, **overrides):
-    from fedinspect.classification.runner import ClassifyConfig
-    from fedinspect.classification.training import TrainSettings
+def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
+    """The options the user set (not None), under their config names."""
+    return {field: getattr(args, option) for option, field in names.items() if getattr(args, option, None) is not None}
 
-    train = TrainSettings(
-        local_epochs=args.local_epochs, batch_size=args.batch_size, accumulation_steps=args.accumulation_steps,
-        lr=args.lr, momentum=args.momentum, optimizer=args.optimizer,
-        noise_multiplier=getattr(args, "dp_noise", None), max_grad_norm=args.dp_clip, delta=args.dp_delta,
-        accountant=args.accountant,
-    )
+
+def _config(args: argparse.Namespace, dp: bool | None = None, **overrides):
+    from fedinspect.classification.runner import recipe
+
+    train = {"momentum": args.momentum, "noise_multiplier": getattr(args, "dp_noise", None),
+             "max_grad_norm": args.dp_clip, "delta": args.dp_delta, "accountant": args.accountant,
+             "lr_schedule": args.lr_schedule, "class_weight": args.class_weight,
+             **_given(args, {"local_epochs": "local_epochs", "batch_size": "batch_size",
+                             "accumulation_steps": "accumulation_steps", "lr": "lr", "optimizer": "optimizer"})}
     values = dict(
-        model=getattr(args, "model", "cnn"), clients=args.clients, rounds=args.rounds, partition=args.partition,
-        alpha=args.alpha, image_size=args.image_size, obfuscate=obfuscation(getattr(args, "obfuscate", "")) or (),
+        clients=args.clients, rounds=args.rounds, partition=args.partition, alpha=args.alpha,
+        obfuscate=obfuscation(getattr(args, "obfuscate", "")) or (),
         obfuscation_key=args.seed if args.obfuscation_key is None else args.obfuscation_key,
-        fine_tune=args.fine_tune, weights=args.weights, seed=args.seed, train=train,
+        fine_tune=args.fine_tune, weights=args.weights, seed=args.seed, resize=args.resize,
+        flip_augment=args.flip_augment, dp_epsilon=getattr(args, "dp_epsilon", None),
+        **_given(args, {"model": "model", "image_size": "image_size", "head": "head", "pooling": "pooling"}),
     )
     values.update(overrides)
-    return ClassifyConfig(**values)
+    return recipe(bool(dp), train=train, **values)
 
 
 def _settings_error(error: ValueError) -> Exception:
@@ -125,10 +151,15 @@ def add_classification_commands(commands: argparse._SubParsersAction) -> None:
     classify = commands.add_parser("classify", help="federated defect classification with DP-SGD and obfuscation")
     classify.add_argument("--data", required=True, help="category folder (AutoVI or MVTec AD layout)")
     classify.add_argument("--out", required=True, help="run folder to write")
-    classify.add_argument("--model", choices=MODEL_CHOICES, default="cnn",
+    classify.add_argument("--model", choices=MODEL_CHOICES, default="mobile",
                           help="cnn, large (EfficientNet-Lite2), mobile (EfficientNet-Lite0), resnet50, "
-                               "mobilenet_v2 (last two: local torchvision weights needed)")
-    classify.add_argument("--dp-noise", type=float, default=None, help="DP-SGD noise multiplier (default: no DP)")
+                               "mobilenet_v2 (last two: local torchvision weights needed; with --pooling avg)")
+    noise = classify.add_mutually_exclusive_group()
+    noise.add_argument("--dp-epsilon", type=float, default=None,
+                       help="DP-SGD spending this epsilon per client over all rounds (the noise multiplier is "
+                            "derived with the accountant; default: no DP)")
+    noise.add_argument("--dp-noise", type=float, default=None,
+                       help="instead of --dp-epsilon: the DP-SGD noise multiplier (default: no DP)")
     classify.add_argument("--obfuscate", default="",
                           help="obfuscate images first, methods joined by '+': average+shuffle+switch_row")
     classify.add_argument("--engine", choices=("in-process", "flower-sim"), default="in-process",

@@ -7,7 +7,9 @@ stratified by class; the training part is then dealt to the clients, IID or labe
 (Dirichlet), by :func:`fedinspect.federation.partition.partition`.
 
 Images are resized to a fixed square (bilinear), then obfuscated (the seed obfuscates the resized
-images), then scaled to float tensors.
+images), then scaled to float tensors. ``resize="squash"`` stretches each image to the square (the
+seed); ``"letterbox"`` keeps its aspect ratio and pads with mid-grey (the magnetic tiles range from
+1:3 to 2:1, so squashing distorts their defects' shapes).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from fedinspect.federation.partition import partition
 from fedinspect.privacy.obfuscation import Obfuscation
 
 PARTITIONS = ("iid", "dirichlet")
+RESIZES = ("squash", "letterbox")
+PAD_VALUE = 128  # mid-grey: about 0 after the backbones' input normalization
 
 
 @dataclass(frozen=True)
@@ -131,26 +135,36 @@ def split_view(view: LabelledView, n_clients: int, scheme: str = "iid", seed: in
     return Split(view, train, view.subset(test_idx), tuple(train.subset(share) for share in shares))
 
 
-def load_square(path: Path, size: int) -> np.ndarray:
-    """An image as uint8 RGB resized (bilinear) to ``size x size``."""
-    image = Image.fromarray(read_image(path)).resize((size, size), Image.BILINEAR)
-    return np.asarray(image, dtype=np.uint8)
+def load_square(path: Path, size: int, resize: str = "squash") -> np.ndarray:
+    """An image as uint8 RGB resized (bilinear) to ``size x size``: stretched, or letterboxed on mid-grey."""
+    if resize not in RESIZES:
+        raise ValueError(f"unknown resize {resize!r}; choose from {list(RESIZES)}")
+    image = Image.fromarray(read_image(path))
+    if resize == "squash":
+        return np.asarray(image.resize((size, size), Image.BILINEAR), dtype=np.uint8)
+    width, height = image.size
+    scale = size / max(width, height)
+    new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
+    canvas = np.full((size, size, 3), PAD_VALUE, np.uint8)
+    top, left = (size - new_h) // 2, (size - new_w) // 2
+    canvas[top:top + new_h, left:left + new_w] = np.asarray(image.resize((new_w, new_h), Image.BILINEAR), np.uint8)
+    return canvas
 
 
 def image_tensor(view: LabelledView, size: int, obfuscation: Obfuscation | None = None, *,
-                 cache: dict[tuple[Path, int], np.ndarray] | None = None, progress: bool = False,
-                 desc: str = "images") -> torch.Tensor:
+                 cache: dict[tuple[Path, int, str], np.ndarray] | None = None, progress: bool = False,
+                 desc: str = "images", resize: str = "squash") -> torch.Tensor:
     """The view's images as float (N, 3, size, size) in [0, 1]: resized, then obfuscated.
 
-    ``cache`` (path, size) -> resized uint8 image is filled and reused, so several obfuscations of the
-    same images read each file once.
+    ``cache`` (path, size, resize) -> resized uint8 image is filled and reused, so several obfuscations
+    of the same images read each file once.
     """
     arrays = []
     for item in tqdm(view.items, desc=desc, disable=not progress, leave=False):
-        key = (item.path, size)
+        key = (item.path, size, resize)
         resized = cache.get(key) if cache is not None else None
         if resized is None:
-            resized = load_square(item.path, size)
+            resized = load_square(item.path, size, resize)
             if cache is not None:
                 cache[key] = resized
         arrays.append(obfuscation(resized) if obfuscation is not None and obfuscation.active else resized)

@@ -17,8 +17,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -30,6 +28,7 @@ from fedinspect.classification.runner import (
     ClassifyConfig,
     InputCache,
     client_id,
+    noise_for_epsilon,
     prepare_split,
     run_classification,
     with_noise,
@@ -45,6 +44,7 @@ class ExperimentPlan:
     """Which runs make up the tables. ``base`` holds every other setting (clients, rounds, training, seed)."""
 
     base: ClassifyConfig = field(default_factory=ClassifyConfig)
+    dp_base: ClassifyConfig | None = None  # settings of the DP-SGD runs (Table III); None: ``base``
     models: tuple[str, ...] = ("cnn", "mobile", "large")
     obfuscations: tuple[str, ...] = ("none", "average", "shuffle", "switch_row", ALL_METHODS)
     transfer_obfuscations: tuple[str, ...] = ("none", ALL_METHODS)
@@ -54,8 +54,9 @@ class ExperimentPlan:
     image_sizes: dict[str, int] = field(default_factory=lambda: {"cnn": 64})
 
     def config(self, model: str, obfuscation: str, noise: float | None = None) -> ClassifyConfig:
-        size = self.image_sizes.get(model, self.base.image_size)
-        config = replace(self.base, model=model, obfuscate=parse_methods(obfuscation), image_size=size)
+        base = self.base if noise is None or self.dp_base is None else self.dp_base
+        size = self.image_sizes.get(model, base.image_size)
+        config = replace(base, model=model, obfuscate=parse_methods(obfuscation), image_size=size)
         return with_noise(config, noise)
 
 
@@ -63,23 +64,6 @@ def run_name(config: ClassifyConfig) -> str:
     obfuscation = "+".join(config.obfuscate) or "plain"
     noise = config.train.noise_multiplier
     return f"{config.model}-{obfuscation}" + ("" if noise is None else f"-noise{noise:.4g}")
-
-
-def noise_for_epsilon(config: ClassifyConfig, client_sizes: Sequence[int], target_epsilon: float) -> float:
-    """The smallest noise multiplier (Opacus's search) that keeps every client's epsilon after all rounds
-    at or below ``target_epsilon`` (the client with the largest sample rate decides)."""
-    from opacus.accountants.utils import get_noise_multiplier
-
-    settings = config.train
-    sigmas = []
-    for n in client_sizes:
-        steps = config.rounds * settings.local_epochs * settings.steps_per_epoch(n)
-        with warnings.catch_warnings():  # "optimal order is the largest alpha" while bisecting
-            warnings.simplefilter("ignore")
-            sigmas.append(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=settings.delta_for(n),
-                                               sample_rate=settings.sample_rate(n), steps=steps,
-                                               accountant=settings.accountant, epsilon_tolerance=0.005))
-    return round(max(sigmas), 4)
 
 
 def _load_done(out: Path, config: ClassifyConfig) -> dict | None:
@@ -118,11 +102,12 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, plan: ExperimentPl
             jobs.append(("I", plan.config(model, obfuscation), None))
     client_sizes = [len(v.items) for v in prepare_split(data_dir, plan.config(plan.models[0], "none")).clients]
     for model in plan.models:
-        reference = plan.config(model, plan.dp_obfuscation)
+        reference = plan.config(model, plan.dp_obfuscation, 1.0)
         for noise in plan.noise_multipliers:
             jobs.append(("III", with_noise(reference, noise), None))
         for target in plan.target_epsilons:
-            jobs.append(("III", with_noise(reference, noise_for_epsilon(reference, client_sizes, target)), target))
+            noise = noise_for_epsilon(reference, client_sizes, target)
+            jobs.append(("III", replace(with_noise(reference, noise), dp_epsilon=target), target))
     cache = InputCache()
     rows = []
     for table, config, target in tqdm(jobs, desc="experiment runs", disable=not progress):

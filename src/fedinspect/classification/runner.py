@@ -8,12 +8,18 @@ Inputs: images resized to ``image_size`` and obfuscated with the federation's ke
 model with a frozen backbone (the default) the backbone is a fixed public function, so each client
 turns its images into pooled backbone features once and the rounds only train the head; the
 features are cached per (image, obfuscation, backbone) in an :class:`InputCache`.
+
+``dp_epsilon`` asks for the noise multiplier that spends that epsilon over the whole training
+(:func:`noise_for_epsilon`, Opacus's search with the same accountant, sample rate and step count the
+clients' training uses); :func:`resolve_epsilon` fills it in once the client shares are known.
 """
 
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
+import math
+import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +31,7 @@ from tqdm.auto import tqdm
 
 from fedinspect.classification.data import (
     PARTITIONS,
+    RESIZES,
     LabelledView,
     Split,
     image_tensor,
@@ -33,13 +40,15 @@ from fedinspect.classification.data import (
     split_view,
 )
 from fedinspect.classification.models import (
+    HEADS,
     MODELS,
+    POOLINGS,
     TRANSFER_MODELS,
-    ClassifierHead,
     PooledBackbone,
     SmallCNN,
     TransferClassifier,
     load_backbone,
+    make_head,
 )
 from fedinspect.classification.training import TrainSettings
 from fedinspect.errors import DataError
@@ -48,7 +57,13 @@ from fedinspect.privacy.obfuscation import Obfuscation, parse_methods
 
 @dataclass(frozen=True)
 class ClassifyConfig:
-    """Everything that defines a classification run (``obfuscation_key`` is a secret, never written)."""
+    """Everything that defines a classification run (``obfuscation_key`` is a secret, never written).
+
+    Transfer models: ``resize`` (squash / letterbox), ``pooling`` of the backbone's last map (avg /
+    avgmax), ``head`` (mlp / linear), ``flip_augment`` (the training images' horizontal mirrors are added
+    as more training samples; without DP only, as DP-SGD's unit is one image). ``dp_epsilon``: the
+    epsilon to spend over all rounds (the noise multiplier is derived by :func:`resolve_epsilon`).
+    """
 
     model: str = "cnn"
     clients: int = 3
@@ -62,6 +77,11 @@ class ClassifyConfig:
     weights: str | None = None
     test_fraction: float = 0.2
     seed: int = 0
+    resize: str = "squash"
+    pooling: str = "avg"
+    head: str = "mlp"
+    flip_augment: bool = False
+    dp_epsilon: float | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
 
     def __post_init__(self) -> None:
@@ -74,6 +94,20 @@ class ClassifyConfig:
             raise ValueError(f"clients and rounds must be >= 1, got {self.clients} and {self.rounds}")
         if self.image_size < 16:
             raise ValueError(f"image size must be >= 16 px, got {self.image_size}")
+        for name, value, choices in (("resize", self.resize, RESIZES), ("pooling", self.pooling, POOLINGS),
+                                     ("head", self.head, HEADS)):
+            if value not in choices:
+                raise ValueError(f"unknown {name} {value!r}; choose from {list(choices)}")
+        if self.dp_epsilon is not None and not (0 < self.dp_epsilon < math.inf):
+            raise ValueError(f"dp_epsilon must be a positive finite number, got {self.dp_epsilon}")
+        if self.flip_augment and self.dp:
+            raise ValueError("flip_augment makes each training image two samples, which DP-SGD's per-image "
+                             "accounting does not cover: use it without DP")
+
+    @property
+    def dp(self) -> bool:
+        """DP-SGD is on: a noise multiplier, or a target epsilon (to be resolved into one)."""
+        return self.train.dp or self.dp_epsilon is not None
 
     @property
     def obfuscation(self) -> Obfuscation:
@@ -96,6 +130,32 @@ class ClassifyConfig:
         values["train"] = TrainSettings(**values.get("train", {}))
         values["obfuscate"] = tuple(values.get("obfuscate", ()))
         return cls(**values, obfuscation_key=obfuscation_key)
+
+
+# The best measured recipes on the magnetic tiles (benchmarks/bench_classification.py; the session note of
+# issue 19): EfficientNet-Lite0 frozen at 224 px (squashed), the averages of its last stride-16 and stride-32
+# blocks (432 features), each feature vector standardized, 5 FedAvg rounds. Without DP: the seed's dense-128
+# head, 20 local epochs of Adam (lr 3e-3) in batches of 32. With DP-SGD: the average and maximum of the last
+# map (2560 features) under a linear head, 10 local epochs of Adam (lr 1e-2) in Poisson-sampled logical
+# batches of 128 (32 x 4), clipping at 1: the best of the DP settings measured at epsilon 8.
+RECIPE: dict[str, Any] = {"model": "mobile", "image_size": 224, "resize": "squash", "pooling": "blocks",
+                          "head": "mlp", "rounds": 5}
+RECIPE_TRAIN: dict[str, Any] = {"local_epochs": 20, "batch_size": 32, "accumulation_steps": 1, "lr": 3e-3,
+                                "optimizer": "adam"}
+DP_RECIPE: dict[str, Any] = {**RECIPE, "pooling": "avgmax", "head": "linear"}
+DP_TRAIN: dict[str, Any] = {"local_epochs": 10, "batch_size": 32, "accumulation_steps": 4, "lr": 1e-2,
+                            "optimizer": "adam", "max_grad_norm": 1.0}
+
+
+def recipe(dp: bool = False, train: dict[str, Any] | None = None, **overrides: Any) -> ClassifyConfig:
+    """The best measured config (:data:`RECIPE`, or :data:`DP_RECIPE` under DP-SGD) with ``overrides``
+    (ClassifyConfig fields) and ``train`` (TrainSettings fields) on top. ``dp`` is implied by a
+    ``dp_epsilon`` override or a ``noise_multiplier`` in ``train``."""
+    train = dict(train or {})
+    dp = dp or overrides.get("dp_epsilon") is not None or train.get("noise_multiplier") is not None
+    values = {**(DP_RECIPE if dp else RECIPE), **overrides}
+    settings = TrainSettings(**{**(DP_TRAIN if dp else RECIPE_TRAIN), **train})
+    return ClassifyConfig(**values, train=settings)
 
 
 def client_id(index: int) -> str:
@@ -133,20 +193,37 @@ def pooled_features(backbone: PooledBackbone, images: torch.Tensor, batch_size: 
 
 
 def model_inputs(view: LabelledView, config: ClassifyConfig, cache: InputCache, *, progress: bool = False,
-                 desc: str = "images") -> tuple[torch.Tensor, torch.Tensor]:
-    """(x, y) of a view for this config: obfuscated images, or their pooled features (frozen backbone)."""
+                 desc: str = "images", training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x, y) of a view for this config: obfuscated images, or their pooled features (frozen backbone).
+
+    ``training`` with ``config.flip_augment``: the horizontally mirrored images (or their features) follow
+    the originals, with the same labels.
+    """
+    x = _inputs(view, config, cache, progress, desc, flip=False)
+    y = label_tensor(view)
+    if training and config.flip_augment:
+        x = torch.cat([x, _inputs(view, config, cache, progress, f"{desc} (mirrored)", flip=True)])
+        y = torch.cat([y, y])
+    return x, y
+
+
+def _inputs(view: LabelledView, config: ClassifyConfig, cache: InputCache, progress: bool, desc: str,
+            flip: bool) -> torch.Tensor:
     obfuscation = config.obfuscation
+
+    def images() -> torch.Tensor:
+        tensor = image_tensor(view, config.image_size, obfuscation, cache=cache.images, progress=progress, desc=desc,
+                              resize=config.resize)
+        return tensor.flip(3) if flip else tensor
+
     if not config.frozen_backbone:
-        return image_tensor(view, config.image_size, obfuscation, cache=cache.images, progress=progress,
-                            desc=desc), label_tensor(view)
-    key = (config.model, config.weights, config.image_size, obfuscation.name, config.obfuscation_key,
-           tuple(item.path for item in view.items))
+        return images()
+    key = (config.model, config.weights, config.image_size, config.resize, config.pooling, flip, obfuscation.name,
+           config.obfuscation_key, tuple(item.path for item in view.items))
     if key not in cache.features:
-        images = image_tensor(view, config.image_size, obfuscation, cache=cache.images, progress=progress,
-                              desc=desc)
-        backbone = cache.backbone(config.model, config.weights)
-        cache.features[key] = pooled_features(backbone, images, progress=progress, desc=f"{desc} features")
-    return cache.features[key], label_tensor(view)
+        backbone = cache.backbone(config.model, config.weights).with_pooling(config.pooling)
+        cache.features[key] = pooled_features(backbone, images(), progress=progress, desc=f"{desc} features")
+    return cache.features[key]
 
 
 def build_model(config: ClassifyConfig, n_classes: int, cache: InputCache) -> nn.Module:
@@ -154,17 +231,48 @@ def build_model(config: ClassifyConfig, n_classes: int, cache: InputCache) -> nn
     transfer model (``fine_tune``; BatchNorm replaced by GroupNorm via Opacus's ModuleValidator under DP)."""
     if config.model == "cnn":
         return SmallCNN(n_classes, config.image_size)
-    backbone = cache.backbone(config.model, config.weights)
+    backbone = cache.backbone(config.model, config.weights).with_pooling(config.pooling)
     if config.frozen_backbone:
-        return ClassifierHead(backbone.out_features, n_classes)
-    model: nn.Module = TransferClassifier(copy.deepcopy(backbone), n_classes)
+        return make_head(config.head, backbone.out_features, n_classes)
+    model: nn.Module = TransferClassifier(copy.deepcopy(backbone), n_classes, config.head)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
-    if config.train.dp:
+    if config.dp:
         from opacus.validators import ModuleValidator
 
         model = ModuleValidator.fix(model)
     return model
+
+
+def noise_for_epsilon(config: ClassifyConfig, client_sizes: Sequence[int], target_epsilon: float) -> float:
+    """The smallest noise multiplier (Opacus's search, to 0.1 % of the target) that keeps every client's
+    epsilon after all rounds at or below ``target_epsilon`` (the client with the largest sample rate decides).
+
+    Each client takes ``rounds * local_epochs * ceil(n / logical batch)`` steps at sample rate
+    ``1 / ceil(n / logical batch)``, exactly as :func:`~fedinspect.privacy.dp_sgd.train_dp_sgd` accounts them.
+    """
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if not (0 < target_epsilon < math.inf):
+        raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
+    settings = config.train
+    sigmas = []
+    for n in client_sizes:
+        steps = config.rounds * settings.local_epochs * settings.steps_per_epoch(n)
+        with warnings.catch_warnings():  # "optimal order is the largest alpha" while bisecting
+            warnings.simplefilter("ignore")
+            sigmas.append(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=settings.delta_for(n),
+                                               sample_rate=settings.sample_rate(n), steps=steps,
+                                               accountant=settings.accountant,
+                                               epsilon_tolerance=target_epsilon * 1e-3))
+    return max(sigmas)
+
+
+def resolve_epsilon(config: ClassifyConfig, client_sizes: Sequence[int]) -> ClassifyConfig:
+    """``config`` with the noise multiplier of its ``dp_epsilon`` (unchanged without one, or once resolved)."""
+    if config.dp_epsilon is None or config.train.noise_multiplier is not None:
+        return config
+    return with_noise(config, noise_for_epsilon(config, client_sizes, config.dp_epsilon))
 
 
 # ---------------------------------------------------------------- runs

@@ -39,6 +39,7 @@ from fedinspect.classification.runner import (
     client_seed,
     model_inputs,
     prepare_split,
+    resolve_epsilon,
 )
 from fedinspect.classification.training import epsilon_of, evaluate, train_local
 from fedinspect.errors import FedinspectError
@@ -104,7 +105,6 @@ class ClassificationTask(FederatedTask):
     def __init__(self, config: ClassifyConfig, data_dir: str | Path, *, cache: InputCache | None = None,
                  write_report: bool = True, progress: bool = False) -> None:
         started = time.perf_counter()
-        self.config = config
         self.data_dir = Path(data_dir)
         self.cache = cache if cache is not None else InputCache()
         self.write_report = write_report
@@ -112,6 +112,10 @@ class ClassificationTask(FederatedTask):
         self.rounds = config.rounds
         self.n_clients = config.clients
         self.split: Split = prepare_split(data_dir, config)
+        try:  # a target epsilon becomes the noise multiplier that spends it over all rounds
+            self.config = resolve_epsilon(config, [len(view.items) for view in self.split.clients])
+        except ValueError as error:
+            raise FedinspectError(f"classify: --dp-epsilon {config.dp_epsilon}: {error}") from error
         self.n_classes = len(self.split.view.classes)
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -164,7 +168,8 @@ class ClassificationTask(FederatedTask):
         if index not in self._inputs:
             started = time.perf_counter()
             self._inputs[index] = model_inputs(self.split.clients[index], self.config, self.cache,
-                                               progress=self.progress, desc=f"{client_id(index)} images")
+                                               progress=self.progress, desc=f"{client_id(index)} images",
+                                               training=True)
             self.prepare_s += time.perf_counter() - started
         return self._inputs[index]
 
@@ -191,8 +196,10 @@ class ClassificationTask(FederatedTask):
         history = checked_privacy_history(client_id(index), memory.get("privacy_history", []))
         model = build_model(self.config, self.n_classes, self.cache)
         model.load_state_dict(state)
-        local = train_local(model, x, y, self.config.train, seed=client_seed(self.config.seed, round_number, index),
-                            privacy_history=history)
+        settings = self.config.train
+        local = train_local(model, x, y, settings, seed=client_seed(self.config.seed, round_number, index),
+                            privacy_history=history, lr=settings.lr_at(round_number, self.rounds),
+                            n_classes=self.n_classes)
         return ClientResult(local.state, {"": local.n_examples},
                             {"train_loss": float(local.train_loss), "steps": float(local.steps)},
                             {"privacy_history": [[float(s), float(q), int(n)] for s, q, n in local.privacy_history]})
@@ -334,7 +341,8 @@ def privacy_summary(config: ClassifyConfig, split: Split, histories: Mapping[str
             "delta": delta, "epsilon": json_float(epsilon_of(history, delta, settings.accountant)),
             "accountant_history": [list(h) for h in history],
         }
-    return {"dp": True, "unit": PRIVACY_UNIT, "noise_multiplier": settings.noise_multiplier,
+    return {"dp": True, "unit": PRIVACY_UNIT, "target_epsilon": config.dp_epsilon,
+            "noise_multiplier": settings.noise_multiplier,
             "max_grad_norm": settings.max_grad_norm, "accountant": settings.accountant,
             "logical_batch": settings.logical_batch, "physical_batch": settings.batch_size,
             "poisson_sampling": settings.poisson_sampling, "clients": clients}

@@ -39,6 +39,8 @@ from fedinspect.privacy.dp_sgd import (
 )
 
 OPTIMIZERS = ("sgd", "adam")
+LR_SCHEDULES = ("constant", "cosine")
+CLASS_WEIGHTS = ("none", "balanced")
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,8 @@ class TrainSettings:
     delta: float | None = None
     accountant: str = "rdp"
     poisson_sampling: bool = True
+    lr_schedule: str = "constant"
+    class_weight: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("local_epochs", "batch_size", "accumulation_steps"):
@@ -78,6 +82,20 @@ class TrainSettings:
             raise ValueError(f"unknown optimizer {self.optimizer!r}; choose from {list(OPTIMIZERS)}")
         if self.accountant not in ACCOUNTANTS:
             raise ValueError(f"unknown accountant {self.accountant!r}; choose from {list(ACCOUNTANTS)}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"unknown lr schedule {self.lr_schedule!r}; choose from {list(LR_SCHEDULES)}")
+        if self.class_weight not in CLASS_WEIGHTS:
+            raise ValueError(f"unknown class weight {self.class_weight!r}; choose from {list(CLASS_WEIGHTS)}")
+        if self.class_weight != "none" and self.noise_multiplier is not None:
+            raise ValueError("class_weight 'balanced' weighs the loss by the client's class counts, which DP-SGD "
+                             "does not protect: use it without DP")
+
+    def lr_at(self, round_number: int, rounds: int) -> float:
+        """The learning rate of round ``round_number`` (1-based) of ``rounds``: constant, or a cosine decay
+        from ``lr`` in round 1 towards 0 (a round's local steps share its rate)."""
+        if self.lr_schedule == "constant" or rounds <= 1:
+            return self.lr
+        return self.lr * 0.5 * (1.0 + math.cos(math.pi * (round_number - 1) / rounds))
 
     @property
     def dp(self) -> bool:
@@ -128,12 +146,22 @@ def _generator(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(seed))
 
 
+def class_weights(y: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """Balanced class weights ``n / (k * count)`` of the labels ``y`` (a class absent from ``y`` gets 0)."""
+    counts = torch.bincount(y, minlength=n_classes).float()
+    weights = len(y) / (n_classes * counts.clamp_min(1))
+    return torch.where(counts > 0, weights, torch.zeros_like(weights))
+
+
 def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: TrainSettings, *, seed: int,
-                privacy_history: Sequence[Sequence[float]] = ()) -> LocalResult:
+                privacy_history: Sequence[Sequence[float]] = (), lr: float | None = None,
+                n_classes: int | None = None) -> LocalResult:
     """Train ``model`` in place on (x, y) for ``settings.local_epochs``; DP-SGD if a noise multiplier is set.
 
     ``seed`` fixes the batches, dropout and DP noise; ``privacy_history`` is the client's accountant
-    history from earlier rounds (returned extended by this round).
+    history from earlier rounds (returned extended by this round). ``lr``: this round's learning rate
+    (:meth:`TrainSettings.lr_at`; default ``settings.lr``). ``n_classes`` (default: from ``y``) sizes
+    the balanced class weights.
     """
     n = len(y)
     if n == 0:
@@ -141,9 +169,11 @@ def train_local(model: nn.Module, x: torch.Tensor, y: torch.Tensor, settings: Tr
     torch.manual_seed(int(seed))  # dropout
     model.train()
     parameters = [p for p in model.parameters() if p.requires_grad]
-    optimizer = (torch.optim.SGD(parameters, lr=settings.lr, momentum=settings.momentum)
-                 if settings.optimizer == "sgd" else torch.optim.Adam(parameters, lr=settings.lr))
-    loss_fn = nn.CrossEntropyLoss()
+    rate = settings.lr if lr is None else float(lr)
+    optimizer = (torch.optim.SGD(parameters, lr=rate, momentum=settings.momentum)
+                 if settings.optimizer == "sgd" else torch.optim.Adam(parameters, lr=rate))
+    weight = (class_weights(y, n_classes or int(y.max()) + 1) if settings.class_weight == "balanced" else None)
+    loss_fn = nn.CrossEntropyLoss(weight=weight)
     if settings.dp:
         loss_sum, steps, history = _train_dp(model, optimizer, x, y, settings, seed, privacy_history, loss_fn)
         epsilon = epsilon_of(history, settings.delta_for(n), settings.accountant)
