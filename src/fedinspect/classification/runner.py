@@ -98,6 +98,9 @@ class ClassifyConfig:
                                      ("head", self.head, HEADS)):
             if value not in choices:
                 raise ValueError(f"unknown {name} {value!r}; choose from {list(choices)}")
+        if self.pooling == "blocks" and self.model in ("resnet50", "mobilenet_v2"):
+            raise ValueError(f"pooling 'blocks' needs an EfficientNet-Lite model (mobile, large), not {self.model}: "
+                             f"use pooling avg or avgmax (--pooling)")
         if self.dp_epsilon is not None and not (0 < self.dp_epsilon < math.inf):
             raise ValueError(f"dp_epsilon must be a positive finite number, got {self.dp_epsilon}")
         if self.flip_augment and self.dp:
