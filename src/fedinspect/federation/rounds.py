@@ -45,6 +45,7 @@ TASKS = {
     "meta": "fedinspect.meta.federated:MetaLearningTask",
     "padim_statistics": "fedinspect.federation.statistics_task:StatisticsTask",
     "patchcore": "fedinspect.federation.runner:PatchCoreTask",
+    "supervised": "fedinspect.federation.supervised_task:SupervisedTask",
 }
 
 
