@@ -214,3 +214,19 @@ def test_comparison_runs_end_to_end_and_writes_its_json(tmp_path: Path) -> None:
     labels = [s.label for s in data.test]
     assert results["federated"]["ap"] == pytest.approx(average_precision_score(labels, probabilities), abs=1e-9)
     assert results["federated"]["auroc"] == pytest.approx(roc_auc_score(labels, probabilities), abs=1e-9)
+
+
+@pytest.mark.slow
+def test_flower_simulation_gives_the_in_process_numbers(clients, test_split, tmp_path: Path) -> None:
+    from fedinspect.federation.supervised_task import run_federation
+
+    settings = replace(SETTINGS, rounds=2)
+    flower = run_federation(clients, tmp_path / "flower", settings, test=test_split, engine="flower-sim",
+                            progress=False)
+    local = run_federation(clients, tmp_path / "local", settings, test=test_split, engine="in-process",
+                           progress=False)
+    assert not flower.results_["missing_clients"] and flower.results_["engine"] == "flower-sim"
+    for key, value in local.final_state_.items():
+        torch.testing.assert_close(flower.final_state_[key], value, rtol=1e-6, atol=1e-7)
+    assert flower.results_["final"]["ap"] == pytest.approx(local.results_["final"]["ap"], abs=1e-9)
+    assert flower.results_["clients"][1]["examples"] == {"": 6}
