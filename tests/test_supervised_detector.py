@@ -125,7 +125,7 @@ def test_model_files_are_checked(fitted, tmp_path) -> None:
 def test_cam_mean_is_the_logit_and_peaks_on_the_square(fitted, test_set) -> None:
     images, _, boxes = test_set
     network = fitted.network_
-    frozen = torch.cat(fitted._frozen(images[:4], "test"))
+    frozen = torch.cat(fitted.frozen_features(images[:4], "test"))
     with torch.no_grad():
         cams = network.class_activation_maps(frozen)
         np.testing.assert_allclose(cams.mean(dim=(1, 2)).numpy(), network.logits(frozen).numpy(), atol=1e-4)
@@ -140,7 +140,7 @@ def test_cam_mean_is_the_logit_and_peaks_on_the_square(fitted, test_set) -> None
     # on the 4 x 4 grid of 32-pixel feature cells, the peak is the square's cell or a neighbour of one
     positives = [i for i, box in enumerate(boxes) if box is not None]
     with torch.no_grad():
-        grids = network.class_activation_maps(torch.cat(fitted._frozen([images[i] for i in positives], "test")))
+        grids = network.class_activation_maps(torch.cat(fitted.frozen_features([images[i] for i in positives], "test")))
     near = 0
     for grid, index in zip(grids, positives, strict=True):
         top, left = boxes[index]
@@ -174,3 +174,74 @@ def test_bad_input_is_refused(fitted, one_thread) -> None:
         SupervisedDetector(epochs=0)
     with pytest.raises(SettingsError, match="validation_fraction"):
         SupervisedDetector(validation_fraction=1.0)
+
+
+def _twin(fitted: SupervisedDetector, **changes) -> SupervisedDetector:
+    """A new detector of ``fitted``'s settings (and ``changes``) sharing its memoised frozen features."""
+    twin = SupervisedDetector(**{**fitted.get_params(), **changes})
+    twin._memo = fitted._memo  # the same backbone, image size and frozen units: the same features
+    return twin
+
+
+def test_trainable_state_is_the_trained_parameters_and_round_trips(fitted, test_set, tmp_path) -> None:
+    from fedinspect.detectors.trained_detector import TrainingError
+
+    state = fitted.trainable_state()
+    network = fitted.network_
+    assert set(state) == {key for key, p in network.named_parameters() if p.requires_grad}
+    assert "head.weight" in state and not any(key.startswith("frozen.") for key in state)
+    state["head.bias"] += 1.0  # a copy: the detector is not changed through it
+    assert not torch.equal(state["head.bias"], network.head.bias.detach())
+    state = fitted.trainable_state()
+    other = _twin(fitted)  # not fitted: starts from initialize(), then takes the state
+    assert not torch.equal(other.initialize().trainable_state()["head.weight"], state["head.weight"])
+    other.load_trainable_state(state, n_train_images=7)
+    assert all(torch.equal(value, state[key]) for key, value in other.trainable_state().items())
+    images, _, _ = test_set  # the trainable parameters are all that differs: the same probabilities
+    np.testing.assert_array_equal(other.predict_proba(images), fitted.predict_proba(images))
+    assert other.history_ == [] and other.n_train_images_ == 7
+    folder = other.save(tmp_path / "global", trained_by="a test")
+    assert json.loads((folder / "supervised.json").read_text())["trained_by"] == "a test"
+    np.testing.assert_array_equal(SupervisedDetector.load(folder).predict_proba(images), fitted.predict_proba(images))
+    with pytest.raises(TrainingError, match=r"client_3: .*missing \['head.bias'\]"):
+        other.load_trainable_state({k: v for k, v in state.items() if k != "head.bias"}, source="client_3")
+    with pytest.raises(TrainingError, match=r"head.weight is torch.float32 \(3,\)"):
+        other.load_trainable_state({**state, "head.weight": torch.zeros(3)})
+    with pytest.raises(TrainingError, match="non-finite"):
+        other.load_trainable_state({**state, "head.bias": torch.full_like(state["head.bias"], float("nan"))})
+
+
+def test_fit_without_validation_is_initialize_then_partial_fit(fitted) -> None:
+    images, labels, _ = draw(16, seed=0)
+    # without dropout (fit draws its masks after the head, from one seed; partial_fit from its own seed)
+    settings = {"validation_fraction": 0.0, "epochs": 2, "batch_size": 8, "dropout": 0.0}
+    fit = _twin(fitted, **settings).fit(images, labels)
+    partial = _twin(fitted, **settings).initialize().partial_fit(images, labels)
+    for key, value in fit.trainable_state().items():
+        torch.testing.assert_close(partial.trainable_state()[key], value, rtol=1e-6, atol=1e-7)
+    assert [r["epoch"] for r in partial.history_] == [1, 2] and partial.best_epoch_ == 2
+    assert partial.n_train_images_ == 16 and partial.n_validation_images_ == 0
+
+
+def test_partial_fit_continues_from_the_weights_with_a_fresh_adam(fitted) -> None:
+    images, labels, _ = draw(16, seed=0)
+    lr = 1e-3
+    one = _twin(fitted, lr=lr, batch_size=16).initialize()
+    start = one.trainable_state()
+    one.partial_fit(images, labels, epochs=1, seed=3)
+    first = one.trainable_state()
+    # one batch, one step of a new Adam: every parameter moves by lr * g / (|g| + eps), i.e. lr where g is not tiny
+    assert abs(float(first["head.bias"] - start["head.bias"])) == pytest.approx(lr, rel=1e-4)
+    assert max(float((first[k] - start[k]).abs().max()) for k in start) <= lr * (1 + 1e-3)  # float32 rounding
+    one.partial_fit(images, labels, epochs=1, seed=4)
+    assert [r["epoch"] for r in one.history_] == [1, 2] and len(one.history_) == 2
+    # a second detector given the first call's weights and the second call's seed gets the same weights:
+    # nothing but the weights carries over between calls (no reset, no Adam moments)
+    two = _twin(fitted, lr=lr, batch_size=16).load_trainable_state(first).partial_fit(images, labels, 1, seed=4)
+    restart = _twin(fitted, lr=lr, batch_size=16).initialize().partial_fit(images, labels, 1, seed=4)
+    for key, value in one.trainable_state().items():
+        torch.testing.assert_close(two.trainable_state()[key], value, rtol=1e-6, atol=1e-7)
+    assert any(not torch.equal(first[k], v) for k, v in one.trainable_state().items())
+    assert any(not torch.allclose(restart.trainable_state()[k], v) for k, v in one.trainable_state().items())
+    with pytest.raises(SettingsError, match="epochs"):
+        one.partial_fit(images, labels, epochs=0)

@@ -20,6 +20,11 @@ by a binary head: binary cross-entropy, Adam at lr 1e-4, batch 32, 50 epochs, ev
   loss; loss alone when the validation share has one class) is kept, stopping after ``patience`` epochs
   without improvement. Adam, lr 1e-4 and batch 32 are the seed's.
 
+Federated training (:mod:`fedinspect.federation.supervised_task`) uses the same loop through
+:meth:`SupervisedDetector.initialize` (fit's starting weights), :meth:`~SupervisedDetector.trainable_state` /
+:meth:`~SupervisedDetector.load_trainable_state` (the parameters FedAvg exchanges) and
+:meth:`~SupervisedDetector.partial_fit` (more epochs from the current weights, a fresh Adam, no early stopping).
+
 Model files are ``supervised.json`` (settings, training history) and ``model.safetensors`` (every weight,
 so loading needs no backbone file); nothing is unpickled.
 """
@@ -42,6 +47,8 @@ from fedinspect.errors import ModelFileError, SettingsError
 MODEL_FORMAT = "fedinspect.supervised/1"
 SETTINGS_FILE = "supervised.json"
 WEIGHTS_FILE = "model.safetensors"
+FEATURE_BATCH = 16
+"""Images of one shape put through the frozen units at a time."""
 
 
 def check_images(images: Sequence[np.ndarray], what: str = "images") -> list[np.ndarray]:
@@ -161,27 +168,43 @@ class SupervisedDetector:
     @property
     def network_(self) -> Any:
         """The fitted :class:`~fedinspect.supervised.model.SupervisedNet`."""
-        if self._network is None or not hasattr(self, "history_"):
+        if not self._fitted():
             raise RuntimeError("SupervisedDetector is not fitted: call fit(images, labels) or load a model first")
         return self._network
 
-    def _frozen(self, images: list[np.ndarray], desc: str) -> list[torch.Tensor]:
-        """The frozen units' features (1, C, h, w) of every image, memoised by image content."""
+    def frozen_features(self, images: Sequence[np.ndarray], desc: str = "features") -> list[torch.Tensor]:
+        """The frozen units' features (1, C, h, w) of every image, memoised by image content.
+
+        Images of one letterboxed shape go through the frozen units together (``FEATURE_BATCH`` at a time).
+        Call it ahead of a timed fit to compute them once (a federation's clients before the rounds).
+        """
         from tqdm.auto import tqdm
 
         network = self._build()
         network.eval()
-        out: list[torch.Tensor] = []
-        for image in tqdm(images, desc=desc, unit="img", disable=not self.progress, leave=False):
-            key = hashlib.blake2b(image.tobytes(), digest_size=16, person=b"fedinspect-sup").digest()
-            key += repr(image.shape).encode()
-            cached = self._memo.get(key) if self.memoize_features else None
-            if cached is None:
-                cached = network.frozen_features(self.letterbox(image)[None].to(self.device))
-                if self.memoize_features:
-                    self._memo[key] = cached
-            out.append(cached)
-        return out
+        images = check_images(images)
+        keys = [hashlib.blake2b(image.tobytes(), digest_size=16, person=b"fedinspect-sup").digest()
+                + repr(image.shape).encode() for image in images]
+        found = {key: self._memo[key] for key in keys if key in self._memo}
+        todo: dict[tuple[int, int], list[int]] = {}
+        queued: set[bytes] = set()
+        for index, (image, key) in enumerate(zip(images, keys, strict=True)):
+            if key not in found and key not in queued:  # an image given twice is computed once
+                queued.add(key)
+                todo.setdefault(self.letterbox.padded_shape(*image.shape[:2]), []).append(index)
+        bar = tqdm(total=sum(len(v) for v in todo.values()), desc=desc, unit="img", disable=not self.progress,
+                   leave=False)
+        for members in todo.values():
+            for start in range(0, len(members), FEATURE_BATCH):
+                chunk = members[start:start + FEATURE_BATCH]
+                out = network.frozen_features(torch.stack([self.letterbox(images[i]) for i in chunk]).to(self.device))
+                for position, index in enumerate(chunk):
+                    found[keys[index]] = out[position:position + 1].clone()
+                bar.update(len(chunk))
+        bar.close()
+        if self.memoize_features:
+            self._memo.update(found)
+        return [found[key] for key in keys]
 
     def _batches(self, features: list[torch.Tensor], indices: np.ndarray, rng: np.random.Generator | None
                  ) -> list[np.ndarray]:
@@ -212,11 +235,26 @@ class SupervisedDetector:
         return logits
 
     # ------------------------------------------------------------------ fitting
+    def _pretrained(self) -> Any:
+        """The network at the pretrained weights (the head as built: the caller draws a new one)."""
+        if self._initial_state is None:  # a loaded model: start again from the pretrained backbone
+            self._network = None
+            self._memo.clear()
+        network = self._build()
+        network.load_state_dict(self._initial_state)
+        return network
+
+    def _record(self, history: list[dict[str, float | None]], best_epoch: int | None, n_train: int | None,
+                n_validation: int | None, seconds: float | None) -> None:
+        self.history_ = history
+        self.best_epoch_ = best_epoch
+        self.n_train_images_ = n_train
+        self.n_validation_images_ = n_validation
+        self.fit_seconds_ = seconds
+
     def fit(self, images: Sequence[np.ndarray], labels: Sequence[int]) -> SupervisedDetector:
         """Train on ``images`` (uint8 RGB, any sizes) with ``labels`` (1 defective, 0 good); returns self."""
-        from sklearn.metrics import average_precision_score
         from sklearn.model_selection import train_test_split
-        from tqdm.auto import tqdm
 
         images = check_images(images)
         y = check_labels(labels, len(images))
@@ -232,71 +270,160 @@ class SupervisedDetector:
         else:
             train_idx, val_idx = indices, indices[:0]
         start = time.perf_counter()
-        if self._initial_state is None:  # a loaded model: start again from the pretrained backbone
-            self._network = None
-            self._memo.clear()
-        network = self._build()
-        network.load_state_dict(self._initial_state)
+        network = self._pretrained()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
             network.head.reset_parameters()
-            features = self._frozen(images, "features")
-            trainable = [p for p in network.parameters() if p.requires_grad]
-            optimizer = torch.optim.Adam(trainable, lr=self.lr)
-            y_train = y[train_idx]
-            pos_weight = None
-            if self.balanced:
-                pos_weight = torch.tensor((y_train == 0).sum() / max((y_train == 1).sum(), 1), dtype=torch.float32,
-                                          device=self.device)
-            target = torch.from_numpy(y).float().to(self.device)
-            history: list[dict[str, float | None]] = []
-            best: tuple[float, float] | None = None
-            best_state: dict[str, torch.Tensor] | None = None
-            best_epoch, waited = 0, 0
-            bar = tqdm(range(1, self.epochs + 1), desc="epochs", unit="epoch", disable=not self.progress,
-                       leave=False)
-            for epoch in bar:
-                network.train()
-                rng = np.random.default_rng([self.seed, epoch])
-                total, seen = 0.0, 0
-                for batch in self._batches(features, train_idx, rng):
-                    logits = network.logits(torch.cat([features[int(i)] for i in batch]))
-                    loss = F.binary_cross_entropy_with_logits(logits, target[batch], pos_weight=pos_weight)
-                    optimizer.zero_grad()
-                    loss.backward()
-                    optimizer.step()
-                    total += float(loss.detach()) * len(batch)
-                    seen += len(batch)
-                record: dict[str, float | None] = {"epoch": epoch, "train_loss": total / seen,
-                                                   "val_loss": None, "val_ap": None}
-                if len(val_idx):
-                    val_logits = self._logits(features, val_idx)
-                    val_y = y[val_idx]
-                    record["val_loss"] = float(F.binary_cross_entropy_with_logits(
-                        torch.from_numpy(val_logits), torch.from_numpy(val_y).double(),
-                        pos_weight=None if pos_weight is None else pos_weight.double().cpu()))
-                    if 0 < val_y.sum() < len(val_y):
-                        record["val_ap"] = float(average_precision_score(val_y, val_logits))
-                    key = (record["val_ap"] if record["val_ap"] is not None else 0.0, -record["val_loss"])
-                    if best is None or key > best:
-                        best, best_epoch, waited = key, epoch, 0
-                        best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
-                    else:
-                        waited += 1
+            features = self.frozen_features(images)
+            history, best_epoch = self._train(features, y, train_idx, val_idx, self.epochs, self.seed)
+        self._record(history, best_epoch, len(train_idx), len(val_idx), time.perf_counter() - start)
+        return self
+
+    def partial_fit(self, images: Sequence[np.ndarray], labels: Sequence[int], epochs: int | None = None,
+                    seed: int | None = None) -> SupervisedDetector:
+        """Train ``epochs`` (default: the ``epochs`` parameter) more epochs from the current weights; returns self.
+
+        One client's local training in a federated round: every image trains (no validation share, no early
+        stopping) and Adam starts afresh (its moments are not kept between calls: after a federation's
+        averaging they would push the new global weights by the old updates). ``seed`` (default: the ``seed``
+        parameter) draws the dropout masks and the batch order; give each call its own. A detector not yet
+        fitted starts from :meth:`initialize`. ``history_`` gets this call's epochs appended.
+        """
+        images = check_images(images)
+        y = check_labels(labels, len(images))
+        epochs = self.epochs if epochs is None else epochs
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise SettingsError(f"epochs must be a positive integer, got {epochs!r}")
+        seed = self.seed if seed is None else seed
+        if not self._fitted():
+            self.initialize()
+        start = time.perf_counter()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            features = self.frozen_features(images)
+            indices = np.arange(len(images))
+            history, _ = self._train(features, y, indices, indices[:0], epochs, seed)
+        done = len(self.history_)
+        for record in history:
+            record["epoch"] = done + int(record["epoch"])
+        self._record(self.history_ + history, done + epochs, len(images), 0,
+                     (self.fit_seconds_ or 0.0) + time.perf_counter() - start)
+        return self
+
+    def _train(self, features: list[torch.Tensor], y: np.ndarray, train_idx: np.ndarray, val_idx: np.ndarray,
+               epochs: int, seed: int) -> tuple[list[dict[str, float | None]], int]:
+        """The training loop: Adam on binary cross-entropy for ``epochs`` epochs from the current weights, the
+        batch order of epoch e drawn from ``(seed, e)``; with a validation share, early stopping and the best
+        epoch's weights kept. Returns the history and the kept epoch. Dropout draws from torch's current seed."""
+        from sklearn.metrics import average_precision_score
+        from tqdm.auto import tqdm
+
+        network = self._network
+        trainable = [p for p in network.parameters() if p.requires_grad]
+        optimizer = torch.optim.Adam(trainable, lr=self.lr)
+        y_train = y[train_idx]
+        pos_weight = None
+        if self.balanced:
+            pos_weight = torch.tensor((y_train == 0).sum() / max((y_train == 1).sum(), 1), dtype=torch.float32,
+                                      device=self.device)
+        target = torch.from_numpy(y).float().to(self.device)
+        history: list[dict[str, float | None]] = []
+        best: tuple[float, float] | None = None
+        best_state: dict[str, torch.Tensor] | None = None
+        best_epoch, waited = 0, 0
+        bar = tqdm(range(1, epochs + 1), desc="epochs", unit="epoch", disable=not self.progress, leave=False)
+        for epoch in bar:
+            network.train()
+            rng = np.random.default_rng([seed, epoch])
+            total, seen = 0.0, 0
+            for batch in self._batches(features, train_idx, rng):
+                logits = network.logits(torch.cat([features[int(i)] for i in batch]))
+                loss = F.binary_cross_entropy_with_logits(logits, target[batch], pos_weight=pos_weight)
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(batch)
+                seen += len(batch)
+            record: dict[str, float | None] = {"epoch": epoch, "train_loss": total / seen,
+                                               "val_loss": None, "val_ap": None}
+            if len(val_idx):
+                val_logits = self._logits(features, val_idx)
+                val_y = y[val_idx]
+                record["val_loss"] = float(F.binary_cross_entropy_with_logits(
+                    torch.from_numpy(val_logits), torch.from_numpy(val_y).double(),
+                    pos_weight=None if pos_weight is None else pos_weight.double().cpu()))
+                if 0 < val_y.sum() < len(val_y):
+                    record["val_ap"] = float(average_precision_score(val_y, val_logits))
+                key = (record["val_ap"] if record["val_ap"] is not None else 0.0, -record["val_loss"])
+                if best is None or key > best:
+                    best, best_epoch, waited = key, epoch, 0
+                    best_state = {k: v.detach().clone() for k, v in network.state_dict().items()}
                 else:
-                    best_epoch = epoch
-                history.append(record)
-                bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_ap=record["val_ap"])
-                if len(val_idx) and waited >= self.patience:
-                    break
+                    waited += 1
+            else:
+                best_epoch = epoch
+            history.append(record)
+            bar.set_postfix(loss=f"{record['train_loss']:.3f}", val_ap=record["val_ap"])
+            if len(val_idx) and waited >= self.patience:
+                break
         if best_state is not None:
             network.load_state_dict(best_state)
         network.eval()
-        self.history_ = history
-        self.best_epoch_ = best_epoch
-        self.n_train_images_ = len(train_idx)
-        self.n_validation_images_ = len(val_idx)
-        self.fit_seconds_ = time.perf_counter() - start
+        return history, best_epoch
+
+    # ------------------------------------------------------------------ weights (federated training)
+    def _fitted(self) -> bool:
+        return self._network is not None and hasattr(self, "history_")
+
+    def initialize(self) -> SupervisedDetector:
+        """The weights :meth:`fit` starts from: the pretrained backbone and a head drawn from ``seed`` (a
+        federation's round-0 global model); the training record is emptied. Returns self."""
+        network = self._pretrained()
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            network.head.reset_parameters()
+        network.eval()
+        self._record([], None, 0, 0, 0.0)
+        return self
+
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the trained parameters (the last units' and the head's; what FedAvg exchanges). BatchNorm
+        statistics stay at their ImageNet values and the frozen units are the backbone's: neither travels."""
+        return {key: p.detach().cpu().clone() for key, p in self.network_.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor], source: str = "state",
+                             n_train_images: int | None = None) -> SupervisedDetector:
+        """Set the trained parameters from :meth:`trainable_state`'s form (e.g. a global model); returns self.
+
+        A detector not yet fitted is :meth:`initialize`'d first. The training record is emptied (the weights
+        come from elsewhere); ``n_train_images`` is recorded as ``n_train_images_`` (e.g. a federation's total).
+
+        Raises:
+            TrainingError: a missing or unexpected tensor, another shape or dtype, or a non-finite value
+                (``source`` names where the state came from).
+        """
+        from fedinspect.detectors.trained_detector import TrainingError
+
+        if not self._fitted():
+            self.initialize()
+        expected = {key: p for key, p in self._network.named_parameters() if p.requires_grad}
+        if set(state) != set(expected):
+            raise TrainingError(f"{source}: not the supervised network's trainable parameters (missing "
+                                f"{sorted(set(expected) - set(state))[:3]}, unexpected "
+                                f"{sorted(set(state) - set(expected))[:3]})")
+        for key, value in state.items():
+            if not isinstance(value, torch.Tensor) or value.shape != expected[key].shape \
+                    or value.dtype != expected[key].dtype:
+                raise TrainingError(f"{source}: {key} is {getattr(value, 'dtype', type(value).__name__)} "
+                                    f"{tuple(getattr(value, 'shape', ()))}, expected {expected[key].dtype} "
+                                    f"{tuple(expected[key].shape)}")
+            if not torch.isfinite(value).all():
+                raise TrainingError(f"{source}: {key} holds non-finite values")
+        with torch.no_grad():
+            for key, value in state.items():
+                expected[key].copy_(value)
+        self._network.eval()
+        self._record([], None, n_train_images, 0, None)
         return self
 
     # ------------------------------------------------------------------ scoring
@@ -304,7 +431,7 @@ class SupervisedDetector:
         """Logits of "defective", float64 (n,)."""
         self.network_  # noqa: B018 - raises when not fitted
         images = check_images(images)
-        features = self._frozen(images, "scoring")
+        features = self.frozen_features(images, "scoring")
         return self._logits(features, np.arange(len(images)))
 
     def predict_proba(self, images: Sequence[np.ndarray]) -> np.ndarray:
@@ -322,7 +449,7 @@ class SupervisedDetector:
         images = check_images(images)
         maps = []
         with torch.no_grad():
-            for image, frozen in zip(images, self._frozen(images, "cam"), strict=True):
+            for image, frozen in zip(images, self.frozen_features(images, "cam"), strict=True):
                 grid = network.class_activation_maps(frozen)
                 padded = F.interpolate(grid[None], size=tuple(self.letterbox(image).shape[1:]), mode="bilinear",
                                        align_corners=False)[0, 0]
@@ -330,8 +457,12 @@ class SupervisedDetector:
         return maps
 
     # ------------------------------------------------------------------ files
-    def save(self, directory: str | Path) -> Path:
-        """Write ``supervised.json`` and ``model.safetensors`` into ``directory``; returns it."""
+    def save(self, directory: str | Path, trained_by: str | None = None) -> Path:
+        """Write ``supervised.json`` and ``model.safetensors`` into ``directory``; returns it.
+
+        ``trained_by`` is a note for the settings file when the weights were not made by :meth:`fit` (e.g. a
+        federation's global model, set by :meth:`load_trainable_state`).
+        """
         from safetensors.torch import save_file
 
         network = self.network_
@@ -343,6 +474,8 @@ class SupervisedDetector:
         config = {"format": MODEL_FORMAT, "params": params, "history": self.history_,
                   "best_epoch": self.best_epoch_, "n_train_images": self.n_train_images_,
                   "n_validation_images": self.n_validation_images_, "fit_seconds": self.fit_seconds_}
+        if trained_by is not None:
+            config["trained_by"] = trained_by
         (directory / SETTINGS_FILE).write_text(json.dumps(config, indent=2))
         return directory
 
