@@ -10,11 +10,12 @@ synthetic (+ real defective) images, from the global weights, and sends its trai
 process, :func:`fedinspect.federation.rounds_flower.run_simulation` on Flower): ``aggregation = "mean"``, FedAvg
 of the trainable parameters weighted by each client's training images (good + synthetic + real).
 
-The training recipe is :class:`~fedinspect.supervised.SupervisedDetector`'s (Adam, lr 1e-4, batch 32,
-BatchNorm at its ImageNet statistics, images letterboxed to a short side of ``image_size``), with two
-changes a federation needs: the local optimiser (Adam) starts afresh every round (its moments would double
-the update), and there is no early stopping on a validation share (a round is ``local_epochs`` epochs; the
-final global model is the last round's, not the best round's on the test split).
+The training is :class:`~fedinspect.supervised.SupervisedDetector`'s own (Adam, lr 1e-4, batch 32, BatchNorm
+at its ImageNet statistics, images letterboxed to a short side of ``image_size``): a client loads the global
+weights (``load_trainable_state``) and calls ``partial_fit``, which makes the two changes a federation needs:
+the local optimiser (Adam) starts afresh every round (its moments would double the update), and there is no
+early stopping on a validation share (a round is ``local_epochs`` epochs; the final global model is the last
+round's, not the best round's on the test split). The global model is written by the detector's ``save``.
 
 Evaluation. The global model is scored after every round on a test split given to the **operator** of the
 study (:class:`SupervisedTask`'s ``test``): in this simulation the operator holds labelled test images of the
@@ -35,8 +36,6 @@ the federation, and one model on every client's images pooled (the same syntheti
 from __future__ import annotations
 
 import copy
-import functools
-import hashlib
 import json
 import math
 import platform
@@ -44,16 +43,18 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from fedinspect.errors import DataError, FedinspectError, SettingsError
 from fedinspect.federation.client import derived_seed
 from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id, client_order
 from fedinspect.run_folder import staged_output
+
+if TYPE_CHECKING:
+    from fedinspect.supervised import SupervisedDetector
 
 RESULTS_FORMAT = "fedinspect-supervised-federation/1"
 COMPARISON_FORMAT = "fedinspect-supervised-comparison/1"
@@ -205,141 +206,14 @@ def synthesize_in_client(good: Sequence[np.ndarray], method: str, count: int, se
     return out
 
 
-# ---------------------------------------------------------------------------------------------- network
-
-
-@functools.lru_cache(maxsize=2)
-def _pretrained(backbone: str, trainable_blocks: int, dropout: float) -> Any:
-    from fedinspect.supervised.model import build_network
-
-    return build_network(backbone, None, trainable_blocks, dropout).eval()
-
-
-def trainable_state(network: torch.nn.Module) -> State:
-    """The parameters a client trains and sends: the trainable units' and the head's (BatchNorm statistics
-    stay at their ImageNet values and never travel)."""
-    return {key: p.detach().clone() for key, p in network.named_parameters() if p.requires_grad}
-
-
-def load_trainable_state(network: torch.nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
-    """Put ``state`` (exactly the trainable parameters) into ``network``; FedinspectError naming ``source``."""
-    expected = dict(network.named_parameters())
-    wanted = {key for key, p in expected.items() if p.requires_grad}
-    if set(state) != wanted:
-        missing, extra = sorted(wanted - set(state)), sorted(set(state) - wanted)
-        raise FedinspectError(f"{source}: not the supervised network's trainable parameters (missing "
-                              f"{missing[:3]}, unexpected {extra[:3]})")
-    with torch.no_grad():
-        for key, value in state.items():
-            if value.shape != expected[key].shape:
-                raise FedinspectError(f"{source}: {key} is {tuple(value.shape)}, expected "
-                                      f"{tuple(expected[key].shape)}")
-            expected[key].copy_(value)
-
-
-class FeatureCache:
-    """The frozen units' features of every image seen, kept by image content (shared by the settings of a
-    comparison: local, federated and centralized training read the same images)."""
-
-    def __init__(self) -> None:
-        self.memo: dict[bytes, torch.Tensor] = {}
-        self.seconds = 0.0
-
-    def features(self, network: Any, image_size: int, images: Sequence[np.ndarray], key: str,
-                 progress: bool = False, desc: str = "features") -> list[torch.Tensor]:
-        """(1, C, h, w) features per image; images of one letterboxed shape go through the network together."""
-        from tqdm.auto import tqdm
-
-        from fedinspect.detectors.preprocessing import Letterbox
-        from fedinspect.supervised.model import STRIDE
-
-        started = time.perf_counter()
-        letterbox = Letterbox(short_side=image_size, multiple=STRIDE)
-        keys = [hashlib.blake2b(key.encode() + b"\0" + repr(image.shape).encode() + b"\0" + image.tobytes(),
-                                digest_size=16, person=b"fedinspect-fsup").digest() for image in images]
-        todo: dict[tuple[int, int], list[int]] = {}
-        for index, (image, name) in enumerate(zip(images, keys, strict=True)):
-            if name not in self.memo:
-                todo.setdefault(letterbox.padded_shape(*image.shape[:2]), []).append(index)
-        bar = tqdm(total=sum(len(v) for v in todo.values()), desc=desc, unit="img", disable=not progress, leave=False)
-        for members in todo.values():
-            for start in range(0, len(members), 16):
-                chunk = members[start:start + 16]
-                batch = torch.stack([letterbox(images[i]) for i in chunk])
-                with torch.no_grad():
-                    out = network.frozen_features(batch)
-                for position, index in enumerate(chunk):
-                    self.memo[keys[index]] = out[position:position + 1].clone()
-                bar.update(len(chunk))
-        bar.close()
-        self.seconds += time.perf_counter() - started
-        return [self.memo[name] for name in keys]
-
-
-def shape_batches(features: Sequence[torch.Tensor], batch_size: int, rng: np.random.Generator | None
-                  ) -> list[np.ndarray]:
-    """Indices of ``features`` grouped by shape in chunks of ``batch_size``; shuffled when ``rng`` is given."""
-    groups: dict[tuple[int, ...], list[int]] = {}
-    for index, feature in enumerate(features):
-        groups.setdefault(tuple(feature.shape), []).append(index)
-    batches = []
-    for members in groups.values():
-        order = rng.permutation(members) if rng is not None else np.asarray(members)
-        batches += [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if rng is not None:
-        batches = [batches[int(i)] for i in rng.permutation(len(batches))]
-    return batches
-
-
-def train_epochs(network: Any, features: Sequence[torch.Tensor], labels: np.ndarray, epochs: int,
-                 settings: SupervisedFederationSettings, seed: int) -> float:
-    """``epochs`` epochs of Adam on binary cross-entropy (the supervised detector's recipe); the last epoch's
-    mean loss. Dropout and the batch order follow ``seed``."""
-    trainable = [p for p in network.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(trainable, lr=settings.lr)
-    target = torch.from_numpy(labels.astype(np.float32))
-    pos_weight = None
-    if settings.balanced and labels.sum():
-        pos_weight = torch.tensor(float((labels == 0).sum() / labels.sum()))
-    loss_value = float("nan")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        network.train()
-        for epoch in range(epochs):
-            rng = np.random.default_rng([seed, epoch])
-            total, seen = 0.0, 0
-            for batch in shape_batches(features, settings.batch_size, rng):
-                logits = network.logits(torch.cat([features[int(i)] for i in batch]))
-                loss = F.binary_cross_entropy_with_logits(logits, target[batch], pos_weight=pos_weight)
-                optimizer.zero_grad()
-                loss.backward()
-                optimizer.step()
-                total += float(loss.detach()) * len(batch)
-                seen += len(batch)
-            loss_value = total / max(seen, 1)
-    network.eval()
-    return loss_value
-
-
-def probabilities(network: Any, features: Sequence[torch.Tensor], batch_size: int) -> np.ndarray:
-    """The network's probability of "defective" per image, float64 (n,)."""
-    network.eval()
-    out = np.zeros(len(features), dtype=np.float64)
-    with torch.no_grad():
-        for batch in shape_batches(features, batch_size, None):
-            logits = network.logits(torch.cat([features[int(i)] for i in batch])).double()
-            out[batch] = torch.sigmoid(logits).numpy()
-    return out
-
-
 # ---------------------------------------------------------------------------------------------- the task
 
 
 @dataclass
 class TrainingSet:
-    """A client's training images after synthesis: their frozen features, labels and what made them."""
+    """A client's training images after synthesis (good, real defective, synthetic), labels and what made them."""
 
-    features: list[torch.Tensor]
+    images: list[np.ndarray]
     labels: np.ndarray
     good: int
     defective: int
@@ -360,18 +234,22 @@ class SupervisedTask(FederatedTask):
         settings: the run.
         test: ``(images, labels)`` the operator scores the global model on (1 defective, 0 good); None: no
             evaluation (a deployment's server).
-        cache: frozen features to share with other runs on the same images.
         progress: progress bars.
 
-    Attributes set by :meth:`conclude`: ``final_state_`` and ``results_``.
+    Training, scoring and the model file are :class:`~fedinspect.supervised.SupervisedDetector`'s
+    (:meth:`detector`, whose memo keeps every image's frozen features for all the rounds and for
+    :func:`compare_local_federated_centralized`'s other settings).
+
+    Attributes: ``features_s`` (seconds spent on frozen features); set by :meth:`conclude`: ``final_state_``
+    and ``results_``.
     """
 
     kind = "supervised"
     aggregation = "mean"
 
     def __init__(self, clients: Sequence[ClientData] | None, settings: SupervisedFederationSettings | None = None,
-                 *, test: tuple[Sequence[ImageLike], Sequence[int]] | None = None, cache: FeatureCache | None = None,
-                 progress: bool = False, descriptions: Sequence[Mapping[str, int]] | None = None) -> None:
+                 *, test: tuple[Sequence[ImageLike], Sequence[int]] | None = None, progress: bool = False,
+                 descriptions: Sequence[Mapping[str, int]] | None = None) -> None:
         self.settings = settings or SupervisedFederationSettings()
         self._clients = None if clients is None else list(clients)
         if descriptions is None:
@@ -388,12 +266,12 @@ class SupervisedTask(FederatedTask):
             if client_order(name)[0] >= self.n_clients:
                 raise SettingsError(f"per_client names {name!r}, not a client of this {self.n_clients}-client run")
         self.test = test
-        self.cache = cache if cache is not None else FeatureCache()
+        self.features_s = 0.0
         self.progress = progress
         self.own_data: ClientData | None = None
         self._training: dict[int, TrainingSet] = {}
-        self._test_features: tuple[list[torch.Tensor], np.ndarray] | None = None
-        self._network: Any = None
+        self._test_set: tuple[list[np.ndarray], np.ndarray] | None = None
+        self._detector: SupervisedDetector | None = None
         self._final: tuple[int, dict[str, Any]] | None = None
         self.final_state_: State | None = None
         self.results_: dict[str, Any] | None = None
@@ -432,17 +310,24 @@ class SupervisedTask(FederatedTask):
         return task
 
     # ------------------------------------------------------------------------------------------ data
-    def network(self) -> Any:
-        """This task's network (the pretrained backbone cut for the settings), built once."""
-        if self._network is None:
-            s = self.settings
-            self._network = copy.deepcopy(_pretrained(s.backbone, s.trainable_blocks, float(s.dropout)))
-        return self._network
+    def detector(self) -> SupervisedDetector:
+        """This task's detector (the settings' recipe, no validation share), built once: every model of the run
+        (a client's, the global one, a local-only or centralized one) passes through it as a trainable state."""
+        if self._detector is None:
+            from fedinspect.supervised import SupervisedDetector
 
-    def _features(self, images: Sequence[np.ndarray], desc: str) -> list[torch.Tensor]:
-        s = self.settings
-        key = f"{s.backbone}:{s.image_size}:{s.trainable_blocks}"
-        return self.cache.features(self.network(), s.image_size, images, key, self.progress, desc)
+            s = self.settings
+            self._detector = SupervisedDetector(
+                backbone=s.backbone, image_size=s.image_size, trainable_blocks=s.trainable_blocks, dropout=s.dropout,
+                epochs=s.rounds * s.local_epochs, lr=s.lr, batch_size=s.batch_size, validation_fraction=0.0,
+                balanced=s.balanced, seed=s.seed, progress=self.progress)
+        return self._detector
+
+    def _features(self, images: Sequence[np.ndarray], desc: str) -> None:
+        """Compute (and memoise) the frozen features of ``images`` ahead of training or scoring."""
+        started = time.perf_counter()
+        self.detector().frozen_features(images, desc)
+        self.features_s += time.perf_counter() - started
 
     def client_data(self, index: int) -> ClientData:
         name = client_id(index)
@@ -481,23 +366,24 @@ class SupervisedTask(FederatedTask):
             if labels.min() == labels.max():
                 raise FedinspectError(f"{name}: needs good and defective (real or synthetic) training images, has "
                                       f"{len(good)} good, {len(real)} real and {len(synthetic)} synthetic defective")
-            features = self._features(images, f"{name} features")
-            self._training[index] = TrainingSet(features, labels, len(good), len(real), synthetic, method,
+            self._features(images, f"{name} features")
+            self._training[index] = TrainingSet(images, labels, len(good), len(real), synthetic, method,
                                                 synthesis_s)
         return self._training[index]
 
-    def test_set(self) -> tuple[list[torch.Tensor], np.ndarray] | None:
-        """The operator's test features and labels (None without a test split)."""
+    def test_set(self) -> tuple[list[np.ndarray], np.ndarray] | None:
+        """The operator's test images and labels, their features computed (None without a test split)."""
         if self.test is None:
             return None
-        if self._test_features is None:
+        if self._test_set is None:
             images, labels = self.test
             read = [_read(item, f"test image {i}") for i, item in enumerate(images)]
             y = np.asarray(labels, dtype=np.int64)
             if y.shape != (len(read),) or not np.isin(y, (0, 1)).all() or y.min() == y.max():
                 raise FedinspectError("test: one label 0/1 per image, both classes present")
-            self._test_features = (self._features(read, "test features"), y)
-        return self._test_features
+            self._features(read, "test features")
+            self._test_set = (read, y)
+        return self._test_set
 
     def prepare(self) -> None:
         """Synthesize and compute every client's features and the test's before the rounds (in process), so
@@ -512,25 +398,20 @@ class SupervisedTask(FederatedTask):
     # ------------------------------------------------------------------------------------------ rounds
     def initial_state(self) -> State:
         """The pretrained trainable units and a head initialised from the run's seed (as the detector does)."""
-        network = copy.deepcopy(_pretrained(self.settings.backbone, self.settings.trainable_blocks,
-                                            float(self.settings.dropout)))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.settings.seed)
-            network.head.reset_parameters()
-        return trainable_state(network)
+        return self.detector().initialize().trainable_state()
 
     def client_update(self, index: int, state: State, round_number: int, memory: Mapping[str, Any]) -> ClientResult:
         """``local_epochs`` epochs on the client's good + synthetic (+ real) images from the global weights."""
         name = client_id(index)
         data = self.training_set(index)
-        network = self.network()
-        load_trainable_state(network, state, f"{name}: the global weights")
-        loss = train_epochs(network, data.features, data.labels, self.settings.local_epochs, self.settings,
-                            derived_seed(self.settings.seed, name, str(round_number)))
+        detector = self.detector().load_trainable_state(state, f"{name}: the global weights")
+        detector.partial_fit(data.images, data.labels, self.settings.local_epochs,
+                             derived_seed(self.settings.seed, name, str(round_number)))
+        loss = detector.history_[-1]["train_loss"]
         if not math.isfinite(loss):
             raise FedinspectError(f"{name}: training loss {loss}")
         metrics = {"train_loss": loss, "synthetic": float(len(data.synthetic)), "synthesis_s": data.synthesis_s}
-        return ClientResult(trainable_state(network), {"": data.n_images}, metrics, {})
+        return ClientResult(detector.trainable_state(), {"": data.n_images}, metrics, {})
 
     def check_update(self, name: str, result: ClientResult, state: State) -> None:
         """The default checks, then: every trainable array, one example count equal to the client's good + real
@@ -558,10 +439,8 @@ class SupervisedTask(FederatedTask):
         test = self.test_set()
         if test is None:
             return {}
-        network = self.network()
-        load_trainable_state(network, state, "the model to score")
-        return detection_scores(test[1], probabilities(network, test[0], self.settings.batch_size),
-                                self.settings.threshold)
+        detector = self.detector().load_trainable_state(state, "the model to score")
+        return detection_scores(test[1], detector.predict_proba(test[0]), self.settings.threshold)
 
     def evaluate(self, state: State, round_number: int) -> dict[str, Any]:
         """The global model's :meth:`scores` (``{}`` without a test split)."""
@@ -576,36 +455,17 @@ class SupervisedTask(FederatedTask):
         pooled (one client: local-only; every client: centralized); returns its state and the seconds."""
         started = time.perf_counter()
         sets = [self.training_set(i) for i in indices]
-        features = [f for s in sets for f in s.features]
+        images = [image for s in sets for image in s.images]
         labels = np.concatenate([s.labels for s in sets])
-        network = self.network()
-        load_trainable_state(network, self.initial_state(), "the initial weights")
-        train_epochs(network, features, labels, epochs, self.settings, seed)
-        return trainable_state(network), time.perf_counter() - started
+        detector = self.detector().initialize().partial_fit(images, labels, epochs, seed)
+        return detector.trainable_state(), time.perf_counter() - started
 
     # ------------------------------------------------------------------------------------------ results
     def save_model(self, state: State, directory: Path, n_train_images: int) -> Path:
         """The global model as a folder :meth:`fedinspect.supervised.SupervisedDetector.load` reads (for its
         predictions and class-activation maps)."""
-        from safetensors.torch import save_file
-
-        from fedinspect.supervised import SupervisedDetector
-        from fedinspect.supervised.detector import MODEL_FORMAT, SETTINGS_FILE, WEIGHTS_FILE
-
-        s = self.settings
-        network = self.network()
-        load_trainable_state(network, state, "the global model")
-        params = SupervisedDetector(backbone=s.backbone, image_size=s.image_size, trainable_blocks=s.trainable_blocks,
-                                    dropout=s.dropout, lr=s.lr, batch_size=s.batch_size, validation_fraction=0.0,
-                                    epochs=s.rounds * s.local_epochs, balanced=s.balanced, seed=s.seed).get_params()
-        directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().contiguous() for k, v in network.state_dict().items()},
-                  str(directory / WEIGHTS_FILE))
-        config = {"format": MODEL_FORMAT, "params": params, "history": [], "best_epoch": None,
-                  "n_train_images": n_train_images, "n_validation_images": 0, "fit_seconds": None,
-                  "trained_by": "federated averaging (fedinspect.federation.supervised_task)"}
-        (directory / SETTINGS_FILE).write_text(json.dumps(config, indent=2))
-        return directory
+        detector = self.detector().load_trainable_state(state, "the global model", n_train_images)
+        return detector.save(directory, trained_by="federated averaging (fedinspect.federation.supervised_task)")
 
     def conclude(self, outcome: RoundsOutcome, out_dir: str | Path, engine: str) -> dict[str, Any]:
         """results.json and the global model (``model/``, a SupervisedDetector folder), written all at once."""
@@ -634,7 +494,7 @@ class SupervisedTask(FederatedTask):
                            "holds none)" if self.test is not None else "none: no test split on the server"),
             "clients": clients, "missing_clients": [dict(m) for m in outcome.missing],
             "history": outcome.history, "final": final, "model_dir": MODEL_DIR,
-            "timing": {**outcome.timing, "features_s": self.cache.seconds},
+            "timing": {**outcome.timing, "features_s": self.features_s},
             "versions": {"fedinspect": __version__, "torch": torch.__version__, "python": platform.python_version()},
         }
         n_train = sum(int(e["examples"].get("", 0)) for e in clients if e.get("examples"))
