@@ -217,11 +217,13 @@ def test_evaluate_and_zoo_study_commands_take_the_option(model, blobs, tmp_path,
     assert main(["-q", "evaluate", "--model", str(model_dir), "--data", str(blobs), "--out", str(out),
                  "--synthetic-validation", "perlin"]) == 0
     assert json.loads((out / "results.json").read_text())["thresholds"]["synthetic_validation"]["method"] == "perlin"
+    assert "which this model may have been fitted on" in capsys.readouterr().err  # a saved model does not say
 
     study = tmp_path / "zoo"
     args = ["-q", "zoo-study", "--data", str(blobs), "--out", str(study), "--detectors", "padim",
             "--image-size", "48", "--in-process"]
     assert main([*args, "--synthetic-validation", "cutpaste"]) == 0
+    assert "may have been fitted on" not in capsys.readouterr().err  # the zoo holds the T1 share out
     results_file = study / "cells" / "padim" / "train-blobs" / "test-blobs" / "results.json"
     results = json.loads(results_file.read_text())
     assert results["synthetic_validation"] == "cutpaste"

@@ -328,6 +328,12 @@ def _synthetic_thresholds(model: Detector, dataset: CategoryDataset, labels: np.
     the fraction of good report images flagged are given.
     """
     method, seed = options.synthetic_validation, options.split_seed
+    held_out = options.t1_held_out or getattr(model, "t1_held_out_", False)
+    if not held_out:
+        print(f"warning: {dataset.root}: synthetic validation draws its defects into the T1 share of the training "
+              "images, which this model may have been fitted on ('fedinspect fit' uses every training image): the "
+              "untouched images then score low and T2/T3 may sit low; zoo-study and fit_category(hold_out_t1=True) "
+              "hold the share out", file=sys.stderr)
     t1_index = train_shares(len(dataset.train), seed)[2]  # the same T1 share as threshold_split(..., seed)
     try:
         split = threshold_split(len(dataset.train), [s.defect for s in dataset.test], seed)
@@ -381,7 +387,7 @@ def _synthetic_thresholds(model: Detector, dataset: CategoryDataset, labels: np.
     block["shares"] = {"t1": len(t1_samples), "select": int(select.size) if real is not None else 0,
                        "report": int(report.size), "synthetic": choice.n_defective}
     block["percentile"] = float(options.percentile)
-    block["t1_held_out"] = options.t1_held_out or getattr(model, "t1_held_out_", False)
+    block["t1_held_out"] = held_out
     block["split_seed"] = seed
     return block, report
 
