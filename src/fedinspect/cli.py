@@ -131,12 +131,30 @@ def _cmd_detectors(args: argparse.Namespace) -> int:
     return 0
 
 
+SYNTHETIC_VALIDATION_METHODS = ("perlin", "cutpaste", "cutpaste_scar", "memseg")
+"""The offline generators of :mod:`fedinspect.synthesis` (``OFFLINE_METHODS``; spelled here so that building
+the parser imports no numpy)."""
+
+
+def _add_synthetic_validation_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--synthetic-validation", choices=(NONE, *SYNTHETIC_VALIDATION_METHODS), default=NONE,
+                        help="choose T2/T3 on this generator's synthetic defects drawn into the good images of the "
+                             "T1 share of the training images, for a factory without defective images; the "
+                             "real-chosen ones are reported beside them when the test images have defects "
+                             "(none: chosen on 15%% of the test images)")
+
+
+def _synthetic_method(value: str) -> str | None:
+    return None if value == NONE else value
+
+
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     from fedinspect.evaluation.summary import results_table
-    from fedinspect.pipeline import evaluate_category
+    from fedinspect.pipeline import ThresholdOptions, evaluate_category
 
+    thresholds = ThresholdOptions(synthetic_validation=_synthetic_method(args.synthetic_validation))
     results = evaluate_category(args.model, args.data, args.out, progress=not args.quiet, weights=args.weights,
-                                runtime=args.runtime)
+                                runtime=args.runtime, thresholds=thresholds)
     print(results_table({results["category"]: results}))
     print(f"results and 16-bit anomaly maps in {args.out}")
     return 0
@@ -365,7 +383,8 @@ def _cmd_zoo_study(args: argparse.Namespace) -> int:
         raise FedinspectError(f"--detectors: unknown {', '.join(unknown) or '(none given)'}; choose from "
                               f"{', '.join(DESCRIPTIONS)}")
     settings = ZooSettings(detectors=detectors, image_size=args.image_size, seed=args.seed,
-                           percentile=args.t1_percentile, epochs=args.epochs, isolate=not args.in_process)
+                           percentile=args.t1_percentile, epochs=args.epochs, isolate=not args.in_process,
+                           synthetic_validation=_synthetic_method(args.synthetic_validation))
     summary = run_zoo_study(args.data, args.out, settings, progress=not args.quiet)
     print((Path(args.out) / "report.md").read_text(encoding="utf-8").split("## Thresholds T1-T3")[0].rstrip())
     print(f"{len(summary['rows'])} tests, {len(summary['failed'])} failed cells in {summary['wall_s']:.0f} s; "
@@ -550,6 +569,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--runtime", choices=RUNTIMES, default=None,
                           help="run the frozen backbone of a patchcore, padim, stfpm, reverse_distillation or cflow "
                                "model with this runtime (none given: the one it was fitted with)")
+    _add_synthetic_validation_option(evaluate)
     evaluate.set_defaults(run=_cmd_evaluate)
 
     federate = commands.add_parser("federate", help="federate a detector (PatchCore by default), evaluated per "
@@ -630,6 +650,7 @@ def build_parser() -> argparse.ArgumentParser:
     zoo.add_argument("--in-process", action="store_true",
                      help="run the cells in this process (default: one fresh process each, so each peak memory "
                           "is its own)")
+    _add_synthetic_validation_option(zoo)
     zoo.set_defaults(run=_cmd_zoo_study)
 
     study = commands.add_parser("study", help="a grid of federated runs with statistics and a report (STUDY.toml)")

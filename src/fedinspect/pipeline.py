@@ -34,7 +34,21 @@ from fedinspect.evaluation.category_report import write_category_report
 from fedinspect.evaluation.plots import plot_thresholds
 from fedinspect.evaluation.protocol import per_defect_image_auroc, score_predictions, union_mask
 from fedinspect.evaluation.report import Example
-from fedinspect.evaluation.thresholds import threshold_protocol, threshold_split, train_shares
+from fedinspect.evaluation.synthetic_thresholds import (
+    SyntheticThresholds,
+    choose_synthetic_thresholds,
+    compare_thresholds,
+    draw_synthetic_defects,
+)
+from fedinspect.evaluation.thresholds import (
+    best_f1_image_threshold,
+    best_f1_pixel_threshold,
+    percentile_threshold,
+    threshold_metrics,
+    threshold_protocol,
+    threshold_split,
+    train_shares,
+)
 from fedinspect.run_folder import staged_output
 
 RESULTS_FILE = "results.json"
@@ -135,6 +149,11 @@ class ThresholdOptions:
     only recorded, since ``fedinspect fit`` uses every training image and T1 then sits on seen images.
     ``given``: thresholds chosen elsewhere (the training dataset's, when testing on another one).
     ``figure_examples``: test images in the threshold figure (0: no figure).
+    ``synthetic_validation``: an offline defect generator (``perlin``, ``cutpaste``, ``cutpaste_scar``,
+    ``memseg``): T2 and T3 are then chosen on its defects drawn into the good images of the T1 share of the
+    training images (seeded with ``split_seed``; ``synthetic_copies`` defects per image), and the real-chosen
+    ones are reported beside them where the test images have defects
+    (:mod:`fedinspect.evaluation.synthetic_thresholds`). None: the seed's protocol on the real select share.
     """
 
     percentile: float = 99.0
@@ -142,10 +161,22 @@ class ThresholdOptions:
     t1_held_out: bool = False
     given: Mapping[str, float] | None = None
     figure_examples: int = 4
+    synthetic_validation: str | None = None
+    synthetic_copies: int = 1
 
     def __post_init__(self) -> None:
+        from fedinspect.evaluation.synthetic_thresholds import check_synthetic_method
+
         if not 0 < self.percentile <= 100:
             raise SettingsError(f"T1 percentile must lie in (0, 100], got {self.percentile!r}")
+        if self.synthetic_validation is not None:
+            try:
+                check_synthetic_method(self.synthetic_validation)
+            except ValueError as error:
+                raise SettingsError(str(error)) from None
+        if isinstance(self.synthetic_copies, bool) or not isinstance(self.synthetic_copies, int) \
+                or self.synthetic_copies < 1:
+            raise SettingsError(f"synthetic_copies must be a positive integer, got {self.synthetic_copies!r}")
 
 
 def evaluate_category(
@@ -246,6 +277,10 @@ def _thresholds(model: Detector, dataset: CategoryDataset, labels: np.ndarray, s
                 maps: list[np.ndarray], regions: list[list[Region]], shapes: list[tuple[int, int]],
                 options: ThresholdOptions, out_dir: Path | None) -> dict[str, Any]:
     """T1-T3 chosen on their shares and reported on the report share; the figure in ``out_dir``."""
+    if options.synthetic_validation is not None and options.given is None:
+        block, report = _synthetic_thresholds(model, dataset, labels, scores, maps, regions, options)
+        _threshold_figure(dataset, labels, scores, maps, regions, shapes, options, out_dir, block, report)
+        return block
     try:
         split = threshold_split(len(dataset.train), [s.defect for s in dataset.test], options.split_seed)
         if options.given is None and not any(regions[i] for i in split.select):
@@ -264,15 +299,123 @@ def _thresholds(model: Detector, dataset: CategoryDataset, labels: np.ndarray, s
                                options.percentile, options.given)
     block["t1_held_out"] = options.t1_held_out or getattr(model, "t1_held_out_", False)
     block["split_seed"] = options.split_seed
+    _threshold_figure(dataset, labels, scores, maps, regions, shapes, options, out_dir, block, split.report)
+    return block
+
+
+def _threshold_figure(dataset: CategoryDataset, labels: np.ndarray, scores: np.ndarray, maps: list[np.ndarray],
+                      regions: list[list[Region]], shapes: list[tuple[int, int]], options: ThresholdOptions,
+                      out_dir: Path | None, block: dict[str, Any], report: np.ndarray) -> None:
+    """``thresholds.png``: report-share examples with the pixels at or above T1, T2 and T3."""
     if out_dir is not None and options.figure_examples:
-        chosen = _figure_examples(labels, scores, [sample.defect for sample in dataset.test], split.report,
+        chosen = _figure_examples(labels, scores, [sample.defect for sample in dataset.test], report,
                                   options.figure_examples)
         examples = [Example(category=dataset.name, defect=dataset.test[i].defect, name=dataset.test[i].stem,
                             image=read_image(dataset.test[i].image_path), anomaly_map=maps[i],
                             ground_truth=union_mask(regions[i], shapes[i]), score=float(scores[i])) for i in chosen]
         plot_thresholds(examples, {name: block[name]["value"] for name in ("T1", "T2", "T3")},
                         out_dir / THRESHOLD_FIGURE)
-    return block
+
+
+def _synthetic_thresholds(model: Detector, dataset: CategoryDataset, labels: np.ndarray, scores: np.ndarray,
+                          maps: list[np.ndarray], regions: list[list[Region]],
+                          options: ThresholdOptions) -> tuple[dict[str, Any], np.ndarray]:
+    """T1 as usual, T2/T3 chosen on synthetic defects in the T1 share of the training images; (block, report).
+
+    The report share is the protocol's (:func:`threshold_split`) where the test images allow one, else every
+    test image. Where the select share has real defects, the real-chosen T2/T3 and their metrics stand beside
+    the synthetic ones (``real_chosen``, ``comparison``); where the report share has none, only the values and
+    the fraction of good report images flagged are given.
+    """
+    method, seed = options.synthetic_validation, options.split_seed
+    held_out = options.t1_held_out or getattr(model, "t1_held_out_", False)
+    if not held_out:
+        print(f"warning: {dataset.root}: synthetic validation draws its defects into the T1 share of the training "
+              "images, which this model may have been fitted on ('fedinspect fit' uses every training image): the "
+              "untouched images then score low and T2/T3 may sit low; zoo-study and fit_category(hold_out_t1=True) "
+              "hold the share out", file=sys.stderr)
+    t1_index = train_shares(len(dataset.train), seed)[2]  # the same T1 share as threshold_split(..., seed)
+    try:
+        split = threshold_split(len(dataset.train), [s.defect for s in dataset.test], seed)
+        select, report = split.select, split.report
+    except ValueError:  # too few test images for a select share: none is needed here
+        select, report = np.zeros(0, dtype=np.int64), np.arange(len(dataset.test), dtype=np.int64)
+    t1_samples = [dataset.train[i] for i in t1_index]
+    t1_scores, t1_maps = _naming_the_image(dataset, t1_samples,
+                                           lambda images: model.predict(images, total=len(t1_samples)))
+    choice = synthetic_validation_thresholds(model, dataset, t1_samples, t1_maps, t1_scores, method, seed,
+                                             options.synthetic_copies)
+    t1 = percentile_threshold(t1_maps, options.percentile)
+    values = {"T1": t1, "T2": choice.t2, "T3": choice.t3}
+    source = (f"{choice.n_good} good training images (T1 share) and their {choice.n_defective} synthetic "
+              f"{method} copies")
+    chosen_by = {"T1": f"{options.percentile:g}th percentile of the pixel scores of good images (T1 share)",
+                 "T2": f"best pixel-level F1 on synthetic defects: {source}",
+                 "T3": f"best image-level F1 on synthetic defects: {source}"}
+    synthetic_f1 = {"T1": None, "T2": choice.t2_f1, "T3": choice.t3_f1}
+    has_select = any(regions[i] for i in select)
+    has_report = any(regions[i] for i in report)
+    report_maps, report_regions = [maps[i] for i in report], [regions[i] for i in report]
+    block: dict[str, Any] = {}
+    for name, value in values.items():
+        entry: dict[str, Any] = {"value": float(value), "chosen_by": chosen_by[name]}
+        if has_report:
+            entry.update(threshold_metrics(report_maps, report_regions, scores[report], labels[report], value))
+        entry["select_f1"] = synthetic_f1[name]
+        entry["good_images_flagged"] = _flagged(scores[report], labels[report], value)
+        block[name] = entry
+    real: dict[str, Any] | None = None
+    if has_select:
+        t2, f1_2 = best_f1_pixel_threshold([maps[i] for i in select], [regions[i] for i in select])
+        t3, f1_3 = best_f1_image_threshold(scores[select], labels[select])
+        real = {}
+        for name, value, f1 in (("T2", t2, f1_2), ("T3", t3, f1_3)):
+            entry = {"value": value, "chosen_by": f"best {'pixel' if name == 'T2' else 'image'}-level F1 on the "
+                                                  "real select share (15% of the test images)", "select_f1": f1}
+            if has_report:
+                entry.update(threshold_metrics(report_maps, report_regions, scores[report], labels[report], value))
+            entry["good_images_flagged"] = _flagged(scores[report], labels[report], value)
+            real[name] = entry
+        block["real_chosen"] = real
+    if has_report:
+        block["threshold_free"] = score_predictions(labels[report].astype(int), scores[report], report_maps,
+                                                    report_regions)
+        block["comparison"] = compare_thresholds(block, real)
+    else:
+        block["note"] = "no annotated defect in the report share: metrics at the thresholds are not computed"
+    block["synthetic_validation"] = choice.record()
+    block["shares"] = {"t1": len(t1_samples), "select": int(select.size) if real is not None else 0,
+                       "report": int(report.size), "synthetic": choice.n_defective}
+    block["percentile"] = float(options.percentile)
+    block["t1_held_out"] = held_out
+    block["split_seed"] = seed
+    return block, report
+
+
+def _flagged(scores: np.ndarray, labels: np.ndarray, threshold: float) -> float | None:
+    """Fraction of the good images scored at or above ``threshold`` (their false-alarm rate); None: no good one."""
+    good = scores[labels == 0]
+    return float(np.mean(good >= threshold)) if good.size else None
+
+
+def synthetic_validation_thresholds(model: Detector, dataset: CategoryDataset, samples: list[Sample],
+                                    good_maps: list[np.ndarray], good_scores: np.ndarray, method: str, seed: int,
+                                    copies: int = 1) -> SyntheticThresholds:
+    """T2/T3 chosen on synthetic defects drawn into ``samples`` (good images) and scored by ``model``.
+
+    ``good_maps``/``good_scores``: the model's predictions on ``samples`` as they are. Only ``samples`` are
+    read; the choice records their paths (relative to the dataset), the method, seed and generator settings.
+    """
+    from fedinspect.synthesis.generators import make_generator
+
+    images = [dataset.load_image(sample) for sample in samples]
+    defective, masks = draw_synthetic_defects(images, method, seed, copies)
+    defect_scores, defect_maps = model.predict(iter(defective), total=len(defective))
+    extra = {"images": [str(sample.image_path.relative_to(dataset.root)) for sample in samples],
+             "copies": copies, "generator": make_generator(method).parameters(),
+             "share": "T1 share of the training images (train_shares)"}
+    return choose_synthetic_thresholds(good_maps, good_scores, defect_maps, defect_scores, masks, method, seed,
+                                       extra)
 
 
 def _figure_examples(labels: np.ndarray, scores: np.ndarray, defects: list[str], report: np.ndarray,

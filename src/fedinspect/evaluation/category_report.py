@@ -45,14 +45,24 @@ def write_category_report(out_dir: Path, results: Mapping[str, Any], figure: str
         shares = block["shares"]
         seen = "held out of fitting" if block.get("t1_held_out") else "also fitted on: fedinspect fit uses every " \
                                                                         "training image, so T1 sits low"
+        synthetic = block.get("synthetic_validation")
+        if synthetic:
+            chosen_on = (f"T2 and T3 chosen on synthetic defects ({synthetic['method']}, seed {synthetic['seed']}): "
+                         f"the {synthetic['good_images']} good images of the T1 share and their "
+                         f"{synthetic['defective_images']} defective copies; no test image was used to choose them. "
+                         f"Every figure below is measured on {shares['report']} test images")
+        else:
+            chosen_on = (f"T2 and T3 chosen on {shares['select']} test images; every figure below is measured on "
+                         f"the other {shares['report']} test images")
         doc.add(Paragraph(
-            f"T1 from {shares['t1']} good training images ({seen}). T2 and T3 chosen on {shares['select']} test "
-            f"images; every figure below is measured on the other {shares['report']} test images (split seed "
+            f"T1 from {shares['t1']} good training images ({seen}). {chosen_on} (split seed "
             f"{block.get('split_seed')})."),
             Table(["threshold", "value", "chosen by", *[label for label, _ in THRESHOLD_COLUMNS]],
                   [[name, format_metric(block[name]["value"], 4), block[name]["chosen_by"],
                     *[format_metric(block[name].get(key)) for _, key in THRESHOLD_COLUMNS]]
                    for name in ("T1", "T2", "T3")]))
+        if synthetic:
+            _add_synthetic_comparison(doc, block)
         free = block.get("threshold_free") or {}
         doc.add(Paragraph(f"On the same report share: image AUROC {format_metric(free.get('image_auroc'))}, pixel "
                           f"AUROC {format_metric(free.get('pixel_auroc'))}, AUC-sPRO@0.3 "
@@ -65,3 +75,23 @@ def write_category_report(out_dir: Path, results: Mapping[str, Any], figure: str
     doc.add(Heading(2, "Time"), KeyValues([(key.removesuffix("_s").replace("_", " "), format_seconds(value))
                                            for key, value in timings.items() if key.endswith("_s")]))
     return doc.write(out_dir)
+
+
+def _add_synthetic_comparison(doc: Document, block: Mapping[str, Any]) -> None:
+    """T2/T3 chosen on synthetic defects beside those chosen on the real select share, on the same report share."""
+    real = block.get("real_chosen")
+    if "note" in block:
+        doc.add(Note(block["note"]))
+    if not real:
+        doc.add(Note("the test images hold no real defect to choose T2/T3 on: no real-chosen thresholds to "
+                     "compare with"))
+        return
+    doc.add(Heading(3, "Synthetic against real defects"),
+            Paragraph("T2 and T3 as chosen on synthetic defects and as chosen on the real select share (15% of "
+                      "the test images), each measured on the same report share."),
+            Table(["threshold", "chosen on", "value", "IoU", "PRO", "pixel F1", "image F1", "good images flagged"],
+                  [[name, label, format_metric(entry.get("value"), 4),
+                    *[format_metric(entry.get(key)) for key in ("iou", "pro", "pixel_f1", "image_f1",
+                                                                "good_images_flagged")]]
+                   for name in ("T2", "T3")
+                   for label, entry in (("synthetic", block[name]), ("real", real[name]))]))

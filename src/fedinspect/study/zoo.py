@@ -14,10 +14,15 @@ Each cell runs in a fresh process (so its peak memory is its own) and writes::
     cells/<detector>/train-<name>/fit.json          fit time, images, peak memory, size, parameters
     cells/<detector>/train-<name>/test-<name>/      results.json (and thresholds.png within a dataset)
 
-A rerun keeps every finished model and result and does only what is missing, so an interrupted study
-resumes; a cell that fails is recorded (``error.txt``) and the study goes on. ``zoo_study.json`` and the
-report (``report.md``/``report.html``: the seed's localization and detection tables, AUC-sPRO beside them,
-the cost table and the threshold figures) are written from whatever is finished.
+With ``synthetic_validation`` (an offline defect generator), T2 and T3 of (1) and (3) are chosen on synthetic
+defects drawn into the T1 share instead of the select share, the real-chosen ones kept beside them
+(:func:`fedinspect.pipeline.evaluate_category`), and (2) carries those over.
+
+A rerun keeps every finished model and result and does only what is missing (a test whose thresholds were
+chosen with another ``synthetic_validation`` is redone, its model kept), so an interrupted study resumes; a
+cell that fails is recorded (``error.txt``) and the study goes on. ``zoo_study.json`` and the report
+(``report.md``/``report.html``: the seed's localization and detection tables, AUC-sPRO beside them, the cost
+table and the threshold figures) are written from whatever is finished.
 """
 
 from __future__ import annotations
@@ -52,11 +57,19 @@ class ZooSettings:
     epochs: int | None = None  # None: each trained detector's own default
     isolate: bool = True  # each cell in a fresh process (its own peak memory); False: in this process
     params: dict[str, dict[str, Any]] = field(default_factory=dict)  # detector -> extra constructor parameters
+    synthetic_validation: str | None = None  # an offline generator: T2/T3 chosen on its defects (ThresholdOptions)
 
     def __post_init__(self) -> None:
         from fedinspect.detectors.model_files import check_image_size
 
         check_image_size(self.image_size)
+        if self.synthetic_validation is not None:
+            from fedinspect.evaluation.synthetic_thresholds import check_synthetic_method
+
+            try:
+                check_synthetic_method(self.synthetic_validation)
+            except ValueError as error:
+                raise SettingsError(str(error)) from None
         if not 0 < self.percentile <= 100:
             raise SettingsError(f"T1 percentile must lie in (0, 100], got {self.percentile!r}")
         if self.epochs is not None and (isinstance(self.epochs, bool) or not isinstance(self.epochs, int)
@@ -87,6 +100,15 @@ def training_sets(data_dirs: Sequence[Path]) -> list[tuple[str, list[Path]]]:
     if len(data_dirs) > 1:
         sets.append((UNION, list(data_dirs)))
     return sets
+
+
+def _same_validation(results_file: Path, settings: ZooSettings) -> bool:
+    """Whether a finished test chose its thresholds as ``settings`` asks (absent key: real defects, as before)."""
+    try:
+        results = json.loads(results_file.read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return results.get("synthetic_validation") == settings.synthetic_validation
 
 
 def _folder_bytes(path: Path) -> int:
@@ -137,13 +159,14 @@ def run_cell(detector: str, train_label: str, train_dirs: list[Path], test_dirs:
         same = train_dirs == [test_dir]
         cross = train_label != UNION and not same
         error_file = cell_dir / f"test-{test_label}.{ERROR_FILE}"
-        if results_file.is_file():
+        if results_file.is_file() and _same_validation(results_file, settings):
             results = json.loads(results_file.read_text())
         else:
             error_file.unlink(missing_ok=True)
             options: ThresholdOptions | None = ThresholdOptions(
                 percentile=settings.percentile, split_seed=settings.seed, t1_held_out=True,
-                given=chosen if cross else None, figure_examples=0 if cross else 4)
+                given=chosen if cross else None, figure_examples=0 if cross else 4,
+                synthetic_validation=settings.synthetic_validation)
             if cross and chosen is None:  # the training dataset gave no thresholds: none to carry over
                 options = None
             try:
@@ -153,6 +176,8 @@ def run_cell(detector: str, train_label: str, train_dirs: list[Path], test_dirs:
                 error_file.write_text(f"{type(error).__name__}: {error}\n")
                 continue
             results["peak_memory_mb"] = peak_memory_mb()
+            if settings.synthetic_validation is not None:  # cross tests carry the synthetic thresholds over
+                results["synthetic_validation"] = settings.synthetic_validation
             results_file.write_text(json.dumps(results, indent=2))
         block = results.get("thresholds", {})
         if same and "T1" in block:
@@ -199,7 +224,8 @@ def run_zoo_study(data_dirs: Sequence[str | Path], out_dir: str | Path, settings
     for index, (detector, label, dirs) in enumerate(jobs, start=1):
         cell_dir = out / CELLS_DIR / detector / f"train-{label}"
         expected = [cell_dir / f"test-{_name(path)}" / "results.json" for path in data]
-        if all(path.is_file() for path in expected) and (cell_dir / FIT_FILE).is_file():
+        if all(path.is_file() and _same_validation(path, settings) for path in expected) \
+                and (cell_dir / FIT_FILE).is_file():
             status = "done before"  # a test that failed before has no results.json: the cell runs again
         else:
             (cell_dir / ERROR_FILE).unlink(missing_ok=True)
