@@ -152,7 +152,7 @@ class ThresholdOptions:
     ``synthetic_validation``: an offline defect generator (``perlin``, ``cutpaste``, ``cutpaste_scar``,
     ``memseg``): T2 and T3 are then chosen on its defects drawn into the good images of the T1 share of the
     training images (seeded with ``split_seed``; ``synthetic_copies`` defects per image), and the real-chosen
-    ones are reported beside them where the test images have defects
+    ones are reported beside them where the test images have defects.
     (:mod:`fedinspect.evaluation.synthetic_thresholds`). None: the seed's protocol on the real select share.
     """
 
