@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from fedinspect.backbones.extractor import FeatureExtractor, LayerSpec
+from fedinspect.quiet_warnings import ignoring
 
 RUNTIMES = ("torch", "onnx", "openvino", "openvino-bf16")
 DEFAULT_RUNTIME = "openvino"
@@ -146,10 +147,10 @@ def _export_onnx(extractor: FeatureExtractor, height: int, width: int) -> bytes:
     graph = _Graph(extractor).eval()
     names = [f"map_{k}" for k in extractor.layers]
     try:
-        with warnings.catch_warnings(), torch.no_grad():
-            # The TorchScript exporter's deprecation notice and the tracer's warnings about Python ints in the
-            # padding: both expected, the shape being fixed per export.
-            warnings.simplefilter("ignore")
+        # The TorchScript exporter's deprecation notices, its note on constant folding and the tracer's
+        # warnings about Python ints in the padding: all expected, the shape being fixed per export.
+        with ignoring(torch.jit.TracerWarning, DeprecationWarning), ignoring(UserWarning, message="Constant folding"), \
+                torch.no_grad():
             torch.onnx.export(graph, (torch.zeros(1, 3, height, width),), tmp, dynamo=False, opset_version=OPSET,
                               input_names=["images"], output_names=names,
                               dynamic_axes={"images": {0: "batch"}, **{n: {0: "batch"} for n in names}})

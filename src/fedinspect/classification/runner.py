@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -53,6 +52,7 @@ from fedinspect.classification.models import (
 from fedinspect.classification.training import TrainSettings
 from fedinspect.errors import DataError
 from fedinspect.privacy.obfuscation import Obfuscation, parse_methods
+from fedinspect.quiet_warnings import ignoring
 
 
 @dataclass(frozen=True)
@@ -262,8 +262,7 @@ def noise_for_epsilon(config: ClassifyConfig, client_sizes: Sequence[int], targe
     sigmas = []
     for n in client_sizes:
         steps = config.rounds * settings.local_epochs * settings.steps_per_epoch(n)
-        with warnings.catch_warnings():  # "optimal order is the largest alpha" while bisecting
-            warnings.simplefilter("ignore")
+        with ignoring(UserWarning, message="Optimal order"):  # "... is the largest alpha" while bisecting
             sigmas.append(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=settings.delta_for(n),
                                                sample_rate=settings.sample_rate(n), steps=steps,
                                                accountant=settings.accountant,

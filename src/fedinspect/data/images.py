@@ -10,13 +10,13 @@ changes it), which this setting cannot raise.
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fedinspect.errors import DataError, FedinspectError
+from fedinspect.quiet_warnings import ignoring
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 MAX_PIXELS_VARIABLE = "FEDINSPECT_MAX_IMAGE_PIXELS"
@@ -44,8 +44,7 @@ def _open_header(path: Path) -> Image.Image:
         raise DataError(path, "file not found")
     limit = max_image_pixels()
     try:
-        with warnings.catch_warnings():  # Pillow's bomb warning: the check below replaces it
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with ignoring(Image.DecompressionBombWarning):  # Pillow's bomb warning: the check below replaces it
             image = Image.open(path)
     except Image.DecompressionBombError as error:
         raise DataError(path, f"image too large to read safely ({error})") from error

@@ -16,10 +16,11 @@ step) and the number of steps composed.
 from __future__ import annotations
 
 import math
-import warnings
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from fedinspect.quiet_warnings import ignoring
 
 if TYPE_CHECKING:
     from opacus.accountants import PRVAccountant, RDPAccountant
@@ -59,8 +60,7 @@ def epsilon(noise_multiplier: float, delta: float = DEFAULT_DELTA, sample_rate: 
     acc = _accountant(accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     # "optimal order is the largest alpha" (tiny noise: epsilon is huge anyway); log(1 - q) at q = 1 in PRV
-    with warnings.catch_warnings(), np.errstate(divide="ignore"):
-        warnings.simplefilter("ignore", UserWarning)
+    with ignoring(UserWarning), np.errstate(divide="ignore"):
         return float(acc.get_epsilon(delta=delta))
 
 
@@ -73,8 +73,7 @@ def noise_multiplier_for(target_epsilon: float, delta: float = DEFAULT_DELTA, sa
 
     _check(1.0, delta, sample_rate, steps)
     _accountant(accountant)
-    with warnings.catch_warnings(), np.errstate(divide="ignore"):  # the search probes tiny noise first
-        warnings.simplefilter("ignore", UserWarning)
+    with ignoring(UserWarning), np.errstate(divide="ignore"):  # the search probes tiny noise first
         try:
             return float(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                               sample_rate=sample_rate, steps=steps, accountant=accountant,

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import time
-import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -32,6 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from fedinspect.errors import SettingsError
+from fedinspect.quiet_warnings import ignoring
 
 ACCOUNTANTS = ("rdp", "prv", "gdp")
 DEFAULT_DELTA = 1e-5
@@ -165,8 +165,7 @@ def epsilon_of(history: Sequence[Sequence[float]], delta: float, kind: str = "rd
         return 0.0
     if any(float(entry[0]) == 0.0 for entry in history):
         return math.inf
-    with warnings.catch_warnings():  # "optimal order is the smallest alpha": tiny noise, huge epsilon
-        warnings.simplefilter("ignore")
+    with ignoring(UserWarning, message="Optimal order"):  # "... is the smallest alpha": tiny noise, huge epsilon
         return float(make_accountant(kind, history).get_epsilon(delta))
 
 
@@ -213,9 +212,7 @@ def train_dp_sgd(model: nn.Module, optimizer: torch.optim.Optimizer, dataset: Da
     privacy_history = check_history(privacy_history)
     trained = [p for group in optimizer.param_groups for p in group["params"]]
     loader = DataLoader(dataset, batch_size=settings.logical_batch, shuffle=True, generator=_generator(seed))
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        warnings.filterwarnings("ignore", message=".*full_backward_hook.*")
+    with ignoring(Warning, message=".*secure RNG"), ignoring(Warning, message=".*full_backward_hook"):
         engine = PrivacyEngine(accountant=settings.accountant)
         engine.accountant = make_accountant(settings.accountant, privacy_history)
         try:
