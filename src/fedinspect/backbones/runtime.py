@@ -48,7 +48,7 @@ DEFAULT_RUNTIME = "openvino"
 ENV_CACHE = "FEDINSPECT_CACHE"
 EXPORT_FORMAT = 1  # bump when the exported graph changes for the same key
 OPSET = 17
-DEFAULT_MAX_SHAPES = 64  # loaded graphs per runtime: about 1.7 GB for EfficientNet-Lite0 on OpenVINO
+DEFAULT_MAX_SHAPES = 16  # loaded graphs per runtime: each held 30-120 MB (Lite0, OpenVINO; batch 1-8)
 # Probe gates: largest |runtime - torch| relative to the largest |torch| value of a layer (f32 measured:
 # 2e-6 for onnxruntime and OpenVINO), and the per-layer cosine of bf16 (measured 0.9990-0.9997).
 F32_MAX_RELATIVE_DIFF = 1e-4
@@ -216,10 +216,10 @@ class BackboneRuntime(nn.Module):
     height x width, batch dynamic, and loaded once per shape and torch thread count (``NUM_STREAMS=1``,
     threads = ``torch.get_num_threads()``). No autograd: images that require grad are refused.
 
-    Each loaded graph holds about 27 MB (EfficientNet-Lite0, OpenVINO) and costs 2-4 s to export, compile and
-    check, so at most ``max_shapes`` are loaded: images of further shapes run in torch (the same features,
-    slower), with one warning. A category whose images all have their own size (the magnetic tiles: 429
-    shapes at 256 px) would otherwise hold 11 GB of graphs.
+    Each loaded graph holds 30-120 MB (EfficientNet-Lite0 on OpenVINO at batch 1-8) and costs 1-4 s to load or
+    export, compile and check, so at most ``max_shapes`` are loaded: images of further shapes run in torch (the
+    same features; slower per image, but no compile), with one warning. A category whose images all have their
+    own size (the magnetic tiles: 429 shapes at 256 px) would otherwise hold gigabytes of graphs.
     """
 
     def __init__(self, extractor: FeatureExtractor, runtime: str = DEFAULT_RUNTIME,
@@ -315,7 +315,7 @@ class BackboneRuntime(nn.Module):
         if not self.shapes_in_torch:
             warnings.warn(f"{self.name}: more than {self.max_shapes} image shapes; runtime {self.runtime!r} keeps "
                           f"{self.max_shapes} graphs loaded and runs further shapes in torch (same features, "
-                          "slower). Resize the images to fewer shapes, or pass max_shapes.", RuntimeWarning,
+                          "slower). Resize the images to fewer shapes, or choose runtime torch.", RuntimeWarning,
                           stacklevel=4)
         self.shapes_in_torch.add((height, width))
         return True
