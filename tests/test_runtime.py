@@ -268,26 +268,3 @@ def test_padim_keeps_its_runtime(monkeypatch, tmp_path: Path) -> None:
     assert loaded.runtime == "onnx"
     reference = Padim.load(folder, runtime="torch")
     np.testing.assert_allclose(loaded.predict(images[3:])[0], reference.predict(images[3:])[0], atol=1e-4)
-
-
-def test_shapes_past_max_shapes_run_in_torch_with_one_warning(extractor, shared_cache) -> None:
-    runtime = BackboneRuntime(extractor, "onnx", cache=shared_cache, max_shapes=2)
-    shapes = [(64, 64), (64, 96), (96, 64), (64, 128)]
-    images = {shape: torch.rand(1, 3, *shape, generator=torch.Generator().manual_seed(i))
-              for i, shape in enumerate(shapes)}
-    runtime(images[(64, 64)])
-    runtime(images[(64, 96)])
-    with pytest.warns(RuntimeWarning, match="more than 2 image shapes") as caught:
-        past = runtime(images[(96, 64)])
-        runtime(images[(64, 128)])
-    assert len(caught) == 1
-    assert len(runtime._sessions) == 2
-    assert runtime.shapes_in_torch == {(96, 64), (64, 128)}
-    with torch.no_grad():
-        expected = extractor(images[(96, 64)])
-    for layer in expected:
-        assert torch.equal(past[layer], expected[layer])  # torch itself, not a graph
-    runtime(images[(64, 64)])  # a loaded shape still runs its graph
-    assert len(runtime._sessions) == 2 and (64, 64) not in runtime.shapes_in_torch
-    with pytest.raises(ValueError, match="max_shapes"):
-        BackboneRuntime(extractor, "onnx", max_shapes=0)

@@ -48,7 +48,6 @@ DEFAULT_RUNTIME = "openvino"
 ENV_CACHE = "FEDINSPECT_CACHE"
 EXPORT_FORMAT = 1  # bump when the exported graph changes for the same key
 OPSET = 17
-DEFAULT_MAX_SHAPES = 16  # loaded graphs per runtime: each held 30-120 MB (Lite0, OpenVINO; batch 1-8)
 # Probe gates: largest |runtime - torch| relative to the largest |torch| value of a layer (f32 measured:
 # 2e-6 for onnxruntime and OpenVINO), and the per-layer cosine of bf16 (measured 0.9990-0.9997).
 F32_MAX_RELATIVE_DIFF = 1e-4
@@ -215,29 +214,20 @@ class BackboneRuntime(nn.Module):
     reference every loaded graph is checked against. Graphs are exported on the first image of each
     height x width, batch dynamic, and loaded once per shape and torch thread count (``NUM_STREAMS=1``,
     threads = ``torch.get_num_threads()``). No autograd: images that require grad are refused.
-
-    Each loaded graph holds 30-120 MB (EfficientNet-Lite0 on OpenVINO at batch 1-8) and costs 1-4 s to load or
-    export, compile and check, so at most ``max_shapes`` are loaded: images of further shapes run in torch (the
-    same features; slower per image, but no compile), with one warning. A category whose images all have their
-    own size (the magnetic tiles: 429 shapes at 256 px) would otherwise hold gigabytes of graphs.
     """
 
     def __init__(self, extractor: FeatureExtractor, runtime: str = DEFAULT_RUNTIME,
-                 cache: str | Path | None = None, max_shapes: int = DEFAULT_MAX_SHAPES) -> None:
+                 cache: str | Path | None = None) -> None:
         super().__init__()
         if not isinstance(extractor, FeatureExtractor):
             raise ValueError(f"expected a FeatureExtractor, got {type(extractor).__name__}")
         if extractor.trainable:
             raise ValueError(f"{extractor.name}: a runtime runs a frozen extractor; this one is trainable")
-        if isinstance(max_shapes, bool) or not isinstance(max_shapes, int) or max_shapes < 1:
-            raise ValueError(f"max_shapes must be a whole number >= 1, got {max_shapes!r}")
         self.runtime = check_runtime(runtime)
         self.torch_extractor = extractor.eval()
         self.cache = None if cache is None else Path(cache)
-        self.max_shapes = max_shapes
         self._sessions: dict[tuple[int, int, int], _Session] = {}
         self.exports = 0  # graphs exported by this object (a cache hit exports none)
-        self.shapes_in_torch: set[tuple[int, int]] = set()  # shapes past max_shapes, run by torch
 
     # ------------------------------------------------------------------ the extractor's face
     @property
@@ -275,7 +265,7 @@ class BackboneRuntime(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         """Copies (deepcopy, Ray) leave the loaded graphs behind: they are loaded again on first use."""
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {**state, "_sessions": {}, "shapes_in_torch": set()}
+        return {**state, "_sessions": {}}
 
     def train(self, mode: bool = True) -> BackboneRuntime:
         """Always in eval mode (the graphs are frozen)."""
@@ -299,26 +289,10 @@ class BackboneRuntime(nn.Module):
         if images.device.type != "cpu":
             raise ValueError(f"{self.name}: runtime {self.runtime!r} runs on the CPU, got images on {images.device}")
         height, width = int(images.shape[2]), int(images.shape[3])
-        if self._past_the_cap(height, width):
-            return self.torch_extractor(images)
         session = self.session(height, width)
         x = np.ascontiguousarray(images.detach().numpy(), dtype=np.float32)
         outputs = session.run(x)
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in zip(self.layers, outputs, strict=True)}
-
-    def _past_the_cap(self, height: int, width: int) -> bool:
-        """Whether ``height`` x ``width`` is a new shape with ``max_shapes`` graphs already loaded."""
-        if (height, width, max(1, torch.get_num_threads())) in self._sessions:
-            return False
-        if len(self._sessions) < self.max_shapes:
-            return False
-        if not self.shapes_in_torch:
-            warnings.warn(f"{self.name}: more than {self.max_shapes} image shapes; runtime {self.runtime!r} keeps "
-                          f"{self.max_shapes} graphs loaded and runs further shapes in torch (same features, "
-                          "slower). Resize the images to fewer shapes, or choose runtime torch.", RuntimeWarning,
-                          stacklevel=4)
-        self.shapes_in_torch.add((height, width))
-        return True
 
     def session(self, height: int, width: int) -> _Session:
         """The graph for ``height`` x ``width`` at torch's current thread count: loaded, exported if needed."""
@@ -420,9 +394,9 @@ def _read_cached(path: Path, sidecar: Path, key: Mapping[str, Any]) -> bytes:
     return model
 
 
-def with_runtime(extractor: FeatureExtractor, runtime: str = DEFAULT_RUNTIME, cache: str | Path | None = None,
-                 max_shapes: int = DEFAULT_MAX_SHAPES) -> FeatureExtractor | BackboneRuntime:
+def with_runtime(extractor: FeatureExtractor, runtime: str = DEFAULT_RUNTIME,
+                 cache: str | Path | None = None) -> FeatureExtractor | BackboneRuntime:
     """``extractor`` itself for ``"torch"``, else a :class:`BackboneRuntime` running it with ``runtime``."""
     if check_runtime(runtime) == "torch":
         return extractor
-    return BackboneRuntime(extractor, runtime, cache=cache, max_shapes=max_shapes)
+    return BackboneRuntime(extractor, runtime, cache=cache)
