@@ -45,10 +45,14 @@ def separable(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def dp_run(separable: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The default recipe (3 IID clients, its rounds, model, pooling, head and training) at epsilon 3."""
-    torch.set_num_threads(1)
-    config = recipe(image_size=SIZE, dp_epsilon=3.0)
-    return run_classification(separable, tmp_path_factory.mktemp("dp") / "run", config, progress=False,
-                              write_report=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # restored: a later module's in-process run must use the default, as its nodes do
+    try:
+        config = recipe(image_size=SIZE, dp_epsilon=3.0)
+        return run_classification(separable, tmp_path_factory.mktemp("dp") / "run", config, progress=False,
+                                  write_report=False)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_default_recipe_beats_the_majority_class_under_dp(dp_run: dict) -> None:
