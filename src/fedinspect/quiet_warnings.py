@@ -4,7 +4,9 @@ Python before 3.14 keeps one warning-filter list per process: ``warnings.catch_w
 and puts the saved copy back on exit. Two threads doing so at once restore each other's lists, so one
 block's "ignore" is undone in the middle of another (seen: the tracer's warnings of every ONNX export
 printed while the read-ahead thread opened images) or outlives its block for the rest of the process.
-Every block of fedinspect that silences a warning goes through :func:`ignoring`, which holds one lock.
+Every block of fedinspect that silences a warning goes through :func:`ignoring`, which holds one lock: a
+block must therefore not wait on another thread that silences warnings (DP-SGD's training holds it throughout,
+and reads no images in other threads).
 """
 
 from __future__ import annotations
