@@ -14,7 +14,14 @@ import torch
 from fedinspect.errors import FedinspectError
 from fedinspect.federation import rounds_flower
 from fedinspect.federation.fedavg import aggregate_groups, fedavg, group_of, summed
-from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, run_rounds, task_from_spec
+from fedinspect.federation.rounds import (
+    ClientResult,
+    FederatedTask,
+    RoundRecorder,
+    RoundsOutcome,
+    run_rounds,
+    task_from_spec,
+)
 
 
 class PullTask(FederatedTask):
@@ -116,6 +123,16 @@ def test_a_failing_client_is_recorded_and_the_rounds_go_on(capsys) -> None:
     assert "client_1 dropped out of round 1" in capsys.readouterr().err
     with pytest.raises(FedinspectError, match=r"round 1: only 0 of 1 clients answered.*client_0: corrupt"):
         run_rounds(PullTask(n_clients=1, fail=0), progress=False)
+
+
+def test_missing_clients_are_listed_by_round_then_client_not_by_arrival(capsys) -> None:
+    """Flower's workers answer in any order under load; the record must not depend on it."""
+    recorder = RoundRecorder(PullTask())
+    for name, round_number in [("client_10", 2), ("client_2", 1), ("client_1", 2), ("client_1", 1)]:
+        recorder.drop(name, round_number, "gone")
+    outcome = recorder.outcome({}, {})
+    assert [(m["client"], m["round"]) for m in outcome.missing] == [("client_1", 1), ("client_2", 1),
+                                                                    ("client_1", 2), ("client_10", 2)]
 
 
 def test_updates_that_do_not_fit_are_refused_with_the_client_named(capsys) -> None:

@@ -238,7 +238,8 @@ class RoundRecorder:
         return record
 
     def outcome(self, state: State, memories: dict[str, dict[str, Any]]) -> RoundsOutcome:
-        return RoundsOutcome(state, self.history, memories, self.missing,
+        missing = sorted(self.missing, key=lambda m: (m["round"], client_order(m["client"])))  # not arrival order
+        return RoundsOutcome(state, self.history, memories, missing,
                              dict(sorted(self.clients.items(), key=lambda item: client_order(item[0]))),
                              {"total_s": time.perf_counter() - self.started,
                               "round_s": [r["seconds"] for r in self.history]},
