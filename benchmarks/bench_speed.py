@@ -5,10 +5,12 @@ Usage::
     .venv/bin/python benchmarks/bench_speed.py [--real ../shared/data/real] [--skip-federation]
         [--workdir /tmp/fedinspect-bench] [--out benchmarks/results]
 
-1. PatchCore inference per stage at 256 px, one torch thread, on the real metal plates (a bank of about
-   10,000 patches) and magnetic tiles (the 10% coreset, about 60,000): PNG decoding, letterbox resize,
-   backbone, nearest-neighbour search, maps (the rest of ``predict``), end to end; for each pair
-   (runtime, search) with the image AUROC and AUC-sPRO@0.05 beside it.
+1. PatchCore inference per stage at 256 px, on 1 and 2 threads (``--threads``), on the real metal plates (a
+   bank of about 10,000 patches) and magnetic tiles (the 10% coreset, about 60,000): PNG decoding, letterbox
+   resize, backbone, nearest-neighbour search, each timed alone, then end to end (``predict`` fed the PNG
+   files one by one, so decoding overlaps the backbone as in ``evaluate``); "maps" is what end to end spends
+   beyond the four stages (score maps, their resizing and smoothing, the exact maxima) less the overlap; for
+   each pair (runtime, search) with the image AUROC and AUC-sPRO@0.05 beside it.
 2. The ``full`` synthetic federation (AutoVI's counts, 1,523 training and 2,399 test images), 5 clients,
    default settings (centralized baseline and shared bank included), end to end in a subprocess each:
    wall time and peak memory (max RSS), today's path against the new defaults.
@@ -96,12 +98,13 @@ def stages(category: Path, runtime: str, search: str, coreset_ratio: float) -> d
     index.search(queries, k=1)
     search_s = time.perf_counter() - start
     start = time.perf_counter()
-    scores, maps = model.predict(images, total=n)
-    end_to_end = time.perf_counter() - start + decode
+    scores, maps = model.predict((read_image(p) for p in paths), total=n)
+    end_to_end = time.perf_counter() - start
     _, regions = load_ground_truth(dataset, progress=False)
     metrics = score_predictions(np.array([s.label for s in dataset.test]), scores, maps, regions)
     ms = 1000 / n
-    return {"category": dataset.name, "runtime": runtime, "search": search, "index": index.method,
+    return {"category": dataset.name, "threads": torch.get_num_threads(), "runtime": runtime, "search": search,
+            "index": index.method,
             "bank": int(model.memory_bank_.shape[0]), "decode_ms": decode * ms, "resize_ms": resize * ms,
             "backbone_ms": backbone * ms, "search_ms": search_s * ms,
             "maps_ms": max(0.0, end_to_end - decode - resize - backbone - search_s) * ms,
@@ -115,10 +118,13 @@ def main() -> int:
     parser.add_argument("--real", type=Path, default=ROOT.parent / "shared" / "data" / "real")
     parser.add_argument("--skip-inference", action="store_true")
     parser.add_argument("--skip-federation", action="store_true")
+    parser.add_argument("--threads", default="1,2", help="torch (and faiss, OpenVINO) threads for inference, "
+                        "comma-separated")
+    parser.add_argument("--paths", default="today,new", help="which paths to run, comma-separated")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fedinspect-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    torch.set_num_threads(1)
+    paths = {name: PATHS[name] for name in args.paths.split(",")}
     report: dict[str, Any] = {"targets": TARGETS, "inference": [], "federation": {}}
     cases = [(args.real / "mpdd" / "metal_plate", 0.18), (args.real / "mtd" / "magnetic_tile", 0.1)]
     if not args.skip_inference:
@@ -126,21 +132,24 @@ def main() -> int:
             if not category.is_dir():
                 print(f"skipped {category}: not found")
                 continue
-            for name, path in PATHS.items():
-                row = stages(category, path["runtime"], path["search"], ratio)
-                report["inference"].append({"path": name, **row})
-                print(json.dumps(report["inference"][-1]))
-        print(f"\n{'category':<15}{'path':<7}{'bank':>7}{'index':>6}{'decode':>8}{'resize':>8}{'backbone':>9}"
-              f"{'search':>8}{'maps':>7}{'total':>8}{'img AUROC':>10}{'sPRO.05':>9}   (ms/image)")
+            for threads in (int(t) for t in args.threads.split(",")):
+                torch.set_num_threads(threads)
+                for name, path in paths.items():
+                    row = stages(category, path["runtime"], path["search"], ratio)
+                    report["inference"].append({"path": name, **row})
+                    print(json.dumps(report["inference"][-1]))
+        print(f"\n{'category':<15}{'threads':>7} {'path':<7}{'bank':>7}{'index':>6}{'decode':>8}{'resize':>8}"
+              f"{'backbone':>9}{'search':>8}{'maps':>7}{'total':>8}{'img AUROC':>10}{'sPRO.05':>9}   (ms/image)")
         for r in report["inference"]:
-            print(f"{r['category']:<15}{r['path']:<7}{r['bank']:>7}{r['index']:>6}{r['decode_ms']:>8.1f}"
-                  f"{r['resize_ms']:>8.1f}{r['backbone_ms']:>9.1f}{r['search_ms']:>8.1f}{r['maps_ms']:>7.1f}"
+            print(f"{r['category']:<15}{r['threads']:>7} {r['path']:<7}{r['bank']:>7}{r['index']:>6}"
+                  f"{r['decode_ms']:>8.1f}{r['resize_ms']:>8.1f}{r['backbone_ms']:>9.1f}{r['search_ms']:>8.1f}{r['maps_ms']:>7.1f}"
                   f"{r['end_to_end_ms']:>8.1f}{r['image_auroc']:>10.4f}{r['spro@0.05']:>9.4f}")
     if not args.skip_federation:
         from fedinspect.data.synthetic import generate_dataset
 
         data = generate_dataset(args.workdir / "synthetic-full", seed=0, size="full", progress=True)
-        for name, path in PATHS.items():
+        torch.set_num_threads(1)
+        for name, path in paths.items():
             with tempfile.TemporaryDirectory() as out:
                 done = subprocess.run([sys.executable, "-c", WORKER, str(data), out, json.dumps(path)],
                                       capture_output=True, text=True, check=False)

@@ -9,6 +9,7 @@ from fedinspect.detectors.nearest_neighbours import (
     AUTO_EXACT_MAX_BANK,
     NearestNeighbours,
     default_nlist,
+    default_nprobe,
 )
 
 
@@ -67,11 +68,12 @@ def test_exact_matches_brute_force_on_random_data():
 
 
 @pytest.mark.parametrize(("method", "knobs", "minimum"), [
-    ("ivf", {}, 0.97), ("ivf", {"nprobe": 16}, 0.93), ("ivf", {"nprobe": 64}, 0.99), ("hnsw", {}, 0.99),
+    ("ivf", {}, 0.85), ("ivf", {"nprobe": 32}, 0.97), ("ivf", {"nprobe": 16}, 0.93), ("ivf", {"nprobe": 64}, 0.99),
+    ("hnsw", {}, 0.99),
 ])
 def test_approximate_recall_on_a_clustered_bank(method, knobs, minimum, one_torch_thread):
-    """Measured on this case (seed 0): IVF 0.988 at the default nprobe 32, 0.954 at 16, 0.996 at 64 (0.716 at 1);
-    HNSW 1.0 at the default ef_search 64."""
+    """Measured on this case (seed 0): IVF 0.896 at the default nprobe 8 (of 153 cells), 0.988 at 32,
+    0.954 at 16, 0.996 at 64 (0.716 at 1); HNSW 1.0 at the default ef_search 64."""
     bank, queries = clustered(seed=0)
     index = NearestNeighbours(bank, method=method, seed=0, **knobs)
     assert index.method == method
@@ -115,13 +117,17 @@ def test_auto_is_exact_for_small_banks_and_ivf_above_the_threshold():
     assert NearestNeighbours(bank).method == "exact"
     assert NearestNeighbours(bank, auto_exact_max=499).method == "ivf"
     assert NearestNeighbours(bank, auto_exact_max=500).method == "exact"
-    assert AUTO_EXACT_MAX_BANK >= 10_000
+    assert 2_000 <= AUTO_EXACT_MAX_BANK <= 10_000  # measured: IVF pays from about 5,000 rows (bench_search.py)
 
 
 def test_default_nlist_keeps_cells_full():
     assert default_nlist(10) == 1
     assert default_nlist(1000) == 25  # 1000 // 39
     assert default_nlist(60_000) == 980  # 4 sqrt(60000)
+
+
+def test_default_nprobe_scans_a_32nd_of_the_cells_and_at_least_8():
+    assert [default_nprobe(n) for n in (1, 5, 8, 141, 256, 257, 993)] == [1, 5, 8, 8, 8, 9, 32]
 
 
 def test_empty_queries_give_empty_results():

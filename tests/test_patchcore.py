@@ -52,6 +52,21 @@ def test_reweighted_score_follows_patchcore_equation(fitted: PatchCore) -> None:
     assert fitted.score_samples([image])[0] == pytest.approx(expected, rel=1e-4)
 
 
+def test_image_scores_under_an_approximate_index_equal_exact_search(train_images: list[np.ndarray]) -> None:
+    """IVF probing 1 of its cells misses most nearest patches; each image's maximum is made exact anyway."""
+    bank = PatchCore(image_size=64, coreset_ratio=1.0).fit(train_images).memory_bank_
+    exact = PatchCore(image_size=64, search="exact").set_memory_bank(bank)
+    approximate = PatchCore(image_size=64, search="ivf").set_memory_bank(bank)
+    approximate._check_fitted().nprobe = 1
+    rng = np.random.default_rng(4)
+    images = [textured_image(rng, 64, 96), textured_image(rng, 50, 250), textured_image(rng, 64, 96)]
+    images[2][20:36, 50:66] = [255, 0, 0]
+    (exact_scores, exact_maps), (scores, maps) = exact.predict(images), approximate.predict(images)
+    np.testing.assert_allclose(scores, exact_scores, rtol=1e-5)
+    assert any(not np.allclose(m, e, rtol=1e-4) for m, e in zip(maps, exact_maps, strict=True))  # patches missed
+    assert all((m >= e - 1e-4).all() for m, e in zip(maps, exact_maps, strict=True))  # never closer than exact
+
+
 def test_maps_come_back_at_original_size_for_any_shape(fitted: PatchCore) -> None:
     rng = np.random.default_rng(1)
     images = [textured_image(rng, 64, 96), textured_image(rng, 50, 250), textured_image(rng, 33, 41)]

@@ -34,7 +34,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                             "than torch with the same features; see README 'Speed')")
     group.add_argument("--search", choices=("auto", "exact", "ivf", "hnsw"), default=None,
                        help="nearest-neighbour search in patchcore's memory bank (none given: auto, exact up to "
-                            "20,000 rows and IVF above; see README 'Speed')")
+                            "5,000 rows and IVF above; see README 'Speed')")
     group.add_argument("--coreset-ratio", type=float, default=0.1,
                        help="fraction of patches kept (the centralized baseline's when federating)")
     group.add_argument("--seed", type=int, default=0, help="seed of every random choice")

@@ -179,7 +179,8 @@ class Screening:
 
 def leave_one_out_scores(updates: Sequence[CategoryUpdate]) -> list[np.ndarray]:
     """Each row's lower median, over the other clients, of its nearest-neighbour distance to their bank."""
-    indexes = [NearestNeighbours(u.embeddings) if len(u.embeddings) else None for u in updates]
+    # exact: a row must not look outlying because an approximate index missed its neighbour
+    indexes = [NearestNeighbours(u.embeddings, method="exact") if len(u.embeddings) else None for u in updates]
     scores = []
     for i, update in enumerate(updates):
         others = [index for j, index in enumerate(indexes) if j != i and index is not None]

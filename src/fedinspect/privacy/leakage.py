@@ -58,7 +58,7 @@ def inversion_leakage(attack: InversionAttack, detector: PatchCore, sent: np.nda
         sent = sent[np.sort(np.random.default_rng(seed).choice(len(sent), max_rows, replace=False))]
     owner = np.concatenate([np.full(len(rows), i) for i, rows in enumerate(client.embeddings)])
     cell = np.concatenate([np.arange(len(rows)) for rows in client.embeddings])
-    _, nearest = NearestNeighbours(np.concatenate(client.embeddings)).search(sent, 1)
+    _, nearest = NearestNeighbours(np.concatenate(client.embeddings), method="exact").search(sent, 1)
     nearest = nearest[:, 0]
     truth = np.empty((len(sent), patch_size, patch_size, 3), np.float32)
     for image in np.unique(owner[nearest]):
