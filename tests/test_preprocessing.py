@@ -45,6 +45,31 @@ def test_gaussian_blur_matches_scipy(sigma: float) -> None:
         np.testing.assert_allclose(ours[i], reference, atol=1e-5)
 
 
+def _blur_by_hand(image: np.ndarray, sigma: float) -> np.ndarray:
+    """Width then height: numpy's reflect padding, a kernel cut at 4 sigma (shorter than the side), summing to 1."""
+    out = image.astype(np.float64)
+    for axis in (1, 0):
+        radius = min(int(4 * sigma + 0.5), out.shape[axis] - 1)
+        offsets = np.arange(-radius, radius + 1)
+        kernel = np.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel /= kernel.sum()
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius, radius)
+        padded = np.pad(out, pad, mode="reflect")
+        cells = np.arange(out.shape[axis]) + radius
+        out = sum(w * np.take(padded, cells + o, axis=axis) for w, o in zip(kernel, offsets, strict=True))
+    return out
+
+
+@pytest.mark.parametrize("shape", [(40, 50), (7, 90), (3, 4)])  # (7, 90) and (3, 4): the kernel is cut short
+def test_gaussian_blur_matches_a_direct_convolution(shape: tuple[int, int]) -> None:
+    maps = np.random.default_rng(1).normal(size=(2, *shape)).astype(np.float32)
+    ours = gaussian_blur(torch.from_numpy(maps), 4.0)
+    assert ours.dtype == torch.float32 and ours.shape == maps.shape
+    for i in range(2):
+        np.testing.assert_allclose(ours[i].numpy(), _blur_by_hand(maps[i], 4.0), atol=1e-5)
+
+
 def test_gaussian_blur_small_map_keeps_mass() -> None:
     maps = torch.ones(1, 3, 4)
     np.testing.assert_allclose(gaussian_blur(maps, 4.0).numpy(), 1.0, atol=1e-6)

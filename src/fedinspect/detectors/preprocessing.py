@@ -68,25 +68,21 @@ class Letterbox:
         return restored[0, 0].numpy().astype(np.float32, copy=False)
 
 
-def _gaussian_kernel(sigma: float, radius: int, dtype: torch.dtype) -> torch.Tensor:
-    offsets = torch.arange(-radius, radius + 1, dtype=dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    return kernel / kernel.sum()
-
-
 def gaussian_blur(maps: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Separable Gaussian smoothing of (B, H, W) maps, kernel truncated at 4 sigma, reflect padding."""
+    """Separable Gaussian smoothing of (B, H, W) CPU maps, kernel truncated at 4 sigma, reflect padding.
+
+    Reflect padding ("d c b | a b c d", scipy's ``mirror``) needs the pad to be smaller than the side: very
+    small maps get a shorter kernel, renormalized. scipy's filter, not torch's ``conv2d``: 2.8x faster on
+    8 maps of 256 x 256 here (a one-channel 33-tap convolution is a poor case for oneDNN).
+    """
     if sigma <= 0:
         return maps
+    from scipy.ndimage import gaussian_filter1d
+
     radius = int(4.0 * sigma + 0.5)
-    x = maps[:, None]
-    # Reflect padding needs the pad to be smaller than the side: very small maps get a shorter kernel.
-    radius_w = min(radius, x.shape[-1] - 1)
-    radius_h = min(radius, x.shape[-2] - 1)
-    if radius_w > 0:
-        x = F.pad(x, (radius_w, radius_w, 0, 0), mode="reflect")
-        x = F.conv2d(x, _gaussian_kernel(sigma, radius_w, x.dtype).view(1, 1, 1, -1))
-    if radius_h > 0:
-        x = F.pad(x, (0, 0, radius_h, radius_h), mode="reflect")
-        x = F.conv2d(x, _gaussian_kernel(sigma, radius_h, x.dtype).view(1, 1, -1, 1))
-    return x[:, 0]
+    x = maps.detach().numpy().astype(np.float32, copy=False)
+    for axis in (2, 1):  # width, then height, as the separable torch version did
+        clipped = min(radius, x.shape[axis] - 1)
+        if clipped > 0:
+            x = gaussian_filter1d(x, sigma, axis=axis, mode="mirror", radius=clipped)
+    return torch.from_numpy(np.ascontiguousarray(x))
