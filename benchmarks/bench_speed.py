@@ -124,6 +124,9 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "fedinspect-bench")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
+    unknown = sorted(set(args.paths.split(",")) - set(PATHS))
+    if unknown:
+        parser.error(f"--paths: unknown {', '.join(unknown)}; choose from {', '.join(PATHS)}")
     paths = {name: PATHS[name] for name in args.paths.split(",")}
     report: dict[str, Any] = {"targets": TARGETS, "inference": [], "federation": {}}
     cases = [(args.real / "mpdd" / "metal_plate", 0.18), (args.real / "mtd" / "magnetic_tile", 0.1)]
@@ -142,7 +145,8 @@ def main() -> int:
               f"{'backbone':>9}{'search':>8}{'maps':>7}{'total':>8}{'img AUROC':>10}{'sPRO.05':>9}   (ms/image)")
         for r in report["inference"]:
             print(f"{r['category']:<15}{r['threads']:>7} {r['path']:<7}{r['bank']:>7}{r['index']:>6}"
-                  f"{r['decode_ms']:>8.1f}{r['resize_ms']:>8.1f}{r['backbone_ms']:>9.1f}{r['search_ms']:>8.1f}{r['maps_ms']:>7.1f}"
+                  f"{r['decode_ms']:>8.1f}{r['resize_ms']:>8.1f}{r['backbone_ms']:>9.1f}{r['search_ms']:>8.1f}"
+                  f"{r['maps_ms']:>7.1f}"
                   f"{r['end_to_end_ms']:>8.1f}{r['image_auroc']:>10.4f}{r['spro@0.05']:>9.4f}")
     if not args.skip_federation:
         from fedinspect.data.synthetic import generate_dataset
