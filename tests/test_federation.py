@@ -236,3 +236,58 @@ def test_a_client_with_a_corrupt_image_drops_out_and_is_recorded(two_category_da
         run_federation(two_category_dataset, tmp_path / "run2",
                        FederationConfig(clients=2, min_clients=2, settings=RoundSettings(image_size=48)),
                        progress=False)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("obfuscation", ["", "shuffle"])
+def test_streamed_category_scoring_equals_scoring_all_maps_at_once(tiny_dataset: Path, tmp_path: Path,
+                                                                    obfuscation: str) -> None:
+    """The federation scores a category one map at a time; everything it reports equals what the whole list of
+    maps gives: metrics and curves, each client's share, the PNG maps and the report's examples."""
+    from fedinspect.data.dataset import CategoryDataset
+    from fedinspect.data.images import read_image
+    from fedinspect.evaluation.anomaly_maps import read_map, score_range, write_maps
+    from fedinspect.evaluation.protocol import score_with_curves
+    from fedinspect.federation.client_evaluation import ClientEvaluation, client_test_shares
+    from fedinspect.federation.runner import FederationConfig, _score_category, _test_grids
+    from fedinspect.pipeline import load_ground_truth
+
+    config = FederationConfig(settings=RoundSettings(obfuscation=obfuscation))
+    dataset = CategoryDataset(tiny_dataset / "engine_wiring")
+    detector = config.settings.detector().fit(config.settings.load(read_image(s.image_path)) for s in dataset.train)
+    detector.batch_size = 3  # several batches of maps
+    grids = _test_grids(dataset, detector, config, {})
+    shapes, regions = load_ground_truth(dataset, progress=False)
+    labels = np.array([s.label for s in dataset.test])
+    assert 0 < labels.sum() < len(labels) and any(regions)
+
+    scores, maps = detector.predict_embedded(grids)
+    obfuscator = config.settings.obfuscator()
+    if obfuscator is not None:
+        maps = [obfuscator.restore_map(m, shape) for m, shape in zip(maps, shapes, strict=True)]
+    expected, expected_curves = score_with_curves(labels, scores, maps, regions)
+    shares = client_test_shares({"c": labels}, {"client_0": {"c": 2}, "client_1": {"c": 1}}, seed=0)
+    per_client = ClientEvaluation(shares)
+    entry, curves, chosen = _score_category(dataset, detector, grids, labels, regions, shapes, config,
+                                            clients=per_client.stream("c"), maps_dir=tmp_path / "maps", examples=2)
+
+    for key in ("image_auroc", "pixel_auroc", "auc_spro"):
+        assert entry[key] == expected[key]
+    for name in ("roc_fpr", "roc_tpr", "spro_fpr", "spro"):
+        np.testing.assert_array_equal(getattr(curves, name), getattr(expected_curves, name))
+    for client, indices in shares["c"].items():
+        direct, _ = score_with_curves(labels[indices], scores[indices], [maps[i] for i in indices],
+                                      [regions[i] for i in indices])
+        got = per_client.results(client)["test_categories"]["c"]
+        assert (got["image_auroc"], got["auc_spro"]) == (direct["image_auroc"], direct["auc_spro"])
+    low, high = score_range(maps)
+    assert entry["map_score_range"] == [low, high]
+    write_maps([(tmp_path / "direct" / f"{i}.png", m) for i, m in enumerate(maps)], low, high)
+    for i, sample in enumerate(dataset.test):
+        assert np.array_equal(read_map(tmp_path / "maps" / sample.defect / f"{sample.stem}.png"),
+                              read_map(tmp_path / "direct" / f"{i}.png"))
+    order = np.argsort(-scores, kind="stable")
+    wanted = [i for i in order if labels[i] == 1][:1] + [i for i in order if labels[i] == 0][:1]
+    assert [example.name for example in chosen] == [dataset.test[i].stem for i in wanted]
+    for example, i in zip(chosen, wanted, strict=True):
+        assert example.score == scores[i] and np.array_equal(example.anomaly_map, maps[i])

@@ -257,9 +257,17 @@ class PatchCore(FeatureDetector):
 
     def predict_embedded(self, embedded: Sequence[EmbeddedImage]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Scores and maps of images already embedded by :meth:`embed_grids` (same backbone)."""
-        index = self._check_fitted()
         scores: list[float] = []
         maps: list[np.ndarray] = []
+        for score, anomaly_map in self.iter_predict_embedded(embedded):
+            scores.append(score)
+            maps.append(anomaly_map)
+        return np.asarray(scores, dtype=np.float64), maps
+
+    def iter_predict_embedded(self, embedded: Sequence[EmbeddedImage]) -> Iterator[tuple[float, np.ndarray]]:
+        """(score, map) of each embedded image in order, made one batch at a time: a caller that consumes
+        each map as it comes holds one batch of full-resolution maps, not all of them."""
+        index = self._check_fitted()
         start = 0
         while start < len(embedded):
             stop = start + 1
@@ -268,10 +276,8 @@ class PatchCore(FeatureDetector):
                    and embedded[stop].image_shape == embedded[start].image_shape):
                 stop += 1
             batch_scores, batch_maps = self._score_batch(index, embedded[start:stop])
-            scores.extend(batch_scores)
-            maps.extend(batch_maps)
+            yield from zip(batch_scores, batch_maps, strict=True)
             start = stop
-        return np.asarray(scores, dtype=np.float64), maps
 
     def _score_batch(
         self, index: NearestNeighbours, batch: Sequence[EmbeddedImage]

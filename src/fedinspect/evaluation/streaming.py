@@ -164,6 +164,11 @@ class StreamingEvaluation:
     def __len__(self) -> int:
         return len(self._labels)
 
+    @property
+    def labels(self) -> np.ndarray:
+        """The labels of the images added so far, in order."""
+        return np.asarray(self._labels, dtype=int)
+
     def __enter__(self) -> StreamingEvaluation:
         return self
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, MutableMapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ from fedinspect.federation.update import CategoryUpdate, ClientUpdate
 from fedinspect.privacy.bank_dp import DEFAULT_CLIP_NORM, BankPrivacy, private_centres, privatize_embeddings
 from fedinspect.privacy.obfuscation import Obfuscation
 
-EmbeddingCache = dict[Path, np.ndarray]
+EmbeddingCache = MutableMapping[Path, np.ndarray]
 
 
 @dataclass(frozen=True)

@@ -11,8 +11,9 @@ ties broken by a seeded client order that is the same for both, so that the clie
 good image also tend to get a defective one), each from a seeded shuffle. Every test image goes to
 exactly one client holding the category; a category nobody holds is evaluated for nobody.
 
-The metrics reuse the scores and maps the runner already computed for the whole category (nothing
-is embedded twice): per client and category the AutoVI metrics of that subset, then per client the
+The metrics reuse the scores and maps the runner computes for the whole category (nothing is embedded
+twice), fed one image at a time (:meth:`ClientEvaluation.stream`): per client and category the AutoVI
+metrics of that subset, then per client the
 mean over its categories (as the run's ``mean`` is over categories). A share with a single class has
 no image AUROC (None) and the reason is recorded in ``notes``; it never stops the run.
 """
@@ -20,13 +21,14 @@ no image AUROC (None) and the reason is recorded in ``notes``; it never stops th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from types import TracebackType
 from typing import Any
 
 import numpy as np
 
 from fedinspect.data.regions import Region
 from fedinspect.evaluation.metrics import FPR_LIMITS
-from fedinspect.evaluation.protocol import score_with_curves
+from fedinspect.evaluation.streaming import StreamingEvaluation
 from fedinspect.federation.client import derived_seed
 
 Shares = dict[str, dict[str, list[int]]]
@@ -87,8 +89,8 @@ def _undefined_reason(counts: Mapping[str, int]) -> str:
 class ClientEvaluation:
     """Collects the global model's per-client metrics, one category at a time.
 
-    The runner calls :meth:`add_category` with the scores and maps it computed for the whole
-    category, then :meth:`results` for every client.
+    The runner feeds each category's test images one at a time to :meth:`stream` (or, with every map
+    in memory, :meth:`add_category`), then calls :meth:`results` for every client.
     """
 
     def __init__(self, shares: Shares) -> None:
@@ -101,16 +103,16 @@ class ClientEvaluation:
     def add_category(self, category: str, labels: np.ndarray, scores: np.ndarray, maps: Sequence[np.ndarray],
                      regions: Sequence[Sequence[Region]]) -> None:
         """Score every client's share of ``category`` (arrays over the whole test split, in test order)."""
-        labels, scores = np.asarray(labels), np.asarray(scores)
-        for client, indices in self.shares.get(category, {}).items():
-            entry, _ = score_with_curves(labels[indices], scores[indices], [maps[i] for i in indices],
-                                         [regions[i] for i in indices])
-            share = labels[indices]
-            entry["counts"] = {"test": len(indices), "test_good": int((share == 0).sum()),
-                               "test_defective": int(share.sum())}
-            if entry["image_auroc"] is None:
-                entry["image_auroc_note"] = _undefined_reason(entry["counts"])
-            self.per_client[client][category] = entry
+        with self.stream(category) as stream:
+            for index, (label, score, anomaly_map, image_regions) in enumerate(
+                    zip(labels, scores, maps, regions, strict=True)):
+                stream.add(index, int(label), float(score), anomaly_map, image_regions)
+            stream.finish()
+
+    def stream(self, category: str) -> CategoryStream:
+        """Score ``category`` one test image at a time (:class:`CategoryStream`), for a caller that makes
+        its maps one at a time and drops them."""
+        return CategoryStream(self, category, self.shares.get(category, {}))
 
     def results(self, client: str) -> dict[str, Any]:
         """``image_auroc``, ``auc_spro`` (means over the client's categories), ``test_counts``, per category, notes."""
@@ -141,3 +143,38 @@ class ClientEvaluation:
         """Add each client's results to its results.json row (matched by the ``client`` id)."""
         for row in rows:
             row.update(self.results(str(row["client"])))
+
+
+class CategoryStream:
+    """One category of a :class:`ClientEvaluation`, fed image by image: each image goes to the
+    :class:`~fedinspect.evaluation.streaming.StreamingEvaluation` of the client whose share holds it, and
+    :meth:`finish` records every client's metrics. Use it in a ``with`` block (temporary files are deleted)."""
+
+    def __init__(self, owner: ClientEvaluation, category: str, shares: Mapping[str, Sequence[int]]) -> None:
+        self.owner, self.category = owner, category
+        self.client_of = {int(index): client for client, indices in shares.items() for index in indices}
+        self.streams = {client: StreamingEvaluation() for client in shares}
+
+    def __enter__(self) -> CategoryStream:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, tb: TracebackType | None) -> None:
+        for stream in self.streams.values():
+            stream.close()
+
+    def add(self, index: int, label: int, score: float, anomaly_map: np.ndarray, regions: Sequence[Region]) -> None:
+        """Test image ``index`` (its position in the category's test split)."""
+        client = self.client_of.get(int(index))
+        if client is not None:
+            self.streams[client].add(label, score, anomaly_map, regions)
+
+    def finish(self) -> None:
+        """Record each client's metrics on its share."""
+        for client, stream in self.streams.items():
+            entry = stream.result() if len(stream) else {"image_auroc": None, "pixel_auroc": None, "auc_spro": None}
+            share = stream.labels
+            entry["counts"] = {"test": int(share.size), "test_good": int((share == 0).sum()),
+                               "test_defective": int(share.sum())}
+            if entry["image_auroc"] is None:
+                entry["image_auroc_note"] = _undefined_reason(entry["counts"])
+            self.owner.per_client[client][self.category] = entry

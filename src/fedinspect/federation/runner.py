@@ -12,6 +12,7 @@ carry every other model, so both give the same numbers for the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -28,16 +29,19 @@ import torch
 from fedinspect import __version__
 from fedinspect.data.dataset import CategoryDataset, find_categories, training_images
 from fedinspect.data.images import read_image
+from fedinspect.data.regions import Region
 from fedinspect.detectors.patchcore import PatchCore
 from fedinspect.errors import FedinspectError
-from fedinspect.evaluation.anomaly_maps import score_range, write_maps
+from fedinspect.evaluation.anomaly_maps import DeferredMaps
 from fedinspect.evaluation.fairness import run_fairness
 from fedinspect.evaluation.metrics import FPR_LIMITS
-from fedinspect.evaluation.protocol import score_with_curves, union_mask
+from fedinspect.evaluation.protocol import union_mask
 from fedinspect.evaluation.report import Curves, Example, write_report
+from fedinspect.evaluation.streaming import StreamingEvaluation
 from fedinspect.evaluation.summary import mean_row, metric_row
 from fedinspect.federation.client import EmbeddingCache, FederatedClient, RoundSettings
-from fedinspect.federation.client_evaluation import ClientEvaluation, client_test_shares
+from fedinspect.federation.client_evaluation import CategoryStream, ClientEvaluation, client_test_shares
+from fedinspect.federation.embedding_store import SpilledEmbeddings
 from fedinspect.federation.partition import Partition, partition
 from fedinspect.federation.poisoning import DefectSource, Poisoning
 from fedinspect.federation.rounds import ClientResult, FederatedTask, RoundsOutcome, State, client_id, run_rounds
@@ -188,10 +192,10 @@ class PatchCoreTask(FederatedTask):
         self.progress = progress
         self.n_clients = self.config.clients
         self.min_clients = self.config.min_clients
-        self.cache: EmbeddingCache = {} if cache is None else cache
+        self.cache: EmbeddingCache = SpilledEmbeddings() if cache is None else cache
         # the clients' training embeddings are kept only for someone who reads them again: the centralized
-        # baseline, the attacks, or a caller's own cache (a study reusing them across runs); embeddings in a
-        # cache of our own are dropped category by category once evaluated (memory stays bounded)
+        # baseline, the attacks, or a caller's own cache (a study reusing them across runs); a cache of our own
+        # keeps them on disk and drops them category by category once evaluated (memory stays bounded)
         self.keep_embeddings = cache is not None or self.config.centralized or bool(self.config.attack_data)
         self.own_caches = (cache is None, test_cache is None)
         self.test_cache = {} if test_cache is None else test_cache
@@ -432,25 +436,18 @@ def _evaluate(datasets: dict[str, CategoryDataset], banks: dict[str, np.ndarray]
             timing["centralized_fit_s"] += time.perf_counter() - start
         for model_name, bank in models.items():
             start = time.perf_counter()
-            scores, maps = detector.with_memory_bank(bank).predict_embedded(grids)
-            if (obfuscation := config.settings.obfuscator()) is not None:  # maps back to the images' own grid
-                maps = [obfuscation.restore_map(m, shape) for m, shape in zip(maps, shapes, strict=True)]
-            entry, category_curves = score_with_curves(labels, scores, maps, regions)
+            federated_model = model_name == "federated"
+            entry, category_curves, chosen = _score_category(
+                dataset, detector.with_memory_bank(bank), grids, labels, regions, shapes, config,
+                clients=per_client.stream(name) if federated_model and per_client is not None else None,
+                maps_dir=out_dir / "maps" / name if federated_model and config.write_maps else None,
+                examples=config.examples_per_category if federated_model else None)
             entry["counts"] = {"test": len(labels), "test_good": int((labels == 0).sum()),
                                "test_defective": int(labels.sum()), "bank": len(bank)}
             per_model[model_name][name] = entry
             if model_name in curves:
                 curves[model_name][name] = category_curves
-            if model_name == "federated":
-                if per_client is not None:
-                    per_client.add_category(name, labels, scores, maps, regions)
-                if config.write_maps:
-                    low, high = score_range(maps)
-                    write_maps([(out_dir / "maps" / name / sample.defect / f"{sample.stem}.png", anomaly_map)
-                                for sample, anomaly_map in zip(dataset.test, maps, strict=True)], low, high)
-                    entry["map_score_range"] = [low, high]
-                examples.extend(_examples(dataset, labels, scores, maps, regions, shapes,
-                                          config.examples_per_category))
+            examples.extend(chosen)
             if model_name == "centralized":
                 timing["centralized_fit_s"] += time.perf_counter() - start
             else:
@@ -524,16 +521,60 @@ def _mean(categories: dict[str, dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _examples(dataset: CategoryDataset, labels, scores, maps, regions, shapes, count: int) -> list[Example]:
-    """The highest-scoring defective images and the highest-scoring good one (the hardest case)."""
-    order = np.argsort(-np.asarray(scores), kind="stable")
-    defective = [i for i in order if labels[i] == 1][: max(count - 1, 0)]
-    good = [i for i in order if labels[i] == 0][:1]
-    chosen = []
-    for i in [*defective, *good]:
-        sample = dataset.test[i]
-        chosen.append(Example(
-            category=dataset.name, defect=sample.defect, name=sample.stem, image=read_image(sample.image_path),
-            anomaly_map=maps[i], ground_truth=union_mask(regions[i], shapes[i]), score=float(scores[i]),
-        ))
-    return chosen
+def _score_category(dataset: CategoryDataset, fitted: PatchCore, grids: list[Any], labels: np.ndarray,
+                    regions: list[list[Region]], shapes: list[tuple[int, int]], config: FederationConfig, *,
+                    clients: CategoryStream | None, maps_dir: Path | None, examples: int | None,
+                    ) -> tuple[dict[str, Any], Curves, list[Example]]:
+    """One model on one category's test split, each full-resolution map consumed as soon as it is made (so
+    memory holds one batch of maps, not the category's): the AutoVI metrics and curves, the client shares'
+    metrics (``clients``), the 16-bit PNG maps under ``maps_dir`` and the report's ``examples``."""
+    obfuscation = config.settings.obfuscator()
+    kept = _ExampleMaps(examples) if examples is not None else None
+    with contextlib.ExitStack() as stack:
+        evaluation = stack.enter_context(StreamingEvaluation())
+        if clients is not None:
+            stack.enter_context(clients)
+        deferred = stack.enter_context(DeferredMaps()) if maps_dir is not None else None
+        for index, (score, anomaly_map) in enumerate(fitted.iter_predict_embedded(grids)):
+            if obfuscation is not None:  # the map back on the image's own grid
+                anomaly_map = obfuscation.restore_map(anomaly_map, shapes[index])
+            label = int(labels[index])
+            evaluation.add(label, score, anomaly_map, regions[index])
+            if clients is not None:
+                clients.add(index, label, score, anomaly_map, regions[index])
+            if deferred is not None:
+                sample = dataset.test[index]
+                deferred.add(maps_dir / sample.defect / f"{sample.stem}.png", anomaly_map)
+            if kept is not None:
+                kept.offer(index, label, score, anomaly_map)
+        entry, category_curves = evaluation.result(), evaluation.curves()
+        if clients is not None:
+            clients.finish()
+        if deferred is not None:
+            entry["map_score_range"] = list(deferred.write())
+    chosen = [] if kept is None else [
+        Example(category=dataset.name, defect=dataset.test[i].defect, name=dataset.test[i].stem,
+                image=read_image(dataset.test[i].image_path), anomaly_map=anomaly_map,
+                ground_truth=union_mask(regions[i], shapes[i]), score=score)
+        for i, score, anomaly_map in kept.chosen()]
+    return entry, category_curves, chosen
+
+
+class _ExampleMaps:
+    """The report's examples, kept while a category streams by: the ``count - 1`` highest-scoring defective
+    images and the highest-scoring good one (the hardest case); equal scores keep the earlier image."""
+
+    def __init__(self, count: int) -> None:
+        self.limits = {1: max(count - 1, 0), 0: 1}
+        self.kept: dict[int, list[tuple[float, int, np.ndarray]]] = {1: [], 0: []}
+
+    def offer(self, index: int, label: int, score: float, anomaly_map: np.ndarray) -> None:
+        kept = self.kept[label]
+        kept.append((-score, index, anomaly_map))
+        kept.sort(key=lambda item: item[:2])
+        del kept[self.limits[label]:]
+
+    def chosen(self) -> list[tuple[int, float, np.ndarray]]:
+        """(index, score, map) of the defective examples by decreasing score, then the good one."""
+        return [(index, -negative, anomaly_map) for label in (1, 0)
+                for negative, index, anomaly_map in self.kept[label]]
