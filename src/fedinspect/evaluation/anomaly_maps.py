@@ -23,8 +23,11 @@ LEVELS = 65535
 
 def score_range(maps: list[np.ndarray]) -> tuple[float, float]:
     """(min, max) over all maps; a constant set gets a unit-wide range."""
-    low = float(min(m.min() for m in maps))
-    high = float(max(m.max() for m in maps))
+    return _widened(float(min(m.min() for m in maps)), float(max(m.max() for m in maps)))
+
+
+def _widened(low: float, high: float) -> tuple[float, float]:
+    """(low, high), or a unit-wide range from ``low`` where all scores are equal."""
     return (low, high) if high > low else (low, low + 1.0)
 
 
@@ -87,7 +90,7 @@ class DeferredMaps:
         """:func:`score_range` of the maps added so far."""
         if not self._targets:
             raise ValueError("no map was added")
-        return (self._low, self._high) if self._high > self._low else (self._low, self._low + 1.0)
+        return _widened(self._low, self._high)
 
     def write(self) -> tuple[float, float]:
         """Write every map added as a PNG scaled by the category's range; returns that range."""
