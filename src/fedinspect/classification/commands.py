@@ -18,7 +18,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     the best measured one, with or without DP)."""
     group = parser.add_argument_group("federated training (unset: the best measured recipe, with or without DP)")
     group.add_argument("--clients", type=int, default=3, help="number of clients")
-    group.add_argument("--rounds", type=int, default=5, help="FedAvg rounds")
+    group.add_argument("--rounds", type=int, default=None,
+                       help="FedAvg training rounds (default: 5, 20 under DP, after the centered head's mean round)")
     group.add_argument("--partition", choices=("iid", "dirichlet"), default="iid",
                        help="client shares: iid, or label skew by a Dirichlet over classes")
     group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
@@ -26,16 +27,17 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                        "(default: 224)")
     group.add_argument("--seed", type=int, default=0, help="seed of the split, shares, init, batches and noise")
     group.add_argument("--local-epochs", type=int, default=None,
-                       help="local epochs per round (default: 20, 10 under DP)")
+                       help="local epochs per round (default: 20, 5 full-batch steps under DP)")
     group.add_argument("--batch-size", type=int, default=None, help="physical batch (micro-batch) size "
-                       "(default: 32)")
+                       "(default: 32, 64 under DP)")
     group.add_argument("--accumulation-steps", type=int, default=None,
                        help="physical batches per optimizer step (logical batch = batch size x this; "
-                            "default: 1, 4 under DP)")
+                            "default: 1, 8 under DP: logical batches of 512)")
     group.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
-                       help="local optimizer (default: adam; the PIDS paper: sgd with --lr 0.1 --momentum 0)")
-    group.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3, 1e-2 under DP)")
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+                       help="local optimizer (default: adam, sgd under DP; the PIDS paper: sgd with --lr 0.1 "
+                            "--momentum 0)")
+    group.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3, 80 under DP)")
+    group.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0.9, 0 under DP)")
     group.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                        help="learning rate over the rounds: constant, or a cosine decay to 0")
     group.add_argument("--class-weight", choices=("none", "balanced"), default="none",
@@ -46,9 +48,16 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                        help="pooled features of a transfer model: average of the last map, average and maximum, "
                             "or the averages of the last stride-16 and stride-32 blocks (EfficientNet-Lite) "
                             "(default: blocks, avgmax under DP)")
-    group.add_argument("--head", choices=("mlp", "linear"), default=None,
-                       help="head on the pooled features: the seed's dense 128 + dense, or one dense layer "
-                            "(default: mlp, linear under DP)")
+    group.add_argument("--head", choices=("mlp", "linear", "centered"), default=None,
+                       help="head on the pooled features: the seed's dense 128 + dense, one dense layer, or one "
+                            "dense layer on features centred on the clients' DP mean, sent in a first round "
+                            "(needs --project) (default: mlp, centered under DP)")
+    group.add_argument("--views", type=int, choices=(1, 2, 4, 8), default=None,
+                       help="average each image's features over this many of its flips and 90-degree rotations "
+                            "(default: 1, 8 under DP)")
+    group.add_argument("--project", type=int, default=None,
+                       help="project the features to this many dimensions (a seeded random orthogonal map) and "
+                            "unit norm; 0: no projection (default: 0, 256 under DP)")
     group.add_argument("--flip-augment", action="store_true",
                        help="add the training images' mirrors as more samples (without DP only)")
     group.add_argument("--fine-tune", action="store_true",
@@ -57,8 +66,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--obfuscation-key", type=int, default=None,
                        help="secret key of shuffle / switch_row (default: the seed); never written to results")
     dp = parser.add_argument_group("DP-SGD (Opacus)")
-    add_renamed(dp, "--dp-clip", ["--max-grad-norm"], type=float, default=1.0,
-                help="per-sample L2 clipping bound of the gradients")
+    add_renamed(dp, "--dp-clip", ["--max-grad-norm"], type=float, default=None,
+                help="per-sample L2 clipping bound of the gradients (default: 0.25 in the DP recipe, 1 otherwise)")
     add_renamed(dp, "--dp-delta", ["--delta"], type=float, default=1e-5,
                 help="delta of the (epsilon, delta) guarantee")
     dp.add_argument("--accountant", choices=("rdp", "prv", "gdp"), default="rdp",
@@ -73,18 +82,19 @@ def _given(args: argparse.Namespace, names: dict[str, str]) -> dict:
 def _config(args: argparse.Namespace, dp: bool | None = None, **overrides):
     from fedinspect.classification.runner import recipe
 
-    train = {"momentum": args.momentum, "noise_multiplier": getattr(args, "dp_noise", None),
-             "max_grad_norm": args.dp_clip, "delta": args.dp_delta, "accountant": args.accountant,
-             "lr_schedule": args.lr_schedule, "class_weight": args.class_weight,
+    train = {"noise_multiplier": getattr(args, "dp_noise", None), "delta": args.dp_delta,
+             "accountant": args.accountant, "lr_schedule": args.lr_schedule, "class_weight": args.class_weight,
              **_given(args, {"local_epochs": "local_epochs", "batch_size": "batch_size",
-                             "accumulation_steps": "accumulation_steps", "lr": "lr", "optimizer": "optimizer"})}
+                             "accumulation_steps": "accumulation_steps", "lr": "lr", "optimizer": "optimizer",
+                             "momentum": "momentum", "dp_clip": "max_grad_norm"})}
     values = dict(
-        clients=args.clients, rounds=args.rounds, partition=args.partition, alpha=args.alpha,
+        clients=args.clients, partition=args.partition, alpha=args.alpha,
         obfuscate=obfuscation(getattr(args, "obfuscate", "")) or (),
         obfuscation_key=args.seed if args.obfuscation_key is None else args.obfuscation_key,
         fine_tune=args.fine_tune, weights=args.weights, seed=args.seed, resize=args.resize,
         flip_augment=args.flip_augment, dp_epsilon=getattr(args, "dp_epsilon", None),
-        **_given(args, {"model": "model", "image_size": "image_size", "head": "head", "pooling": "pooling"}),
+        **_given(args, {"model": "model", "image_size": "image_size", "head": "head", "pooling": "pooling",
+                        "rounds": "rounds", "views": "views", "project": "project"}),
     )
     values.update(overrides)
     return recipe(bool(dp), train=train, **values)
@@ -123,7 +133,7 @@ def cmd_experiment(args: argparse.Namespace) -> int:
 
     try:
         plan = ExperimentPlan(
-            base=_config(args), models=split_list(args.models, "--models"),
+            base=_config(args), dp_base=_config(args, dp=True), models=split_list(args.models, "--models"),
             obfuscations=_table_obfuscations(args.obfuscations, "--obfuscations"),
             transfer_obfuscations=_table_obfuscations(args.transfer_obfuscations, "--transfer-obfuscations"),
             noise_multipliers=split_list(args.noise, "--noise", float),

@@ -23,6 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from fedinspect.classification.models import TRANSFER_MODELS
 from fedinspect.classification.report import Document, fmt, fmt_epsilon
 from fedinspect.classification.runner import (
     ClassifyConfig,
@@ -44,7 +45,8 @@ class ExperimentPlan:
     """Which runs make up the tables. ``base`` holds every other setting (clients, rounds, training, seed)."""
 
     base: ClassifyConfig = field(default_factory=ClassifyConfig)
-    dp_base: ClassifyConfig | None = None  # settings of the DP-SGD runs (Table III); None: ``base``
+    # settings of the transfer models' DP-SGD runs (Table III; the CNN keeps ``base``'s); None: ``base``
+    dp_base: ClassifyConfig | None = None
     models: tuple[str, ...] = ("cnn", "mobile", "large")
     obfuscations: tuple[str, ...] = ("none", "average", "shuffle", "switch_row", ALL_METHODS)
     transfer_obfuscations: tuple[str, ...] = ("none", ALL_METHODS)
@@ -54,10 +56,13 @@ class ExperimentPlan:
     image_sizes: dict[str, int] = field(default_factory=lambda: {"cnn": 64})
 
     def config(self, model: str, obfuscation: str, noise: float | None = None) -> ClassifyConfig:
-        base = self.base if noise is None or self.dp_base is None else self.dp_base
+        transfer = model in TRANSFER_MODELS
+        base = self.base if noise is None or self.dp_base is None or not transfer else self.dp_base
         size = self.image_sizes.get(model, base.image_size)
-        config = replace(base, model=model, obfuscate=parse_methods(obfuscation), image_size=size)
-        return with_noise(config, noise)
+        changes: dict = {"model": model, "obfuscate": parse_methods(obfuscation), "image_size": size}
+        if not transfer:  # the feature transforms and heads of a frozen backbone do not apply
+            changes.update(views=1, project=0, head="linear" if base.head == "centered" else base.head)
+        return with_noise(replace(base, **changes), noise)
 
 
 def run_name(config: ClassifyConfig) -> str:

@@ -14,9 +14,10 @@ last stride-32 MBConv block outputs, before the 1x1 expansion to 1280 channels: 
 Lite0, 472 for Lite2). On the magnetic tiles ``"blocks"`` classifies as well as or better than the
 1280 or 2560 features of the last map, and its 3 to 6 times fewer features need that much less
 DP-SGD noise in total. Heads (``head``): ``"mlp"`` (the seed's dense 128 ReLU, dense) or
-``"linear"`` (one dense layer, what DP-SGD learns best). Both first standardize each feature vector
-(zero mean, unit variance over its own features): a per-sample normalization, so it uses no other
-sample's data (DP-SGD ready) and puts every backbone's features on one scale.
+``"linear"`` (one dense layer). Both first standardize each feature vector (zero mean, unit variance
+over its own features): a per-sample normalization, so it uses no other sample's data (DP-SGD ready)
+and puts every backbone's features on one scale. ``"centered"`` (the DP recipe's) is one dense layer on
+unit-norm features (:mod:`fedinspect.classification.features`) centred on the federation's DP mean.
 
 Every model returns logits; the softmax is in the loss (cross-entropy) and in the predictions.
 By default the pretrained backbone is frozen (eval mode, no gradients) and only the head is trained
@@ -38,7 +39,7 @@ BACKBONE_OF = {"large": "efficientnet_lite2", "mobile": "efficientnet_lite0", "r
                "mobilenet_v2": "mobilenet_v2"}
 HEAD_WIDTH = 128
 POOLINGS = ("avg", "avgmax", "blocks")
-HEADS = ("mlp", "linear")
+HEADS = ("mlp", "linear", "centered")
 
 
 class SmallCNN(nn.Module):
@@ -103,12 +104,36 @@ class LinearHead(nn.Module):
         return self.out(standardize(features) if self.standardize_input else features)
 
 
+class CenteredLinearHead(nn.Module):
+    """One dense layer, initialised at zero, on unit-norm features centred on the federation's mean.
+
+    ``center`` is a buffer the federation fills before training (the clients' DP mean of their features, see
+    :class:`~fedinspect.classification.task.ClassificationTask`); it starts at zero. With unit-norm inputs
+    and a centre ``c``, the centred features are divided by ``sqrt(1 - |c|^2)`` (their root mean square norm
+    when ``c`` is the exact mean; at least ``sqrt(0.05)``), so their scale, and the right learning rate and
+    clipping bound, do not depend on how far the features sit from the origin.
+    """
+
+    def __init__(self, in_features: int, n_classes: int) -> None:
+        super().__init__()
+        self.register_buffer("center", torch.zeros(in_features))
+        self.out = nn.Linear(in_features, n_classes)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        scale = (1.0 - self.center @ self.center).clamp_min(0.05).sqrt()
+        return self.out((features - self.center) / scale)
+
+
 def make_head(kind: str, in_features: int, n_classes: int) -> nn.Module:
-    """The head ``kind`` ("mlp": the seed's, "linear") on ``in_features`` pooled features."""
+    """The head ``kind`` ("mlp": the seed's, "linear", "centered") on ``in_features`` pooled features."""
     if kind == "mlp":
         return ClassifierHead(in_features, n_classes)
     if kind == "linear":
         return LinearHead(in_features, n_classes)
+    if kind == "centered":
+        return CenteredLinearHead(in_features, n_classes)
     raise ValueError(f"unknown head {kind!r}; choose from {list(HEADS)}")
 
 

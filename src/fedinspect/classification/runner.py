@@ -9,14 +9,21 @@ model with a frozen backbone (the default) the backbone is a fixed public functi
 turns its images into pooled backbone features once and the rounds only train the head; the
 features are cached per (image, obfuscation, backbone) in an :class:`InputCache`.
 
+Feature transforms of the frozen backbone (:mod:`fedinspect.classification.features`, all per image):
+``views`` averages the features of each image's dihedral views, ``project`` maps them to that many
+dimensions with a fixed random orthogonal matrix and scales them to unit norm. The ``centered`` head
+(the DP recipe's) adds a first round in which each client sends its DP feature mean
+(:func:`planned_history`, :func:`center_noise`).
+
 ``dp_epsilon`` asks for the noise multiplier that spends that epsilon over the whole training
-(:func:`noise_for_epsilon`, Opacus's search with the same accountant, sample rate and step count the
-clients' training uses); :func:`resolve_epsilon` fills it in once the client shares are known.
+(:func:`noise_for_epsilon`: a bisection with the same accountant over the history each client will have,
+the DP mean included); :func:`resolve_epsilon` fills it in once the client shares are known.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -26,7 +33,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from fedinspect.classification.data import (
     PARTITIONS,
@@ -37,6 +43,13 @@ from fedinspect.classification.data import (
     label_tensor,
     labelled_view,
     split_view,
+)
+from fedinspect.classification.features import (
+    VIEW_COUNTS,
+    pooled_features,
+    random_projection,
+    to_sphere,
+    view_averaged_features,
 )
 from fedinspect.classification.models import (
     HEADS,
@@ -51,8 +64,8 @@ from fedinspect.classification.models import (
 )
 from fedinspect.classification.training import TrainSettings
 from fedinspect.errors import DataError
+from fedinspect.privacy.dp_sgd import smallest_noise
 from fedinspect.privacy.obfuscation import Obfuscation, parse_methods
-from fedinspect.quiet_warnings import ignoring
 
 
 @dataclass(frozen=True)
@@ -60,9 +73,14 @@ class ClassifyConfig:
     """Everything that defines a classification run (``obfuscation_key`` is a secret, never written).
 
     Transfer models: ``resize`` (squash / letterbox), ``pooling`` of the backbone's last map (avg /
-    avgmax), ``head`` (mlp / linear), ``flip_augment`` (the training images' horizontal mirrors are added
-    as more training samples; without DP only, as DP-SGD's unit is one image). ``dp_epsilon``: the
-    epsilon to spend over all rounds (the noise multiplier is derived by :func:`resolve_epsilon`).
+    avgmax / blocks), ``head`` (mlp / linear / centered), ``flip_augment`` (the training images' horizontal
+    mirrors are added as more training samples; without DP only, as DP-SGD's unit is one image). With a
+    frozen backbone: ``views`` (1, 2, 4 or 8 dihedral views averaged per image), ``project`` (0: none; else
+    a seeded random orthogonal projection to that many dimensions, then unit norm). The ``centered`` head
+    needs ``project`` and spends ``center_share`` of the privacy budget on the DP feature mean of its first
+    round. ``dp_epsilon``: the epsilon to spend over all rounds (the noise multiplier is derived by
+    :func:`resolve_epsilon`). ``rounds`` counts the training rounds; the centered head's mean round is
+    one more.
     """
 
     model: str = "cnn"
@@ -81,6 +99,9 @@ class ClassifyConfig:
     pooling: str = "avg"
     head: str = "mlp"
     flip_augment: bool = False
+    views: int = 1
+    project: int = 0
+    center_share: float = 0.05
     dp_epsilon: float | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -106,11 +127,31 @@ class ClassifyConfig:
         if self.flip_augment and self.dp:
             raise ValueError("flip_augment makes each training image two samples, which DP-SGD's per-image "
                              "accounting does not cover: use it without DP")
+        if self.views not in VIEW_COUNTS:
+            raise ValueError(f"views must be one of {list(VIEW_COUNTS)}, got {self.views!r}")
+        if isinstance(self.project, bool) or not isinstance(self.project, int) or self.project < 0:
+            raise ValueError(f"project must be a whole number >= 0 (0: no projection), got {self.project!r}")
+        if (self.views > 1 or self.project or self.head == "centered") and not self.frozen_backbone:
+            raise ValueError(f"views, project and the centered head transform a frozen backbone's features: not "
+                             f"for model {self.model}{' with fine_tune' if self.fine_tune else ''}")
+        if self.views > 1 and self.flip_augment:
+            raise ValueError("flip_augment adds nothing to features averaged over the image's views (a mirror has "
+                             "the same views): use one of them")
+        if self.head == "centered" and not self.project:
+            raise ValueError("the centered head needs unit-norm features (their DP mean has sensitivity 1): set "
+                             "project, e.g. 256")
+        if not 0 < self.center_share < 1:
+            raise ValueError(f"center_share must be in (0, 1), got {self.center_share}")
 
     @property
     def dp(self) -> bool:
         """DP-SGD is on: a noise multiplier, or a target epsilon (to be resolved into one)."""
         return self.train.dp or self.dp_epsilon is not None
+
+    @property
+    def centered(self) -> bool:
+        """The head is centred on the federation's feature mean, released by the clients in a first round."""
+        return self.head == "centered"
 
     @property
     def obfuscation(self) -> Obfuscation:
@@ -135,19 +176,23 @@ class ClassifyConfig:
         return cls(**values, obfuscation_key=obfuscation_key)
 
 
-# The best measured recipes on the magnetic tiles (benchmarks/bench_classification.py; the session note of
-# issue 19): EfficientNet-Lite0 frozen at 224 px (squashed), the averages of its last stride-16 and stride-32
-# blocks (432 features), each feature vector standardized, 5 FedAvg rounds. Without DP: the seed's dense-128
-# head, 20 local epochs of Adam (lr 3e-3) in batches of 32. With DP-SGD: the average and maximum of the last
-# map (2560 features) under a linear head, 10 local epochs of Adam (lr 1e-2) in Poisson-sampled logical
-# batches of 128 (32 x 4), clipping at 1: the best of the DP settings measured at epsilon 8.
+# The best measured recipes on the magnetic tiles (benchmarks/bench_classification.py; the README's
+# classification section): EfficientNet-Lite0 frozen at 224 px (squashed).
+# Without DP: the averages of its last stride-16 and stride-32 blocks (432 features), each feature vector
+# standardized, the seed's dense-128 head, 5 FedAvg rounds of 20 local epochs of Adam (lr 3e-3), batches of 32.
+# With DP: the average and maximum of the last map (2560 features) averaged over the image's 8 dihedral views,
+# projected to 256 dimensions and unit norm; a first round in which the clients send their DP feature means
+# (5 % of the budget); then a zero-initialised linear head trained by full-batch DP gradient descent (logical
+# batches of 512 >= a client's images, so every step sees them all), plain SGD at lr 80 with clipping at 0.25,
+# 20 rounds x 5 local steps.
 RECIPE: dict[str, Any] = {"model": "mobile", "image_size": 224, "resize": "squash", "pooling": "blocks",
                           "head": "mlp", "rounds": 5}
 RECIPE_TRAIN: dict[str, Any] = {"local_epochs": 20, "batch_size": 32, "accumulation_steps": 1, "lr": 3e-3,
                                 "optimizer": "adam"}
-DP_RECIPE: dict[str, Any] = {**RECIPE, "pooling": "avgmax", "head": "linear"}
-DP_TRAIN: dict[str, Any] = {"local_epochs": 10, "batch_size": 32, "accumulation_steps": 4, "lr": 1e-2,
-                            "optimizer": "adam", "max_grad_norm": 1.0}
+DP_RECIPE: dict[str, Any] = {**RECIPE, "pooling": "avgmax", "head": "centered", "views": 8, "project": 256,
+                             "rounds": 20}
+DP_TRAIN: dict[str, Any] = {"local_epochs": 5, "batch_size": 64, "accumulation_steps": 8, "lr": 80.0,
+                            "optimizer": "sgd", "momentum": 0.0, "max_grad_norm": 0.25}
 
 
 def recipe(dp: bool = False, train: dict[str, Any] | None = None, **overrides: Any) -> ClassifyConfig:
@@ -186,15 +231,6 @@ class InputCache:
         return self.backbones[key]
 
 
-@torch.no_grad()
-def pooled_features(backbone: PooledBackbone, images: torch.Tensor, batch_size: int = 32,
-                    progress: bool = False, desc: str = "features") -> torch.Tensor:
-    """Pooled backbone features (N, D) of float images (N, 3, S, S)."""
-    parts = [backbone(images[i:i + batch_size]) for i in
-             tqdm(range(0, len(images), batch_size), desc=desc, disable=not progress, leave=False)]
-    return torch.cat(parts) if parts else torch.empty(0, backbone.out_features)
-
-
 def model_inputs(view: LabelledView, config: ClassifyConfig, cache: InputCache, *, progress: bool = False,
                  desc: str = "images", training: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(x, y) of a view for this config: obfuscated images, or their pooled features (frozen backbone).
@@ -221,12 +257,26 @@ def _inputs(view: LabelledView, config: ClassifyConfig, cache: InputCache, progr
 
     if not config.frozen_backbone:
         return images()
-    key = (config.model, config.weights, config.image_size, config.resize, config.pooling, flip, obfuscation.name,
-           config.obfuscation_key, tuple(item.path for item in view.items))
+    transformed = config.views > 1 or bool(config.project)  # standardized per view (and averaged)
+    key = (config.model, config.weights, config.image_size, config.resize, config.pooling, transformed, config.views,
+           flip, obfuscation.name, config.obfuscation_key, tuple(item.path for item in view.items))
     if key not in cache.features:
         backbone = cache.backbone(config.model, config.weights).with_pooling(config.pooling)
-        cache.features[key] = pooled_features(backbone, images(), progress=progress, desc=f"{desc} features")
-    return cache.features[key]
+        if transformed:
+            features = view_averaged_features(backbone, images(), config.views, progress=progress,
+                                              desc=f"{desc} features")
+        else:
+            features = pooled_features(backbone, images(), progress=progress, desc=f"{desc} features")
+        cache.features[key] = features
+    features = cache.features[key]
+    if not config.project:
+        return features
+    return to_sphere(features, random_projection(features.shape[1], config.project, config.seed))
+
+
+def input_features(config: ClassifyConfig, cache: InputCache) -> int:
+    """The number of features the head gets: the backbone's pooled features, or ``project``."""
+    return config.project or cache.backbone(config.model, config.weights).with_pooling(config.pooling).out_features
 
 
 def build_model(config: ClassifyConfig, n_classes: int, cache: InputCache) -> nn.Module:
@@ -234,9 +284,9 @@ def build_model(config: ClassifyConfig, n_classes: int, cache: InputCache) -> nn
     transfer model (``fine_tune``; BatchNorm replaced by GroupNorm via Opacus's ModuleValidator under DP)."""
     if config.model == "cnn":
         return SmallCNN(n_classes, config.image_size)
-    backbone = cache.backbone(config.model, config.weights).with_pooling(config.pooling)
     if config.frozen_backbone:
-        return make_head(config.head, backbone.out_features, n_classes)
+        return make_head(config.head, input_features(config, cache), n_classes)
+    backbone = cache.backbone(config.model, config.weights).with_pooling(config.pooling)
     model: nn.Module = TransferClassifier(copy.deepcopy(backbone), n_classes, config.head)
     for parameter in model.parameters():
         parameter.requires_grad_(True)
@@ -247,27 +297,44 @@ def build_model(config: ClassifyConfig, n_classes: int, cache: InputCache) -> nn
     return model
 
 
-def noise_for_epsilon(config: ClassifyConfig, client_sizes: Sequence[int], target_epsilon: float) -> float:
-    """The smallest noise multiplier (Opacus's search, to 0.1 % of the target) that keeps every client's
-    epsilon after all rounds at or below ``target_epsilon`` (the client with the largest sample rate decides).
+def center_noise(config: ClassifyConfig, n: int, noise_multiplier: float) -> float:
+    """The noise multiplier of a client's DP feature sum (the centered head's first round) next to DP-SGD's.
 
-    Each client takes ``rounds * local_epochs * ceil(n / logical batch)`` steps at sample rate
-    ``1 / ceil(n / logical batch)``, exactly as :func:`~fedinspect.privacy.dp_sgd.train_dp_sgd` accounts them.
+    A Gaussian release at noise ``s`` costs ``alpha / (2 s^2)`` of Renyi DP; ``T`` steps at noise ``sigma``
+    and sample rate 1 cost ``T alpha / (2 sigma^2)``. ``s = sigma * sqrt((1 - share) / (share * T * q^2))``
+    gives the mean ``center_share`` of the total: exactly at sample rate 1 (the recipe's full batches),
+    roughly with subsampling (``T q^2`` then stands for the steps' cost). The accountant reports what is
+    spent in either case.
     """
-    from opacus.accountants.utils import get_noise_multiplier
+    settings = config.train
+    steps = config.rounds * settings.local_epochs * settings.steps_per_epoch(n)
+    rate = settings.sample_rate(n)
+    share = config.center_share
+    return noise_multiplier * math.sqrt((1 - share) / (share * steps * rate ** 2))
 
+
+def planned_history(config: ClassifyConfig, n: int, noise_multiplier: float) -> list[tuple[float, float, int]]:
+    """The accountant history a client of ``n`` images has after all rounds at this noise multiplier: the DP
+    mean's release (centered head) as one Gaussian, then ``rounds * local_epochs * ceil(n / logical batch)``
+    DP-SGD steps at sample rate ``1 / ceil(n / logical batch)``, as
+    :func:`~fedinspect.privacy.dp_sgd.train_dp_sgd` accounts them."""
+    settings = config.train
+    steps = config.rounds * settings.local_epochs * settings.steps_per_epoch(n)
+    history = [(float(noise_multiplier), settings.sample_rate(n), steps)]
+    if config.centered:
+        history.insert(0, (center_noise(config, n, noise_multiplier), 1.0, 1))
+    return history
+
+
+def noise_for_epsilon(config: ClassifyConfig, client_sizes: Sequence[int], target_epsilon: float) -> float:
+    """The smallest noise multiplier (a bisection to 0.1 % of the target) that keeps every client's epsilon
+    after all rounds (:func:`planned_history`) at or below ``target_epsilon``: the client with the largest
+    sample rate decides."""
     if not (0 < target_epsilon < math.inf):
         raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
     settings = config.train
-    sigmas = []
-    for n in client_sizes:
-        steps = config.rounds * settings.local_epochs * settings.steps_per_epoch(n)
-        with ignoring(UserWarning, message="Optimal order"):  # "... is the largest alpha" while bisecting
-            sigmas.append(get_noise_multiplier(target_epsilon=target_epsilon, target_delta=settings.delta_for(n),
-                                               sample_rate=settings.sample_rate(n), steps=steps,
-                                               accountant=settings.accountant,
-                                               epsilon_tolerance=target_epsilon * 1e-3))
-    return max(sigmas)
+    return max(smallest_noise(functools.partial(planned_history, config, n), target_epsilon, settings.delta_for(n),
+                              settings.accountant) for n in client_sizes)
 
 
 def resolve_epsilon(config: ClassifyConfig, client_sizes: Sequence[int]) -> ClassifyConfig:

@@ -8,6 +8,10 @@ give the same numbers for the same config and seed. This module holds what is cl
   (DP-SGD with Opacus if a noise multiplier is set); its accountant history is the client's
   ``memory`` (``{"privacy_history": [[noise, sample rate, steps], ...]}``), so its epsilon is
   cumulative over the rounds;
+- the centered head's first round (:meth:`ClassificationTask.center_update`): each client sends the
+  mean of its unit-norm features, its sum made DP with the Gaussian mechanism (sensitivity 1, the noise
+  of :func:`~fedinspect.classification.runner.center_noise`); FedAvg of the means weighted by the clients'
+  image counts is the federation's DP mean, the head's ``center``. Training starts in round 2;
 - the server's evaluation of the global model on the test split, and each client's epsilon,
   recomputed from the history the client sent;
 - results.json and the report of a finished run (:meth:`ClassificationTask.conclude`).
@@ -35,6 +39,7 @@ from fedinspect.classification.runner import (
     ClassifyConfig,
     InputCache,
     build_model,
+    center_noise,
     client_id,
     client_seed,
     model_inputs,
@@ -109,7 +114,7 @@ class ClassificationTask(FederatedTask):
         self.cache = cache if cache is not None else InputCache()
         self.write_report = write_report
         self.progress = progress
-        self.rounds = config.rounds
+        self.rounds = config.rounds + int(config.centered)  # the centered head's mean round comes first
         self.n_clients = config.clients
         self.split: Split = prepare_split(data_dir, config)
         try:  # a target epsilon becomes the noise multiplier that spends it over all rounds
@@ -191,18 +196,53 @@ class ClassificationTask(FederatedTask):
         return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
     def client_update(self, index: int, state: State, round_number: int, memory: Mapping[str, Any]) -> ClientResult:
-        """Load the global model, train on this client's share (DP-SGD if configured), send the model back."""
+        """Load the global model, train on this client's share (DP-SGD if configured), send the model back;
+        round 1 of the centered head: :meth:`center_update` instead."""
         x, y = self.client_inputs(index)
         history = checked_privacy_history(client_id(index), memory.get("privacy_history", []))
+        if self.config.centered and round_number == 1:
+            return self.center_update(index, state, history)
         model = build_model(self.config, self.n_classes, self.cache)
         model.load_state_dict(state)
         settings = self.config.train
         local = train_local(model, x, y, settings, seed=client_seed(self.config.seed, round_number, index),
-                            privacy_history=history, lr=settings.lr_at(round_number, self.rounds),
+                            privacy_history=history, lr=settings.lr_at(self.training_round(round_number),
+                                                                       self.config.rounds),
                             n_classes=self.n_classes)
         return ClientResult(local.state, {"": local.n_examples},
                             {"train_loss": float(local.train_loss), "steps": float(local.steps)},
                             {"privacy_history": [[float(s), float(q), int(n)] for s, q, n in local.privacy_history]})
+
+    def training_round(self, round_number: int) -> int:
+        """The training round (1-based) that round ``round_number`` of the engine is."""
+        return round_number - int(self.config.centered)
+
+    def center_update(self, index: int, state: State, history: list) -> ClientResult:
+        """The centered head's first round on client ``index``: the global ``state`` with ``center`` set to
+        this client's feature mean, its feature sum released with Gaussian noise under DP.
+
+        The rows are scaled to norm at most 1 (they are unit-norm already), so adding or removing one image
+        moves the sum by at most 1: the noise's standard deviation is the noise multiplier. The client's
+        image count is sent in the clear, as FedAvg's weights always are.
+        """
+        name = client_id(index)
+        x, _ = self.client_inputs(index)
+        if not len(x):
+            raise FedinspectError(f"{name}: no training image, no feature mean to send")
+        if "center" not in state:
+            raise FedinspectError(f"{name}: the global model has no 'center' to fill (not the centered head)")
+        rows = x / x.norm(dim=1, keepdim=True).clamp_min(1.0)
+        total = rows.sum(dim=0)
+        settings = self.config.train
+        if settings.dp:
+            sigma = center_noise(self.config, len(x), float(settings.noise_multiplier))
+            generator = torch.Generator().manual_seed(client_seed(self.config.seed, 1, index))
+            total = total + sigma * torch.randn(total.shape, generator=generator, dtype=total.dtype)
+            history = [*history, [sigma, 1.0, 1]]
+        arrays = {k: v.clone() for k, v in state.items()}
+        arrays["center"] = (total / len(x)).to(state["center"].dtype)
+        return ClientResult(arrays, {"": len(x)}, {"steps": 0.0},
+                            {"privacy_history": [[float(s), float(q), int(n)] for s, q, n in history]})
 
     def evaluate(self, state: State, round_number: int) -> dict[str, Any]:
         """Accuracy, macro-F1 and loss of the global model on the test split."""
@@ -341,7 +381,10 @@ def privacy_summary(config: ClassifyConfig, split: Split, histories: Mapping[str
             "delta": delta, "epsilon": json_float(epsilon_of(history, delta, settings.accountant)),
             "accountant_history": [list(h) for h in history],
         }
-    return {"dp": True, "unit": PRIVACY_UNIT, "target_epsilon": config.dp_epsilon,
+    center = ({"center_share": config.center_share,
+               "center_noise": {client_id(i): center_noise(config, len(v.items), float(settings.noise_multiplier))
+                                for i, v in enumerate(split.clients)}} if config.centered else {})
+    return {"dp": True, "unit": PRIVACY_UNIT, "target_epsilon": config.dp_epsilon, **center,
             "noise_multiplier": settings.noise_multiplier,
             "max_grad_norm": settings.max_grad_norm, "accountant": settings.accountant,
             "logical_batch": settings.logical_batch, "physical_batch": settings.batch_size,

@@ -169,6 +169,35 @@ def epsilon_of(history: Sequence[Sequence[float]], delta: float, kind: str = "rd
         return float(make_accountant(kind, history).get_epsilon(delta))
 
 
+def smallest_noise(plan: Callable[[float], Sequence[Sequence[float]]], target_epsilon: float, delta: float,
+                   kind: str = "rdp", tolerance: float = 1e-3) -> float:
+    """The smallest noise multiplier ``sigma`` whose planned history ``plan(sigma)`` spends at most
+    ``target_epsilon`` at ``delta``, to ``tolerance`` of the target (the bisection of Opacus's
+    ``get_noise_multiplier``, over a whole history: several releases whose noises all scale with ``sigma``).
+    """
+    if not (0 < target_epsilon < math.inf):
+        raise ValueError(f"target epsilon must be a positive finite number, got {target_epsilon}")
+
+    def spent(sigma: float) -> float:
+        return epsilon_of(plan(sigma), delta, kind)
+
+    high = 1.0
+    while spent(high) > target_epsilon:
+        high *= 2.0
+        if high > 1e6:
+            raise ValueError(f"no noise multiplier up to 1e6 spends at most epsilon {target_epsilon}")
+    low = high / 2.0
+    while low > 1e-6 and spent(low) <= target_epsilon:
+        high, low = low, low / 2.0
+    while target_epsilon - spent(high) > target_epsilon * tolerance and high - low > 1e-9 * high:
+        middle = (low + high) / 2.0
+        if spent(middle) > target_epsilon:
+            low = middle
+        else:
+            high = middle
+    return high
+
+
 def compact_history(history: Sequence[Sequence[float]]) -> History:
     """Merge consecutive entries with the same noise and sample rate (Opacus already does; kept exact)."""
     merged: History = []
