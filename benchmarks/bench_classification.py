@@ -4,6 +4,7 @@ Usage::
 
     nice .venv/bin/python benchmarks/bench_classification.py [--data CATEGORY_DIR] [--out runs/bench-classification]
         [--epsilons none,8,3,1] [--obfuscations none,average+shuffle+switch_row] [--threads 1] [--tables]
+        [--table-models cnn,mobile,large]
 
 Each cell is :func:`fedinspect.classification.runner.run_classification` of
 :func:`fedinspect.classification.runner.recipe` (the default of ``fedinspect classify``: the non-private
@@ -12,7 +13,8 @@ classes of the MTD dataset by default. One input cache serves all cells (feature
 pooling and obfuscation; the first cell of each pays for it: see ``prepare_s``). Writes
 ``benchmarks/results/bench_classification.json``: per cell accuracy, macro-F1, per-class recall, the epsilon
 spent (max over clients), the noise multiplier and the seconds. ``--tables`` also runs the seed's Tables I and
-III (:mod:`fedinspect.classification.experiment`) with the same recipes into ``--out/tables``.
+III (:mod:`fedinspect.classification.experiment`) with the same recipes into ``--out/tables``, for
+``--table-models``, reusing the cells' features.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ def main() -> None:
     parser.add_argument("--obfuscations", default=f"none,{ALL_METHODS}")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tables", action="store_true", help="also Tables I and III of the seed")
+    parser.add_argument("--table-models", default="cnn,mobile,large", help="models of the tables")
     args = parser.parse_args()
 
     import torch
@@ -76,11 +79,12 @@ def main() -> None:
     if args.tables:
         from fedinspect.classification.experiment import ExperimentPlan, run_experiment
 
-        plan = ExperimentPlan(base=recipe(clients=args.clients, seed=args.seed, obfuscation_key=args.seed),
+        plan = ExperimentPlan(models=tuple(args.table_models.split(",")),
+                              base=recipe(clients=args.clients, seed=args.seed, obfuscation_key=args.seed),
                               dp_base=recipe(dp=True, clients=args.clients, seed=args.seed,
                                              obfuscation_key=args.seed),
                               noise_multipliers=(0.01, 0.05, 0.1, 0.5, 1.0), target_epsilons=(10.0, 8.0, 3.0, 1.0))
-        summary["tables"] = run_experiment(args.data, args.out / "tables", plan, progress=True)
+        summary["tables"] = run_experiment(args.data, args.out / "tables", plan, progress=True, cache=cache)
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
     path = results / "bench_classification.json"

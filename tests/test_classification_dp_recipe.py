@@ -23,13 +23,11 @@ from tests.conftest import save_png
 SIZE = 32
 
 
-@pytest.fixture(scope="module")
-def separable(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 3-class MVTec-layout category, 32 x 32 px: 40 plain, 20 bright-stripe, 20 dark-square images."""
+def write_separable(root: Path, per_class: int) -> Path:
+    """A 3-class MVTec-layout category, 32 x 32 px: 2n plain, n bright-stripe, n dark-square images."""
     rng = np.random.default_rng(0)
-    root = tmp_path_factory.mktemp("separable") / "tile"
-    for folder, count, kind in (("train/good", 30, "good"), ("test/good", 10, "good"), ("test/stripe", 20, "stripe"),
-                                ("test/square", 20, "square")):
+    for folder, count, kind in (("train/good", per_class * 3 // 2, "good"), ("test/good", per_class // 2, "good"),
+                                ("test/stripe", per_class, "stripe"), ("test/square", per_class, "square")):
         for i in range(count):
             image = (100 + 20 * rng.random((SIZE, SIZE))).astype(np.uint8)
             if kind == "stripe":
@@ -43,8 +41,16 @@ def separable(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def dp_run(separable: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """The default recipe (3 IID clients, its rounds, model, pooling, head and training) at epsilon 3."""
+def separable(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """80 images: 40 plain, 20 bright-stripe, 20 dark-square."""
+    return write_separable(tmp_path_factory.mktemp("separable") / "tile", 20)
+
+
+@pytest.fixture(scope="module")
+def dp_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The default recipe (3 IID clients, its rounds, model, features, head and training) at epsilon 3, on 240
+    separable images (about 64 per client: with 20 per client, epsilon 3's noise drowns the mean gradient)."""
+    separable = write_separable(tmp_path_factory.mktemp("separable_dp") / "tile", 60)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # restored: a later module's in-process run must use the default, as its nodes do
     try:
@@ -72,10 +78,15 @@ def test_target_epsilon_is_spent_within_tolerance(dp_run: dict) -> None:
     spent = [client["epsilon"] for client in privacy["clients"].values()]
     assert max(spent) <= 3.0 + 1e-9
     assert max(spent) >= 3.0 * 0.99
-    for client in privacy["clients"].values():  # the accountant's own figure for what the client did
-        sigma, rate, steps = client["accountant_history"][0]
-        assert len(client["accountant_history"]) == 1 and sigma == privacy["noise_multiplier"]
-        assert client["epsilon"] == pytest.approx(accountant_epsilon(sigma, client["delta"], rate, steps), rel=1e-6)
+    for name, client in privacy["clients"].items():  # the accountant's own figure for what the client did
+        (center, center_rate, releases), (sigma, rate, steps) = client["accountant_history"]
+        assert (center, center_rate, releases) == (privacy["center_noise"][name], 1.0, 1)
+        assert sigma == privacy["noise_multiplier"] and (rate, steps) == (1.0, 50)  # 10 rounds x 5 full batches
+        # at sample rate 1 both are Gaussian mechanisms: their RDP adds up to one Gaussian's of noise s with
+        # 1/s^2 = 1/center^2 + steps/sigma^2, the mean's part being center_share
+        assert (1 / center ** 2) / (1 / center ** 2 + steps / sigma ** 2) == pytest.approx(0.05)
+        combined = (1 / center ** 2 + steps / sigma ** 2) ** -0.5
+        assert client["epsilon"] == pytest.approx(accountant_epsilon(combined, client["delta"], 1.0, 1), rel=1e-6)
 
 
 def test_noise_for_epsilon_lets_the_client_with_most_steps_decide() -> None:

@@ -35,7 +35,7 @@ def test_help_shows_defaults(command: str, capsys) -> None:
     assert "seed of every random choice (default: 0)" in text or "(default: 0)" in text
     expected = {"federate": ["number of clients (factories) (default: 5)", "(default: 10000)", "(default: 256)"],
                 "demo": ["(default: runs/demo)", "(default: small)"], "fit": ["(default: 256)"],
-                "classify": ["FedAvg rounds (default: 5)", "(default: 1e-05)"]}[command]
+                "classify": ["FedAvg training rounds (default: 5, 10 under DP", "(default: 1e-05)"]}[command]
     for part in expected:
         assert part in text
     assert "(default: None)" not in text and "(default: False)" not in text

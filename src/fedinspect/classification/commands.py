@@ -19,7 +19,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("federated training (unset: the best measured recipe, with or without DP)")
     group.add_argument("--clients", type=int, default=3, help="number of clients")
     group.add_argument("--rounds", type=int, default=None,
-                       help="FedAvg training rounds (default: 5, 20 under DP, after the centered head's mean round)")
+                       help="FedAvg training rounds (default: 5, 10 under DP, after the centered head's mean round)")
     group.add_argument("--partition", choices=("iid", "dirichlet"), default="iid",
                        help="client shares: iid, or label skew by a Dirichlet over classes")
     group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
@@ -57,7 +57,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                             "(default: 1, 8 under DP)")
     group.add_argument("--project", type=int, default=None,
                        help="project the features to this many dimensions (a seeded random orthogonal map) and "
-                            "unit norm; 0: no projection (default: 0, 256 under DP)")
+                            "unit norm; 0: no projection (default: 0, 512 under DP)")
     group.add_argument("--flip-augment", action="store_true",
                        help="add the training images' mirrors as more samples (without DP only)")
     group.add_argument("--fine-tune", action="store_true",

@@ -96,8 +96,9 @@ def _row(table: str, name: str, config: ClassifyConfig, results: dict, target: f
 
 
 def run_experiment(data_dir: str | Path, out_dir: str | Path, plan: ExperimentPlan | None = None,
-                   progress: bool = True) -> dict[str, Any]:
-    """All runs of the plan (skipping those already done), then experiment.json and the report."""
+                   progress: bool = True, cache: InputCache | None = None) -> dict[str, Any]:
+    """All runs of the plan (skipping those already done), then experiment.json and the report. ``cache``: the
+    images and features of earlier runs in this process (a benchmark's), reused."""
     plan = plan or ExperimentPlan()
     out_dir = Path(out_dir)
     started = time.perf_counter()
@@ -113,7 +114,7 @@ def run_experiment(data_dir: str | Path, out_dir: str | Path, plan: ExperimentPl
         for target in plan.target_epsilons:
             noise = noise_for_epsilon(reference, client_sizes, target)
             jobs.append(("III", replace(with_noise(reference, noise), dp_epsilon=target), target))
-    cache = InputCache()
+    cache = cache if cache is not None else InputCache()
     rows = []
     for table, config, target in tqdm(jobs, desc="experiment runs", disable=not progress):
         name = run_name(config)

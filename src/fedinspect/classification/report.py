@@ -59,7 +59,9 @@ def plot_learning_curves(history: Sequence[Mapping[str, Any]], path: Path, title
     axes[0].plot(rounds, [h["macro_f1"] for h in history], "s-", label="macro-F1")
     axes[0].set(xlabel="round", ylabel="test metric", ylim=(0, 1.02), title="global model on the test split")
     axes[1].plot(rounds, [h["loss"] for h in history], "o-", label="test loss")
-    axes[1].plot(rounds, [h["train_loss"] for h in history], "s--", label="training loss (clients)")
+    trained = [h for h in history if "train_loss" in h]  # not the centered head's mean round
+    axes[1].plot([h["round"] for h in trained], [h["train_loss"] for h in trained], "s--",
+                 label="training loss (clients)")
     axes[1].set(xlabel="round", ylabel="cross-entropy", title="loss")
     if with_eps:
         clients = sorted({c for h in history for c in h.get("epsilon", {})})
@@ -136,7 +138,9 @@ def write_run_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     doc.paragraph(
         f"{len(classes)} classes ({', '.join(classes)}), {results['split']['train']} training images over "
         f"{config['clients']} clients ({config['partition']}), {results['split']['test']} test images; "
-        f"{config['rounds']} FedAvg rounds ({results['engine']}); obfuscation {obfuscation}; "
+        f"{config['rounds']} FedAvg rounds ({results['engine']}"
+        + ("; round 1 only sends the clients' feature means, which centre the head" if config.get("head") == "centered"
+           else "") + f"); obfuscation {obfuscation}; "
         + (f"DP-SGD with noise multiplier {noise}." if noise is not None else "no DP-SGD."))
     doc.heading("Result (global model after the last round)")
     doc.table(["accuracy", "macro-F1", "loss", "total time (s)"],
@@ -148,7 +152,7 @@ def write_run_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     doc.heading("Rounds")
     privacy = results.get("privacy", {})
     clients = list(privacy.get("clients", {}))
-    rows = [[h["round"], fmt(h["accuracy"]), fmt(h["macro_f1"]), fmt(h["loss"]), fmt(h["train_loss"]),
+    rows = [[h["round"], fmt(h["accuracy"]), fmt(h["macro_f1"]), fmt(h["loss"]), fmt(h.get("train_loss")),
              fmt(h["seconds"], 1), *[fmt_epsilon(h["epsilon"].get(c)) for c in clients]]
             for h in results["history"]]
     doc.table(["round", "accuracy", "macro-F1", "test loss", "train loss", "s", *[f"eps {c}" for c in clients]],
@@ -159,7 +163,10 @@ def write_run_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
             f"DP-SGD (Opacus): per-sample clipping to L2 norm {privacy['max_grad_norm']}, noise multiplier "
             f"{privacy['noise_multiplier']}, logical batch {privacy['logical_batch']} (physical "
             f"{privacy['physical_batch']}, Poisson sampling: {privacy['poisson_sampling']}), accountant "
-            f"{privacy['accountant']}. Unit protected: {privacy['unit']}; epsilon is cumulative over all rounds.")
+            f"{privacy['accountant']}. Unit protected: {privacy['unit']}; epsilon is cumulative over all rounds."
+            + (f" The feature means of round 1 are Gaussian releases of each client's sum of unit-norm features "
+               f"(sensitivity 1), given {privacy['center_share']:.0%} of the budget; steps count them as one each."
+               if "center_share" in privacy else ""))
         doc.table(["client", "images", "sample rate", "steps", "delta", "epsilon"],
                   [[name, c["images"], fmt(c["sample_rate"]), c["steps"], f"{c['delta']:.0e}",
                     fmt_epsilon(c["epsilon"])] for name, c in privacy["clients"].items()])
