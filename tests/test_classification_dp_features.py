@@ -198,3 +198,33 @@ def test_classify_cli_defaults_to_the_dp_recipe(category: Path, tmp_path: Path) 
                                                                                                          "sgd")
     assert [r["round"] for r in results["history"]] == [1, 2, 3]  # the mean round and the two training rounds
     assert max(results["epsilon"].values()) <= 8.0
+
+
+def test_features_are_cached_per_image_whatever_the_view(category: Path, monkeypatch) -> None:
+    from fedinspect.classification import runner
+    from fedinspect.classification.runner import InputCache, prepare_split
+
+    config = _centered(None)
+    cache = InputCache()
+    split = prepare_split(category, config)
+    everything, _ = model_inputs(split.view, config, cache)
+    calls = []
+    monkeypatch.setattr(runner, "view_averaged_features", lambda *a, **k: calls.append(a) or None)
+    for part in (split.test, *split.clients):  # every image is known: no backbone pass
+        x, _ = model_inputs(part, config, cache)
+        rows = [split.view.items.index(item) for item in part.items]
+        torch.testing.assert_close(x, everything[rows])
+    assert calls == []
+
+
+def test_validation_runs_never_read_the_test_split(category: Path) -> None:
+    from fedinspect.classification.runner import prepare_split
+
+    plain = prepare_split(category, _centered(None))
+    tuned = prepare_split(category, recipe(image_size=24, clients=2, validation=True))
+    train = set(plain.train.items)
+    assert set(tuned.view.items) == train and set(tuned.test.items) <= train
+    assert not set(tuned.train.items) & set(tuned.test.items)
+    assert sum(len(c.items) for c in tuned.clients) == len(tuned.train.items)
+    assert not set(plain.test.items) & (set(tuned.train.items) | set(tuned.test.items))
+    assert tuned == prepare_split(category, recipe(image_size=24, clients=2, validation=True))  # seeded

@@ -134,10 +134,13 @@ def write_run_report(results: Mapping[str, Any], out_dir: str | Path) -> Path:
     classes = results["classes"]
     obfuscation = "+".join(config["obfuscate"]) or "none"
     noise = config["train"]["noise_multiplier"]
+    evaluated = ("validation images (held out of the training images; the test split was not read)"
+                 if config.get("validation") else "test images")
     doc = Document(f"Defect classification: {Path(results['dataset']).name}, model {config['model']}")
     doc.paragraph(
         f"{len(classes)} classes ({', '.join(classes)}), {results['split']['train']} training images over "
-        f"{config['clients']} clients ({config['partition']}), {results['split']['test']} test images; "
+        f"{config['clients']} clients ({config['partition']}), {results['split']['test']} "
+        f"{evaluated}; "
         f"{config['rounds']} FedAvg rounds ({results['engine']}"
         + ("; round 1 only sends the clients' feature means, which centre the head" if config.get("head") == "centered"
            else "") + f"); obfuscation {obfuscation}; "

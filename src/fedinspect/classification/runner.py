@@ -80,7 +80,8 @@ class ClassifyConfig:
     needs ``project`` and spends ``center_share`` of the privacy budget on the DP feature mean of its first
     round. ``dp_epsilon``: the epsilon to spend over all rounds (the noise multiplier is derived by
     :func:`resolve_epsilon`). ``rounds`` counts the training rounds; the centered head's mean round is
-    one more.
+    one more. ``validation``: for tuning, the test split is set aside unread and the run is trained on 80 % of
+    the training images and evaluated on the other 20 % (stratified, seeded), :func:`prepare_split`.
     """
 
     model: str = "cnn"
@@ -102,6 +103,7 @@ class ClassifyConfig:
     views: int = 1
     project: int = 0
     center_share: float = 0.05
+    validation: bool = False
     dp_epsilon: float | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -230,7 +232,7 @@ class InputCache:
     def __init__(self) -> None:
         self.images: dict[tuple[Path, int], np.ndarray] = {}
         self.backbones: dict[tuple[str, str | None], PooledBackbone] = {}
-        self.features: dict[tuple, torch.Tensor] = {}
+        self.features: dict[tuple, torch.Tensor] = {}  # (settings, image path) -> one image's features
 
     def backbone(self, model: str, weights: str | None) -> PooledBackbone:
         key = (model, weights)
@@ -258,25 +260,29 @@ def _inputs(view: LabelledView, config: ClassifyConfig, cache: InputCache, progr
             flip: bool) -> torch.Tensor:
     obfuscation = config.obfuscation
 
-    def images() -> torch.Tensor:
-        tensor = image_tensor(view, config.image_size, obfuscation, cache=cache.images, progress=progress, desc=desc,
+    def images(part: LabelledView) -> torch.Tensor:
+        tensor = image_tensor(part, config.image_size, obfuscation, cache=cache.images, progress=progress, desc=desc,
                               resize=config.resize)
         return tensor.flip(3) if flip else tensor
 
     if not config.frozen_backbone:
-        return images()
+        return images(view)
     transformed = config.views > 1 or bool(config.project)  # standardized per view (and averaged)
-    key = (config.model, config.weights, config.image_size, config.resize, config.pooling, transformed, config.views,
-           flip, obfuscation.name, config.obfuscation_key, tuple(item.path for item in view.items))
-    if key not in cache.features:
-        backbone = cache.backbone(config.model, config.weights).with_pooling(config.pooling)
+    settings = (config.model, config.weights, config.image_size, config.resize, config.pooling, transformed,
+                config.views, flip, obfuscation.name, config.obfuscation_key)
+    backbone = cache.backbone(config.model, config.weights).with_pooling(config.pooling)
+    missing = [i for i, item in enumerate(view.items) if (settings, item.path) not in cache.features]
+    if missing:  # each image's features once per setting, whichever split or share it is in
+        part = view.subset(missing)
         if transformed:
-            features = view_averaged_features(backbone, images(), config.views, progress=progress,
+            computed = view_averaged_features(backbone, images(part), config.views, progress=progress,
                                               desc=f"{desc} features")
         else:
-            features = pooled_features(backbone, images(), progress=progress, desc=f"{desc} features")
-        cache.features[key] = features
-    features = cache.features[key]
+            computed = pooled_features(backbone, images(part), progress=progress, desc=f"{desc} features")
+        for i, row in zip(missing, computed, strict=True):
+            cache.features[(settings, view.items[i].path)] = row
+    rows = [cache.features[(settings, item.path)] for item in view.items]
+    features = torch.stack(rows) if rows else torch.empty(0, backbone.out_features)
     if not config.project:
         return features
     return to_sphere(features, random_projection(features.shape[1], config.project, config.seed))
@@ -354,9 +360,15 @@ def resolve_epsilon(config: ClassifyConfig, client_sizes: Sequence[int]) -> Clas
 
 # ---------------------------------------------------------------- runs
 def prepare_split(data_dir: str | Path, config: ClassifyConfig) -> Split:
+    """The run's split: train (dealt to the clients) and test; with ``config.validation`` the training part
+    split again the same way, its held-out part standing for the test split."""
     view = labelled_view(data_dir)
     try:
-        return split_view(view, config.clients, config.partition, config.seed, config.alpha, config.test_fraction)
+        split = split_view(view, config.clients, config.partition, config.seed, config.alpha, config.test_fraction)
+        if config.validation:
+            split = split_view(split.train, config.clients, config.partition, config.seed, config.alpha,
+                               config.test_fraction)
+        return split
     except ValueError as error:
         raise DataError(view.root, f"cannot split {len(view.items)} images into {config.clients} clients: {error}"
                         ) from error
