@@ -228,3 +228,5 @@ def test_validation_runs_never_read_the_test_split(category: Path) -> None:
     assert sum(len(c.items) for c in tuned.clients) == len(tuned.train.items)
     assert not set(plain.test.items) & (set(tuned.train.items) | set(tuned.test.items))
     assert tuned == prepare_split(category, recipe(image_size=24, clients=2, validation=True))  # seeded
+    other = prepare_split(category, recipe(image_size=24, clients=2, validation=True, seed=5, split_seed=0))
+    assert set(other.view.items) == train and other.test != tuned.test  # one test split, another validation split

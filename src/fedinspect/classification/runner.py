@@ -82,6 +82,8 @@ class ClassifyConfig:
     :func:`resolve_epsilon`). ``rounds`` counts the training rounds; the centered head's mean round is
     one more. ``validation``: for tuning, the test split is set aside unread and the run is trained on 80 % of
     the training images and evaluated on the other 20 % (stratified, seeded), :func:`prepare_split`.
+    ``split_seed`` (default: ``seed``) seeds the train/test split alone, so that runs of several seeds
+    (validation splits, initialisations, noise) share one test split.
     """
 
     model: str = "cnn"
@@ -104,6 +106,7 @@ class ClassifyConfig:
     project: int = 0
     center_share: float = 0.05
     validation: bool = False
+    split_seed: int | None = None
     dp_epsilon: float | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -363,8 +366,9 @@ def prepare_split(data_dir: str | Path, config: ClassifyConfig) -> Split:
     """The run's split: train (dealt to the clients) and test; with ``config.validation`` the training part
     split again the same way, its held-out part standing for the test split."""
     view = labelled_view(data_dir)
+    outer = config.seed if config.split_seed is None else config.split_seed
     try:
-        split = split_view(view, config.clients, config.partition, config.seed, config.alpha, config.test_fraction)
+        split = split_view(view, config.clients, config.partition, outer, config.alpha, config.test_fraction)
         if config.validation:
             split = split_view(split.train, config.clients, config.partition, config.seed, config.alpha,
                                config.test_fraction)
