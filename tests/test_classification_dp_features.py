@@ -230,3 +230,13 @@ def test_validation_runs_never_read_the_test_split(category: Path) -> None:
     assert tuned == prepare_split(category, recipe(image_size=24, clients=2, validation=True))  # seeded
     other = prepare_split(category, recipe(image_size=24, clients=2, validation=True, seed=5, split_seed=0))
     assert set(other.view.items) == train and other.test != tuned.test  # one test split, another validation split
+
+
+def test_the_dp_recipe_takes_smaller_steps_at_smaller_epsilons() -> None:
+    assert (recipe(dp_epsilon=8.0).train.lr, recipe(dp_epsilon=8.0).project) == (80.0, 512)
+    assert (recipe(dp=True).train.lr, recipe(train={"noise_multiplier": 1.0}).project) == (80.0, 512)
+    assert (recipe(dp_epsilon=3.0).train.lr, recipe(dp_epsilon=3.0).project) == (20.0, 512)
+    assert (recipe(dp_epsilon=1.0).train.lr, recipe(dp_epsilon=1.0).project) == (20.0, 128)
+    assert recipe(dp_epsilon=1.0, project=64, train={"lr": 5.0}).project == 64  # what the user sets wins
+    assert recipe(dp_epsilon=1.0, project=64, train={"lr": 5.0}).train.lr == 5.0
+    assert recipe(dp_epsilon=1.0, model="cnn").train.lr == 1e-2  # the CNN keeps its DP-SGD settings

@@ -36,7 +36,8 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--optimizer", choices=("sgd", "adam"), default=None,
                        help="local optimizer (default: adam, sgd under DP; the PIDS paper: sgd with --lr 0.1 "
                             "--momentum 0)")
-    group.add_argument("--lr", type=float, default=None, help="learning rate (default: 3e-3, 80 under DP)")
+    group.add_argument("--lr", type=float, default=None,
+                       help="learning rate (default: 3e-3; under DP 80, or 20 at --dp-epsilon below 8)")
     group.add_argument("--momentum", type=float, default=None, help="SGD momentum (default: 0.9, 0 under DP)")
     group.add_argument("--lr-schedule", choices=("constant", "cosine"), default="constant",
                        help="learning rate over the rounds: constant, or a cosine decay to 0")
@@ -57,7 +58,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                             "(default: 1, 8 under DP)")
     group.add_argument("--project", type=int, default=None,
                        help="project the features to this many dimensions (a seeded random orthogonal map) and "
-                            "unit norm; 0: no projection (default: 0, 512 under DP)")
+                            "unit norm; 0: no projection (default: 0; under DP 512, or 128 at --dp-epsilon 1 or below)")
     group.add_argument("--validation", action="store_true",
                        help="for tuning: train on 80 %% of the training images and evaluate on the other 20 %%; the "
                             "test split is not read")
