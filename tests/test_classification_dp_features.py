@@ -240,3 +240,13 @@ def test_the_dp_recipe_takes_smaller_steps_at_smaller_epsilons() -> None:
     assert recipe(dp_epsilon=1.0, project=64, train={"lr": 5.0}).project == 64  # what the user sets wins
     assert recipe(dp_epsilon=1.0, project=64, train={"lr": 5.0}).train.lr == 5.0
     assert recipe(dp_epsilon=1.0, model="cnn").train.lr == 1e-2  # the CNN keeps its DP-SGD settings
+
+
+def test_a_projection_wider_than_the_features_is_refused_before_any_image_is_read(category: Path,
+                                                                                     monkeypatch) -> None:
+    from fedinspect.classification import runner
+    from fedinspect.errors import FedinspectError
+
+    monkeypatch.setattr(runner, "image_tensor", lambda *a, **k: pytest.fail("an image was read"))
+    with pytest.raises(FedinspectError, match="project 3000 is more than the 2560 features"):
+        ClassificationTask(recipe(image_size=24, clients=2, dp_epsilon=8.0, project=3000), category)

@@ -327,6 +327,12 @@ def build_model(config: ClassifyConfig, n_classes: int, cache: InputCache) -> nn
     return model
 
 
+def training_steps(config: ClassifyConfig, n: int) -> int:
+    """DP-SGD steps of a client of ``n`` images over all rounds: ``rounds * local_epochs * ceil(n / logical
+    batch)``, as :func:`~fedinspect.privacy.dp_sgd.train_dp_sgd` accounts them."""
+    return config.rounds * config.train.local_epochs * config.train.steps_per_epoch(n)
+
+
 def center_noise(config: ClassifyConfig, n: int, noise_multiplier: float) -> float:
     """The noise multiplier of a client's DP feature sum (the centered head's first round) next to DP-SGD's.
 
@@ -336,21 +342,16 @@ def center_noise(config: ClassifyConfig, n: int, noise_multiplier: float) -> flo
     roughly with subsampling (``T q^2`` then stands for the steps' cost). The accountant reports what is
     spent in either case.
     """
-    settings = config.train
-    steps = config.rounds * settings.local_epochs * settings.steps_per_epoch(n)
-    rate = settings.sample_rate(n)
+    rate = config.train.sample_rate(n)
     share = config.center_share
-    return noise_multiplier * math.sqrt((1 - share) / (share * steps * rate ** 2))
+    return noise_multiplier * math.sqrt((1 - share) / (share * training_steps(config, n) * rate ** 2))
 
 
 def planned_history(config: ClassifyConfig, n: int, noise_multiplier: float) -> list[tuple[float, float, int]]:
     """The accountant history a client of ``n`` images has after all rounds at this noise multiplier: the DP
-    mean's release (centered head) as one Gaussian, then ``rounds * local_epochs * ceil(n / logical batch)``
-    DP-SGD steps at sample rate ``1 / ceil(n / logical batch)``, as
-    :func:`~fedinspect.privacy.dp_sgd.train_dp_sgd` accounts them."""
-    settings = config.train
-    steps = config.rounds * settings.local_epochs * settings.steps_per_epoch(n)
-    history = [(float(noise_multiplier), settings.sample_rate(n), steps)]
+    mean's release (centered head) as one Gaussian, then :func:`training_steps` at sample rate
+    ``1 / ceil(n / logical batch)``."""
+    history = [(float(noise_multiplier), config.train.sample_rate(n), training_steps(config, n))]
     if config.centered:
         history.insert(0, (center_noise(config, n, noise_multiplier), 1.0, 1))
     return history

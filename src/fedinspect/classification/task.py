@@ -121,6 +121,11 @@ class ClassificationTask(FederatedTask):
             self.config = resolve_epsilon(config, [len(view.items) for view in self.split.clients])
         except ValueError as error:
             raise FedinspectError(f"classify: --dp-epsilon {config.dp_epsilon}: {error}") from error
+        if self.config.project:  # before any image is read: the projection cannot add dimensions
+            pooled = self.cache.backbone(config.model, config.weights).with_pooling(config.pooling).out_features
+            if self.config.project > pooled:
+                raise FedinspectError(f"classify: project {self.config.project} is more than the {pooled} features "
+                                      f"of {config.model} with pooling {config.pooling} (--project)")
         self.n_classes = len(self.split.view.classes)
         self._test: tuple[torch.Tensor, torch.Tensor] | None = None
         self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
