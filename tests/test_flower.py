@@ -394,14 +394,15 @@ def test_stop_ends_every_process_of_the_group_and_waits(tmp_path: Path) -> None:
     """Children that ignore SIGTERM, and an orphan in a session of its own (as Flower's SuperExec), all end."""
     deploy = _deploy_script()
     processes = deploy.Processes(tmp_path / "logs")
-    stubborn = "trap '' TERM; (setsid sleep 301 &); sleep 302 & echo ready; wait"
+    # The orphan says "orphan" only once setsid() has run, so the test never races its own set-up.
+    stubborn = "trap '' TERM; (setsid sh -c 'echo orphan; exec sleep 301' &); sleep 302 & echo ready; wait"
     env = dict(os.environ)
     try:
         first = processes.start("first", ["bash", "-c", stubborn], env)
         processes.start("second", ["bash", "-c", stubborn], env)
         for name in ("first", "second"):
             log = tmp_path / "logs" / f"{name}.log"
-            while "ready" not in (log.read_text() if log.is_file() else ""):
+            while not {"ready", "orphan"} <= set((log.read_text() if log.is_file() else "").split()):
                 assert processes.started[name].poll() is None, log.read_text()
                 time.sleep(0.05)
         ours = _ours(deploy, processes)
