@@ -4,7 +4,7 @@ Usage::
 
     nice .venv/bin/python benchmarks/bench_classification.py [--data CATEGORY_DIR] [--out runs/bench-classification]
         [--epsilons none,8,3,1] [--obfuscations none,average+shuffle+switch_row] [--threads 1] [--tables]
-        [--table-models cnn,mobile,large]
+        [--table-models cnn,mobile,large] [--json bench_classification.json]
 
 Each cell is :func:`fedinspect.classification.runner.run_classification` of
 :func:`fedinspect.classification.runner.recipe` (the default of ``fedinspect classify``: the non-private
@@ -43,6 +43,8 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tables", action="store_true", help="also Tables I and III of the seed")
     parser.add_argument("--table-models", default="cnn,mobile,large", help="models of the tables")
+    parser.add_argument("--json", default="bench_classification.json",
+                        help="file name of the summary under benchmarks/results/ (keeps an earlier run's)")
     args = parser.parse_args()
 
     import torch
@@ -87,7 +89,7 @@ def main() -> None:
         summary["tables"] = run_experiment(args.data, args.out / "tables", plan, progress=True, cache=cache)
     results = Path(__file__).resolve().parent / "results"
     results.mkdir(exist_ok=True)
-    path = results / "bench_classification.json"
+    path = results / Path(args.json).name
     path.write_text(json.dumps(summary, indent=2, default=str))
     print(f"summary: {path} ({summary['wall_s']:.0f} s)")
 
