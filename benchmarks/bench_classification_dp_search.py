@@ -3,16 +3,17 @@
 Usage::
 
     nice .venv/bin/python benchmarks/bench_classification_dp_search.py [--data CATEGORY_DIR]
-        [--epsilons 8,3,1] [--seeds 0,1,2] [--select-epsilon 8] [--threads 1]
+        [--epsilons 8,3,1,none] [--seeds 0,1,2] [--select-epsilon 8] [--threads 1]
 
 Every cell is :func:`fedinspect.classification.runner.run_classification` of the DP recipe
 (:func:`~fedinspect.classification.runner.recipe` with ``dp_epsilon``) with ``validation=True``: trained on
 80 % of the training images of ``bench_classification.py``'s split (``split_seed`` 0), dealt to 3 IID clients,
-and evaluated on the other 20 %: its test split is never read. The grid: projection
-(``project`` 128, 256, 512) x training rounds (10, 20; 5 full-batch steps each) x lr (20, 80) x clipping
-(0.25, 1). Each seed draws another validation split and other noise; the features of each image are computed
-once (8 views, about 8 min on one thread) and shared by all cells. Prints the mean validation accuracy and
-macro-F1 of each setting, the best at ``--select-epsilon``, and whether it is the shipped recipe; writes
+and evaluated on the other 20 %: its test split is never read. The grid: projection (``project`` 128, 256, 512) x
+training rounds (10, 20, 40; 5 full-batch steps each) x lr (20, 80) x clipping (0.25, 1). Epsilon ``none`` runs
+each setting with the same clipping and no noise (noise multiplier 0): what the noise costs, setting by setting.
+Each seed draws another validation split and other noise; the features of each image are computed once (8 views,
+about 8 min on one thread) and shared by all cells. Prints the mean validation accuracy and macro-F1 of each
+setting, the best at ``--select-epsilon``, and whether it is the shipped recipe; writes
 ``benchmarks/results/bench_classification_dp_search.json``.
 """
 
@@ -29,7 +30,7 @@ from pathlib import Path
 print = functools.partial(print, flush=True)
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" / "mtd" / "magnetic_tile"
-GRID = {"project": (128, 256, 512), "rounds": (10, 20), "lr": (20.0, 80.0), "max_grad_norm": (0.25, 1.0)}
+GRID = {"project": (128, 256, 512), "rounds": (10, 20, 40), "lr": (20.0, 80.0), "max_grad_norm": (0.25, 1.0)}
 
 
 def main() -> None:
@@ -37,7 +38,8 @@ def main() -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
     parser.add_argument("--out", type=Path, default=Path("runs/bench-classification-dp-search"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: robust on a shared machine)")
-    parser.add_argument("--epsilons", default="8,3,1", help="target epsilons, comma-separated")
+    parser.add_argument("--epsilons", default="8,3,1,none",
+                        help="target epsilons, comma-separated; 'none': the same clipping without noise")
     parser.add_argument("--seeds", default="0,1,2", help="seeds (validation split and noise), comma-separated")
     parser.add_argument("--select-epsilon", type=float, default=8.0, help="the epsilon the choice is made at")
     args = parser.parse_args()
@@ -49,7 +51,7 @@ def main() -> None:
     from fedinspect.classification.runner import DP_RECIPE, DP_TRAIN, InputCache, recipe, run_classification
 
     torch.set_num_threads(args.threads)
-    epsilons = [float(e) for e in args.epsilons.split(",")]
+    epsilons = [None if e == "none" else float(e) for e in args.epsilons.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
     settings = [dict(zip(GRID, values, strict=True)) for values in itertools.product(*GRID.values())]
     cache = InputCache()
@@ -57,9 +59,11 @@ def main() -> None:
     started = time.perf_counter()
     jobs = list(itertools.product(epsilons, settings, seeds))
     for eps, setting, seed in tqdm(jobs, desc="DP settings"):
-        config = recipe(dp_epsilon=eps, seed=seed, split_seed=0, obfuscation_key=0, validation=True,
-                        project=setting["project"], rounds=setting["rounds"],
-                        train={"lr": setting["lr"], "max_grad_norm": setting["max_grad_norm"]})
+        train = {"lr": setting["lr"], "max_grad_norm": setting["max_grad_norm"]}
+        if eps is None:
+            train["noise_multiplier"] = 0.0
+        config = recipe(dp=True, dp_epsilon=eps, seed=seed, split_seed=0, obfuscation_key=0, validation=True,
+                        project=setting["project"], rounds=setting["rounds"], train=train)
         results = run_classification(args.data, args.out / "run", config, progress=False, cache=cache,
                                      write_report=False)
         cells.append({"epsilon": eps, **setting, "seed": seed, "accuracy": results["accuracy"],
@@ -72,8 +76,8 @@ def main() -> None:
                      "macro_f1": float(np.mean([c["macro_f1"] for c in mine])),
                      "accuracy_std": float(np.std([c["accuracy"] for c in mine]))})
     print(f"{'eps':>4} {'project':>7} {'rounds':>6} {'lr':>5} {'clip':>5} {'val acc':>8} {'val F1':>7}")
-    for r in sorted(rows, key=lambda r: (-r["epsilon"], -r["accuracy"])):
-        print(f"{r['epsilon']:>4g} {r['project']:>7} {r['rounds']:>6} {r['lr']:>5g} {r['max_grad_norm']:>5g} "
+    for r in sorted(rows, key=lambda r: (-(r["epsilon"] or float("inf")), -r["accuracy"])):
+        print(f"{r['epsilon'] or 'none':>4} {r['project']:>7} {r['rounds']:>6} {r['lr']:>5g} {r['max_grad_norm']:>5g} "
               f"{r['accuracy']:>8.3f} {r['macro_f1']:>7.3f}")
     selected = [r for r in rows if r["epsilon"] == args.select_epsilon]
     top = max(r["accuracy"] for r in selected)
