@@ -242,6 +242,25 @@ def test_the_dp_recipe_takes_smaller_steps_at_smaller_epsilons() -> None:
     assert recipe(dp_epsilon=1.0, model="cnn").train.lr == 1e-2  # the CNN keeps its DP-SGD settings
 
 
+def test_obfuscated_images_default_to_the_cnn_without_dp() -> None:
+    obfuscated = ("average", "shuffle", "switch_row")
+    assert (recipe().model, recipe().image_size) == ("mobile", 224)
+    assert (recipe(obfuscate=obfuscated).model, recipe(obfuscate=obfuscated).image_size) == ("cnn", 64)
+    assert recipe(obfuscate=obfuscated).train.optimizer == "adam"  # the non-private training settings
+    assert recipe(obfuscate=obfuscated, dp_epsilon=8.0).model == "mobile"  # DP-SGD: the frozen-feature recipe
+    assert recipe(obfuscate=obfuscated, model="mobile").model == "mobile"  # what the user sets wins
+    assert (recipe(model="cnn").image_size, recipe(model="cnn", image_size=32).image_size) == (64, 32)
+
+
+def test_classify_cli_trains_the_cnn_on_obfuscated_images(category: Path, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    code = main(["-q", "classify", "--data", str(category), "--out", str(out), "--clients", "2", "--rounds", "1",
+                 "--local-epochs", "1", "--obfuscate", "shuffle"])
+    assert code == 0
+    config = json.loads((out / "results.json").read_text())["config"]
+    assert (config["model"], config["image_size"], config["obfuscate"]) == ("cnn", 64, ["shuffle"])
+
+
 def test_a_projection_wider_than_the_features_is_refused_before_any_image_is_read(category: Path,
                                                                                      monkeypatch) -> None:
     from fedinspect.classification import runner

@@ -24,7 +24,7 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
                        help="client shares: iid, or label skew by a Dirichlet over classes")
     group.add_argument("--alpha", type=float, default=0.5, help="Dirichlet concentration (--partition dirichlet)")
     group.add_argument("--image-size", type=int, default=None, help="images are resized to this square in px "
-                       "(default: 224)")
+                       "(default: 224, 64 for the cnn)")
     group.add_argument("--seed", type=int, default=0, help="seed of the split, shares, init, batches and noise")
     group.add_argument("--local-epochs", type=int, default=None,
                        help="local epochs per round (default: 20, 5 full-batch steps under DP)")
@@ -165,9 +165,10 @@ def add_classification_commands(commands: argparse._SubParsersAction) -> None:
     classify = commands.add_parser("classify", help="federated defect classification with DP-SGD and obfuscation")
     classify.add_argument("--data", required=True, help="category folder (AutoVI or MVTec AD layout)")
     classify.add_argument("--out", required=True, help="run folder to write")
-    classify.add_argument("--model", choices=MODEL_CHOICES, default="mobile",
+    classify.add_argument("--model", choices=MODEL_CHOICES, default=None,
                           help="cnn, large (EfficientNet-Lite2), mobile (EfficientNet-Lite0), resnet50, "
-                               "mobilenet_v2 (last two: local torchvision weights needed; with --pooling avg)")
+                               "mobilenet_v2 (last two: local torchvision weights needed; with --pooling avg) "
+                               "(default: mobile; cnn for obfuscated images without DP)")
     noise = classify.add_mutually_exclusive_group()
     noise.add_argument("--dp-epsilon", type=float, default=None,
                        help="DP-SGD spending this epsilon per client over all rounds (the noise multiplier is "
