@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--json", default="bench_classification.json",
                         help="file name of the summary under benchmarks/results/ (keeps an earlier run's)")
     args = parser.parse_args()
+    if not Path(args.json).name.endswith(".json"):  # checked before the run, not after an hour of it
+        parser.error(f"--json must name a .json file, got {args.json!r}")
 
     import torch
 
