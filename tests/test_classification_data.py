@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 
 from fedinspect.classification.data import (
+    LabelledImage,
+    LabelledView,
     client_shares,
     image_tensor,
     labelled_view,
@@ -81,3 +83,27 @@ def test_images_are_resized_then_obfuscated(mvtec_category: Path) -> None:
     obfuscated = image_tensor(view, 20, Obfuscation(("switch_row",), key=5))
     expected = switch_rows((plain[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), 5)
     assert np.array_equal((obfuscated[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), expected)
+
+
+def _view(counts: list[int]) -> LabelledView:
+    items = [LabelledImage(Path(f"c{label}_{i}.png"), label) for label, n in enumerate(counts) for i in range(n)]
+    return LabelledView(Path("."), tuple(f"class{i}" for i in range(len(counts))), tuple(items))
+
+
+def test_a_train_fraction_deals_a_stratified_subsample_and_keeps_the_test_split() -> None:
+    view = _view([100, 40, 10, 5])
+    full = split_view(view, 2, seed=0)
+    half = split_view(view, 2, seed=0, train_fraction=0.5)
+    assert half.test == full.test  # the same test split whatever the fraction
+    assert set(half.train.items) < set(full.train.items)
+    # per class round(0.5 n) of the training part (80, 32, 8, 4), a class of two or more keeping at least one
+    assert list(half.train.counts().values()) == [40, 16, 4, 2]
+    dealt = [i for c in half.clients for i in c.items]
+    assert len(dealt) == len(half.train.items) and set(dealt) == set(half.train.items)  # all of it, once
+    assert split_view(view, 2, seed=0, train_fraction=0.5) == half  # seeded
+    other = split_view(view, 2, seed=0, train_fraction=0.5, fraction_seed=1)
+    assert other.test == half.test and other.train != half.train  # another subsample of the same training part
+    assert split_view(view, 2, seed=0, train_fraction=1.0) == full
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="train_fraction"):
+            split_view(view, 2, train_fraction=bad)

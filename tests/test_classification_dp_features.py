@@ -269,3 +269,23 @@ def test_a_projection_wider_than_the_features_is_refused_before_any_image_is_rea
     monkeypatch.setattr(runner, "image_tensor", lambda *a, **k: pytest.fail("an image was read"))
     with pytest.raises(FedinspectError, match="project 3000 is more than the 2560 features"):
         ClassificationTask(recipe(image_size=24, clients=2, dp_epsilon=8.0, project=3000), category)
+
+
+def test_a_train_fraction_shrinks_the_clients_shares_and_the_cli_passes_it_on(category: Path, tmp_path: Path) -> None:
+    from fedinspect.classification.runner import prepare_split
+
+    full = prepare_split(category, recipe(image_size=24, clients=2))
+    half = prepare_split(category, recipe(image_size=24, clients=2, train_fraction=0.5))
+    assert half.test == full.test and set(half.train.items) < set(full.train.items)
+    assert sum(len(c.items) for c in half.clients) == len(half.train.items)
+    reseeded = prepare_split(category, recipe(image_size=24, clients=2, train_fraction=0.5, seed=7, split_seed=0))
+    assert reseeded.test == full.test and reseeded.train != half.train  # the seed draws the subsample
+    with pytest.raises(ValueError, match="train_fraction"):
+        recipe(train_fraction=0.0)
+    assert ClassifyConfig.from_dict(recipe(train_fraction=0.25).to_dict()).train_fraction == 0.25
+    out = tmp_path / "run"
+    assert main(["-q", "classify", "--data", str(category), "--out", str(out), "--clients", "2", "--rounds", "1",
+                 "--local-epochs", "1", "--obfuscate", "shuffle", "--train-fraction", "0.5"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["config"]["train_fraction"] == 0.5
+    assert results["split"]["train"] == len(half.train.items) and results["split"]["test"] == len(full.test.items)

@@ -62,6 +62,9 @@ def _add_training_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--validation", action="store_true",
                        help="for tuning: train on 80 %% of the training images and evaluate on the other 20 %%; the "
                             "test split is not read")
+    group.add_argument("--train-fraction", type=float, default=1.0,
+                       help="for learning curves: deal the clients only this stratified fraction of the training "
+                            "images (seeded by --seed); the test split does not change")
     group.add_argument("--flip-augment", action="store_true",
                        help="add the training images' mirrors as more samples (without DP only)")
     group.add_argument("--fine-tune", action="store_true",
@@ -96,7 +99,8 @@ def _config(args: argparse.Namespace, dp: bool | None = None, **overrides):
         obfuscate=obfuscation(getattr(args, "obfuscate", "")) or (),
         obfuscation_key=args.seed if args.obfuscation_key is None else args.obfuscation_key,
         fine_tune=args.fine_tune, weights=args.weights, seed=args.seed, resize=args.resize,
-        flip_augment=args.flip_augment, validation=args.validation, dp_epsilon=getattr(args, "dp_epsilon", None),
+        flip_augment=args.flip_augment, validation=args.validation, train_fraction=args.train_fraction,
+        dp_epsilon=getattr(args, "dp_epsilon", None),
         **_given(args, {"model": "model", "image_size": "image_size", "head": "head", "pooling": "pooling",
                         "rounds": "rounds", "views": "views", "project": "project"}),
     )

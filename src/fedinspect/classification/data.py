@@ -125,10 +125,20 @@ class Split:
 
 
 def split_view(view: LabelledView, n_clients: int, scheme: str = "iid", seed: int = 0, alpha: float = 0.5,
-               test_fraction: float = 0.2) -> Split:
-    """80/20 stratified split, then the training part dealt to ``n_clients`` clients."""
+               test_fraction: float = 0.2, train_fraction: float = 1.0, fraction_seed: int | None = None) -> Split:
+    """80/20 stratified split, then the training part dealt to ``n_clients`` clients.
+
+    ``train_fraction`` < 1 keeps that stratified, seeded fraction of the training part (a class of two or more
+    images keeps at least one) before it is dealt, for learning curves; the test part does not change.
+    ``fraction_seed`` (default: ``seed``) seeds which images are kept.
+    """
+    if not 0 < train_fraction <= 1:
+        raise ValueError(f"train_fraction must be in (0, 1], got {train_fraction}")
     train_idx, test_idx = stratified_split(view.labels, test_fraction, seed)
     train = view.subset(train_idx)
+    if train_fraction < 1:
+        kept, _ = stratified_split(train.labels, 1 - train_fraction, seed if fraction_seed is None else fraction_seed)
+        train = train.subset(kept)
     if n_clients < 1 or n_clients > len(train.items):
         raise ValueError(f"clients must be in 1..{len(train.items)} (training images), got {n_clients}")
     shares = client_shares(train.labels, n_clients, scheme, seed, alpha)

@@ -83,7 +83,9 @@ class ClassifyConfig:
     one more. ``validation``: for tuning, the test split is set aside unread and the run is trained on 80 % of
     the training images and evaluated on the other 20 % (stratified, seeded), :func:`prepare_split`.
     ``split_seed`` (default: ``seed``) seeds the train/test split alone, so that runs of several seeds
-    (validation splits, initialisations, noise) share one test split.
+    (validation splits, initialisations, noise) share one test split. ``train_fraction``: for learning curves,
+    the clients are dealt only this stratified fraction of the training images (seeded by ``seed``); the test
+    split does not change.
     """
 
     model: str = "cnn"
@@ -107,6 +109,7 @@ class ClassifyConfig:
     center_share: float = 0.05
     validation: bool = False
     split_seed: int | None = None
+    train_fraction: float = 1.0
     dp_epsilon: float | None = None
     train: TrainSettings = field(default_factory=TrainSettings)
 
@@ -145,6 +148,8 @@ class ClassifyConfig:
         if self.head == "centered" and not self.project:
             raise ValueError("the centered head needs unit-norm features (their DP mean has sensitivity 1): set "
                              "project, e.g. 256")
+        if not 0 < self.train_fraction <= 1:
+            raise ValueError(f"train_fraction must be in (0, 1], got {self.train_fraction}")
         if not 0 < self.center_share < 1:
             raise ValueError(f"center_share must be in (0, 1), got {self.center_share}")
 
@@ -388,12 +393,14 @@ def prepare_split(data_dir: str | Path, config: ClassifyConfig) -> Split:
     split again the same way, its held-out part standing for the test split."""
     view = labelled_view(data_dir)
     outer = config.seed if config.split_seed is None else config.split_seed
+    fraction = config.train_fraction
     try:
-        split = split_view(view, config.clients, config.partition, outer, config.alpha, config.test_fraction)
-        if config.validation:
-            split = split_view(split.train, config.clients, config.partition, config.seed, config.alpha,
-                               config.test_fraction)
-        return split
+        if not config.validation:
+            return split_view(view, config.clients, config.partition, outer, config.alpha, config.test_fraction,
+                              fraction, config.seed)
+        outer_split = split_view(view, config.clients, config.partition, outer, config.alpha, config.test_fraction)
+        return split_view(outer_split.train, config.clients, config.partition, config.seed, config.alpha,
+                          config.test_fraction, fraction, config.seed)
     except ValueError as error:
         raise DataError(view.root, f"cannot split {len(view.items)} images into {config.clients} clients: {error}"
                         ) from error
