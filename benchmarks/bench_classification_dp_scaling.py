@@ -134,10 +134,10 @@ def main() -> None:
               f"accuracy {cell['accuracy']:.3f}, macro-F1 {cell['macro_f1']:.3f}, {cell['seconds']:.0f} s")
     rows = []
     for fraction in fractions:
-        row: dict = {"fraction": fraction}
+        row: dict = {"fraction": fraction, "images_per_client": float(np.mean(
+            [c["images_per_client"] for c in cells if c["fraction"] == fraction]))}
         for kind in kinds:
             mine = [c for c in cells if c["fraction"] == fraction and c["kind"] == kind]
-            row["images_per_client"] = float(np.mean([c["images_per_client"] for c in mine]))
             row[kind] = {"accuracy": float(np.mean([c["accuracy"] for c in mine])),
                          "accuracy_std": float(np.std([c["accuracy"] for c in mine])),
                          "macro_f1": float(np.mean([c["macro_f1"] for c in mine]))}
@@ -159,9 +159,9 @@ def main() -> None:
           + "  gap = model + noise cost (points)"
           + f"   (mean over seeds {seeds}, epsilon {args.epsilon:g})")
     for r in rows:
-        costs = "; ".join(f"{arm}: {r['plain']['accuracy'] * 100 - r[arm]['accuracy'] * 100:.1f} = "
-                          f"{r[f'{arm}_model_cost_points']:.1f} + {r[f'{arm}_noise_cost_points']:.1f}"
-                          for arm in fits)
+        split_costs = {arm: (r[f"{arm}_model_cost_points"], r[f"{arm}_noise_cost_points"]) for arm in fits}
+        costs = "; ".join(f"{arm}: {model + noise:.1f} = {model:.1f} + {noise:.1f}"
+                          for arm, (model, noise) in split_costs.items())
         print(f"{r['fraction']:>8g} {r['images_per_client']:>10.0f} "
               + " ".join(f"{r[k]['accuracy']:>9.3f}/{r[k]['macro_f1']:.3f}" for k in kinds) + "  " + costs)
     for arm, found in fits.items():
