@@ -41,6 +41,15 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "real" 
 GRID = {"project": (128, 256, 512), "rounds": (10, 20, 40), "lr": (20.0, 80.0), "max_grad_norm": (0.25, 1.0)}
 
 
+def mean_scores(scored: list[dict]) -> dict[str, float]:
+    """Mean accuracy and macro-F1 of several runs (seeds), and the accuracy's standard deviation."""
+    import numpy as np
+
+    accuracy = [x["accuracy"] for x in scored]
+    return {"accuracy": float(np.mean(accuracy)), "macro_f1": float(np.mean([x["macro_f1"] for x in scored])),
+            "accuracy_std": float(np.std(accuracy))}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA)
@@ -55,8 +64,9 @@ def main() -> None:
     parser.add_argument("--test-top", type=int, default=0,
                         help="re-run this many of the best settings on the test split, with noise-free twins")
     args = parser.parse_args()
+    if args.clients < 1 or args.test_top < 0:
+        parser.error(f"--clients must be >= 1 and --test-top >= 0, got {args.clients} and {args.test_top}")
 
-    import numpy as np
     import torch
     from tqdm.auto import tqdm
 
@@ -97,9 +107,7 @@ def main() -> None:
     rows = []
     for eps, setting in itertools.product(epsilons, settings):
         mine = [c for c in cells if c["epsilon"] == eps and all(c[k] == v for k, v in setting.items())]
-        rows.append({"epsilon": eps, **setting, "accuracy": float(np.mean([c["accuracy"] for c in mine])),
-                     "macro_f1": float(np.mean([c["macro_f1"] for c in mine])),
-                     "accuracy_std": float(np.std([c["accuracy"] for c in mine]))})
+        rows.append({"epsilon": eps, **setting, **mean_scores(mine)})
     print(f"{'eps':>4} {'project':>7} {'rounds':>6} {'lr':>5} {'clip':>5} {'val acc':>8} {'val F1':>7}")
     for r in sorted(rows, key=lambda r: (-(r["epsilon"] or float("inf")), -r["accuracy"])):
         print(f"{r['epsilon'] or 'none':>4} {r['project']:>7} {r['rounds']:>6} {r['lr']:>5g} {r['max_grad_norm']:>5g} "
@@ -118,10 +126,7 @@ def main() -> None:
         setting = {k: r[k] for k in GRID}
         found = {"setting": setting, "validation_accuracy": r["accuracy"]}
         for label, eps in (("private", args.select_epsilon), ("twin", None)):
-            runs = [run(eps, setting, seed, validation=False) for seed in seeds]
-            found[label] = {"accuracy": float(np.mean([x["accuracy"] for x in runs])),
-                            "macro_f1": float(np.mean([x["macro_f1"] for x in runs])),
-                            "accuracy_std": float(np.std([x["accuracy"] for x in runs]))}
+            found[label] = mean_scores([run(eps, setting, seed, validation=False) for seed in seeds])
         tested.append(found)
         print(f"test split, {setting}: epsilon {args.select_epsilon:g} accuracy {found['private']['accuracy']:.3f} "
               f"(sd {found['private']['accuracy_std']:.3f}), macro-F1 {found['private']['macro_f1']:.3f}; no noise "
